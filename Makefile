@@ -1,0 +1,31 @@
+# The two commands of the README. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint protos clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: 2.13.0 is the CPU wheel on these machines; the package's range accepts it.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedfsd demo
+
+test: $(STAMP)
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedfsd tests experiments
+	$(BIN)/ruff format --check fedfsd tests experiments
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=fedfsd/proto --pyi_out=fedfsd/proto protos/fedfsd/v1/*.proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

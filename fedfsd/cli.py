@@ -1,0 +1,58 @@
+"""The `fedfsd` command: one sub-command group per kind of user (see DESIGN.md).
+
+Each group lives next to the code it drives and keeps heavy imports (torch, flwr) inside its
+commands, so `fedfsd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from fedfsd.aggregator.cli import app as aggregator_app
+from fedfsd.data.cli import app as data_app
+from fedfsd.deploy.cli import app as deploy_app
+from fedfsd.privacy.cli import app as privacy_app
+from fedfsd.region.cli import app as region_app
+
+# Flower's telemetry and update check are on by default; fedfsd never phones home.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+app = typer.Typer(
+    name="fedfsd",
+    help=(
+        "Federated training of self-driving models with vehicle-level differential privacy.\n\n"
+        "Regional operators run `fedfsd region ...`, the global ML team `fedfsd aggregator ...`, "
+        "privacy reviewers `fedfsd privacy ...`. `fedfsd demo` runs a whole local federation."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(data_app, name="data", help="Generate, validate and summarise fleet logs.")
+app.add_typer(privacy_app, name="privacy", help="ε calculator, ledgers, reports, verification.")
+app.add_typer(region_app, name="region", help="Run a region: local training and its SuperNode.")
+app.add_typer(aggregator_app, name="aggregator", help="Run the global aggregator (SuperLink).")
+app.add_typer(deploy_app, name="deploy", help="A whole TLS federation on one machine.")
+
+
+@app.command()
+def demo(
+    rounds: int = typer.Option(None, help="Federated rounds (default: the demo's own)."),
+    out: str = typer.Option("runs", help="Directory under which runs/<id>/ is written."),
+    data_cache: str = typer.Option(".fedfsd/demo-data", help="Where generated fleet data is cached."),
+) -> None:
+    """Generate fleet data for cn, eu, us, run a TLS federation with vehicle-level DP, report."""
+    from fedfsd.demo import run_demo
+
+    raise typer.Exit(run_demo(rounds=rounds, out=out, data_cache=data_cache))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
