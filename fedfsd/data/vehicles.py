@@ -1,0 +1,122 @@
+"""Per-vehicle frame sets: the vehicle, not the frame, is the unit of privacy.
+
+Rows are grouped by vehicle (`offsets`), so a DP trainer can Poisson-sample vehicles and draw at
+most K frames from each one (`sample`), bounding every vehicle's contribution to a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODALITIES = ("objects", "bev")
+
+
+@dataclass
+class VehicleFrames:
+    """All frames of one region's fleet, grouped by vehicle (see docs/contracts.md)."""
+
+    region: str
+    features: np.ndarray  # [N, F] float32
+    labels: np.ndarray  # [N, L] float32
+    offsets: np.ndarray  # [V+1] int64
+    vehicle_ids: list[str]
+    episodes: np.ndarray  # [N] int64
+    bev: np.ndarray | None = None  # [N, C, H, W] uint8
+    fleet_id: str = ""
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.features = np.ascontiguousarray(self.features, dtype=np.float32)
+        self.labels = np.ascontiguousarray(self.labels, dtype=np.float32)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.episodes = np.asarray(self.episodes, dtype=np.int64)
+        n = self.features.shape[0]
+        if self.features.ndim != 2 or self.labels.ndim != 2 or self.labels.shape[0] != n:
+            raise ValueError("features [N, F] and labels [N, L] must have the same N")
+        if self.episodes.shape != (n,):
+            raise ValueError("episodes must be [N]")
+        if self.offsets.ndim != 1 or len(self.offsets) != len(self.vehicle_ids) + 1:
+            raise ValueError("offsets must be [V+1] for V vehicle_ids")
+        if self.offsets[0] != 0 or self.offsets[-1] != n or np.any(np.diff(self.offsets) < 0):
+            raise ValueError("offsets must start at 0, end at N and be non-decreasing")
+        if self.bev is not None and self.bev.shape[0] != n:
+            raise ValueError("bev must be [N, C, H, W]")
+
+    @property
+    def n_vehicles(self) -> int:
+        return len(self.vehicle_ids)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.features.shape[0])
+
+    def frames_per_vehicle(self) -> np.ndarray:
+        """[V] number of frames each vehicle owns."""
+        return np.diff(self.offsets)
+
+    def _inputs(self, modality: str) -> np.ndarray:
+        if modality == "objects":
+            return self.features
+        if modality == "bev":
+            if self.bev is None:
+                raise ValueError("this dataset has no BEV rasters (generate it --with-bev)")
+            return self.bev
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+
+    def sample(
+        self,
+        vehicle_idx: np.ndarray,
+        k: int,
+        rng: np.random.Generator,
+        modality: str = "objects",
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Draw ≤ k frames (without replacement) from each listed vehicle.
+
+        Returns x [B, K, F] (or [B, K, C, H, W] float32 in [0, 1] for "bev"), y [B, K, L] and a
+        mask [B, K] that is True on real frames; padding rows are zero.
+        """
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        src = self._inputs(modality)
+        idx = np.asarray(vehicle_idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_vehicles):
+            raise IndexError("vehicle index out of range")
+        b = idx.size
+        x = np.zeros((b, k, *src.shape[1:]), dtype=np.float32)
+        y = np.zeros((b, k, self.labels.shape[1]), dtype=np.float32)
+        mask = np.zeros((b, k), dtype=bool)
+        for row, v in enumerate(idx):
+            lo, hi = int(self.offsets[v]), int(self.offsets[v + 1])
+            n = hi - lo
+            if n == 0:
+                continue
+            take = min(k, n)
+            rows = lo + (rng.choice(n, size=take, replace=False) if n > take else np.arange(n))
+            x[row, :take] = src[rows]
+            y[row, :take] = self.labels[rows]
+            mask[row, :take] = True
+        if modality == "bev":
+            x /= 255.0
+        return x, y, mask
+
+    def all_frames(self, modality: str = "objects") -> tuple[np.ndarray, np.ndarray]:
+        """Every frame for evaluation: x [N, F] (or [N, C, H, W] float32 in [0, 1]), y [N, L]."""
+        src = self._inputs(modality)
+        if modality == "bev":
+            return src.astype(np.float32) / 255.0, self.labels
+        return src, self.labels
+
+
+def load_vehicle_frames(path: str | Path, split: str = "train") -> VehicleFrames:
+    """Validate a dataset directory, then build its per-vehicle frames for one split.
+
+    The split is by episode (seeded from the manifest), never by frame. Validation runs first
+    and raises `DatasetError`, so a bad dataset is never half-loaded.
+    """
+    from fedfsd.data.loader import load_frames
+
+    return load_frames(Path(path), split=split)
