@@ -2,6 +2,180 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+from typing import NoReturn
+
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+ledger_app = typer.Typer(no_args_is_help=True, help="Inspect a region's privacy ledger.")
+app.add_typer(ledger_app, name="ledger")
+
+
+def fail(msg: str, code: int = 1) -> NoReturn:
+    """Print one red line on stderr and exit non-zero (no traceback)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def epsilon(
+    noise_multiplier: float = typer.Option(..., help="σ: noise std / clip norm."),
+    sample_rate: float = typer.Option(..., help="q: Poisson sampling rate of vehicles."),
+    steps: int = typer.Option(..., help="Number of DP-SGD steps."),
+    delta: float = typer.Option(..., help="δ (well below 1 / number of vehicles)."),
+    accountant: str = typer.Option("prv", help="prv (headline) or rdp (cross-check)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """ε of a Poisson-subsampled Gaussian mechanism (Opacus accountants)."""
+    from fedfsd.privacy.accounting import AccountantError, compute_epsilon
+
+    if steps < 0:
+        fail("--steps must be >= 0")
+    try:
+        eps = compute_epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant)
+    except AccountantError as e:
+        fail(str(e))
+    acc = accountant.lower()
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "epsilon": eps if math.isfinite(eps) else None,
+                    "delta": delta,
+                    "accountant": acc,
+                    "noise_multiplier": noise_multiplier,
+                    "sample_rate": sample_rate,
+                    "steps": steps,
+                }
+            )
+        )
+    else:
+        typer.echo(
+            f"ε = {eps:.4f} at δ = {delta:g} ({acc.upper()}; σ = {noise_multiplier:g}, "
+            f"q = {sample_rate:g}, steps = {steps})"
+        )
+
+
+def _fmt_eps(v: float | None) -> str:
+    return "∞" if v is None else f"{v:.3f}"
+
+
+@ledger_app.command("show")
+def ledger_show(
+    ledger: Path = typer.Argument(..., help="Ledger file (JSON Lines)."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Every release on a ledger, and the total ε spent and left."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedfsd.privacy.accounting import AccountantError
+    from fedfsd.privacy.ledger import Ledger, LedgerError
+
+    lg = Ledger(ledger)
+    try:
+        head, rel = lg.header, lg.releases()
+        eps = lg.epsilon()
+        eps_rdp = lg.epsilon(accountant="rdp")
+    except (LedgerError, AccountantError, KeyError) as e:
+        fail(str(e))
+    budget = float(rel[-1]["epsilon_budget"]) if rel else float(head["epsilon_budget"])
+    private = lg.private
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "region": head["region"],
+                    "fleet_id": head["fleet_id"],
+                    "private": private,
+                    "releases": len(rel),
+                    "delta": head["delta"],
+                    "epsilon_prv": eps if private else None,
+                    "epsilon_rdp": eps_rdp if private else None,
+                    "epsilon_budget": budget,
+                    "epsilon_left": max(0.0, budget - eps) if private else None,
+                    "torn_tail": lg.torn_tail is not None,
+                }
+            )
+        )
+        return
+    con = Console()
+    title = f"ledger {ledger} — region {head['region']}, fleet {head['fleet_id']}"
+    if not private:
+        title += " — NON-PRIVATE (no DP guarantee)"
+    t = Table(title=title)
+    for col in (
+        "run",
+        "round",
+        "time",
+        "model",
+        "σ",
+        "C",
+        "q",
+        "K",
+        "steps",
+        "ε PRV",
+        "ε RDP",
+        "‖Δ‖",
+    ):
+        t.add_column(col, justify="right" if col not in ("run", "time", "model") else "left")
+    for r in rel:
+        t.add_row(
+            str(r["run_id"]),
+            str(r["round"]),
+            str(r["time"])[:16],
+            str(r["model"]),
+            f"{r['noise_multiplier']:g}",
+            f"{r['clip_norm']:g}",
+            f"{r['sample_rate']:.4g}",
+            str(r["frames_per_vehicle"]),
+            str(r["steps"]),
+            _fmt_eps(r["epsilon_prv"]),
+            _fmt_eps(r["epsilon_rdp"]),
+            f"{r['update_norm']:.3f}",
+        )
+    con.print(t)
+    if lg.torn_tail is not None:
+        con.print("[yellow]torn last line ignored (a write interrupted by a crash; not counted)[/]")
+    if private:
+        con.print(
+            f"total ε = {eps:.4f} (PRV; RDP {eps_rdp:.4f}) at δ = {head['delta']:g}; "
+            f"budget {budget:g}; left {max(0.0, budget - eps):.4f}"
+        )
+    else:
+        con.print("[bold red]NON-PRIVATE ledger: ε = ∞ (baseline runs only)[/]")
+
+
+# ---- ε reports (docs/privacy-report.md) ----------------------------------------------------
+
+
+@app.command("report")
+def report(
+    ledger: list[str] = typer.Option(..., "--ledger", help="Region ledger (repeat per region)."),
+    out: str = typer.Option(..., "--out", help="Output file (one ledger) or directory."),
+    fmt: str = typer.Option("json", "--format", help="json (canonical), md or html."),
+    run: str | None = typer.Option(None, "--run", help="Report through this run's releases."),
+    vehicles: list[str] = typer.Option(
+        [], "--vehicles", help="REGION=PATH (data dir or id list) to flag shared vehicles."
+    ),
+) -> None:
+    """Write the ε report of each region (and a global summary for several ledgers)."""
+    from fedfsd.privacy.report_cli import run_report
+
+    raise typer.Exit(run_report(ledger, out, fmt, run, vehicles))
+
+
+@app.command("verify")
+def verify(
+    reports: list[str] = typer.Argument(..., help="REPORT.json files (reports and summaries)."),
+) -> None:
+    """Recompute ε with Opacus and dp-accounting and check each report's consistency."""
+    from fedfsd.privacy.report_cli import run_verify
+
+    raise typer.Exit(run_verify(reports))

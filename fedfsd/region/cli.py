@@ -2,6 +2,174 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("train-local")
+def train_local(
+    data: Path = typer.Option(None, help="Fleet dataset directory (its train split is used)."),
+    policy: Path = typer.Option(..., help="The region's policy TOML."),
+    ledger: Path = typer.Option(..., help="The region's privacy ledger (created if absent)."),
+    steps: int = typer.Option(..., help="Local steps (capped by the policy's max_local_steps)."),
+    model: str = typer.Option("mlp", help="mlp | bev_cnn"),
+    non_private: bool = typer.Option(
+        False, "--non-private", help="Baseline WITHOUT differential privacy (labelled everywhere)."
+    ),
+    run_id: str = typer.Option("local", help="Run id recorded on the ledger."),
+    round_idx: int = typer.Option(
+        None, "--round", help="Round index (default: the next unused one for this run)."
+    ),
+    lr: float = typer.Option(0.05, help="Learning rate."),
+    noise_multiplier: float = typer.Option(
+        1.0, help="σ asked (the policy minimum wins if higher)."
+    ),
+    clip_norm: float = typer.Option(1.0, help="C asked (the policy maximum wins if lower)."),
+    vehicles_per_step: int = typer.Option(16, help="Expected vehicles per step (q = this / V)."),
+    frames_per_vehicle: int = typer.Option(8, help="K: frames of one vehicle per step."),
+    init: Path = typer.Option(None, help="Start from these weights (.npz); default: fresh model."),
+    out: Path = typer.Option(None, help="Write the released weights here (.npz)."),
+    seed: int = typer.Option(None, help="Fix sampling and noise seeds (tests only: not secret)."),
+    synthetic: int = typer.Option(
+        None, hidden=True, help="Use a synthetic in-memory fleet of N vehicles (tests, demos)."
+    ),
+) -> None:
+    """Train one local round outside any federation; print ε spent and left."""
+    from fedfsd.privacy.cli import fail
+
+    try:
+        import numpy as np
+        from pydantic import ValidationError
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        from fedfsd.config import PolicyError, TrainRequest, load_policy
+        from fedfsd.models import MODEL_NAMES, build_model, get_weights
+        from fedfsd.privacy.accounting import AccountantError
+        from fedfsd.privacy.ledger import Ledger, LedgerError
+        from fedfsd.privacy.local_round import BudgetExceeded, run_local_round
+    except ImportError as e:  # pragma: no cover - broken install
+        fail(f"cannot import training code: {e}")
+
+    if model not in MODEL_NAMES:
+        fail(f"--model must be one of {', '.join(MODEL_NAMES)}, not {model!r}")
+    if steps < 1:
+        fail("--steps must be >= 1")
+    try:
+        pol = load_policy(policy)
+        request = TrainRequest(
+            local_steps=steps,
+            lr=lr,
+            noise_multiplier=noise_multiplier,
+            clip_norm=clip_norm,
+            vehicles_per_step=vehicles_per_step,
+            frames_per_vehicle=frames_per_vehicle,
+            model=model,
+        )
+    except PolicyError as e:
+        fail(str(e))
+    except ValidationError as e:
+        err = e.errors()[0]
+        fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+
+    if synthetic is not None:
+        from fedfsd.data.testing import make_synthetic_frames
+
+        frames = make_synthetic_frames(
+            synthetic, 20, seed=0, with_bev=model == "bev_cnn", region=pol.region
+        )
+    elif data is None:
+        fail("--data is required")
+    else:
+        try:
+            from fedfsd.data.validate import DatasetError
+        except ImportError:  # pragma: no cover - data package without validation
+            DatasetError = ValueError  # noqa: N806
+        from fedfsd.data.vehicles import load_vehicle_frames
+
+        try:
+            frames = load_vehicle_frames(data, split="train")
+        except (DatasetError, OSError, ValueError) as e:
+            fail(f"{data}: {e}")
+
+    kw = (
+        {"in_channels": int(frames.bev.shape[1])}
+        if model == "bev_cnn" and frames.bev is not None
+        else {}
+    )
+    if model == "bev_cnn" and frames.bev is None:
+        fail(f"{data}: --model bev_cnn needs a dataset generated --with-bev")
+    if init is not None:
+        try:
+            with np.load(init) as z:
+                weights = {k: z[k].astype(np.float32) for k in z.files}
+        except (OSError, ValueError) as e:
+            fail(f"{init}: cannot read weights: {e}")
+    else:
+        weights = get_weights(
+            build_model(model, frames.features.shape[1], frames.labels.shape[1], **kw)
+        )
+
+    lg = Ledger(ledger)
+    if round_idx is None:
+        try:
+            done = (
+                [r["round"] for r in lg.releases() if r["run_id"] == run_id] if lg.exists() else []
+            )
+        except LedgerError as e:
+            fail(str(e))
+        round_idx = max(done, default=-1) + 1
+
+    con = Console()
+    if non_private:
+        con.print("[bold red]NON-PRIVATE baseline: no differential privacy, ε = ∞[/]")
+    try:
+        with Progress(
+            TextColumn("[bold]round {task.fields[rnd]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            console=con,
+            transient=True,
+        ) as prog:
+            task = prog.add_task("train", total=min(steps, pol.max_local_steps), rnd=round_idx)
+            res = run_local_round(
+                frames,
+                pol,
+                ledger,
+                weights,
+                request,
+                run_id,
+                round_idx,
+                model,
+                private=not non_private,
+                seed=seed,
+                progress=lambda s, n: prog.update(task, completed=s),
+            )
+    except BudgetExceeded as e:
+        fail(str(e), code=3)
+    except (PolicyError, LedgerError, AccountantError, ValueError) as e:
+        fail(str(e))
+
+    if out is not None:
+        np.savez(out, **res.new_weights)
+    what = "re-used cached release (no new spend)" if res.cached else "released"
+    if res.private:
+        con.print(
+            f"{what}: run {run_id} round {round_idx}, {res.steps} steps, "
+            f"q = {res.sample_rate:.4g}, "
+            f"σ = {res.params.noise_multiplier:g}, C = {res.params.clip_norm:g}, "
+            f"‖Δ‖ = {res.update_norm:.3f}"
+        )
+        con.print(
+            f"ε spent = {res.epsilon:.4f} (PRV; RDP {res.epsilon_rdp:.4f}) at δ = {pol.delta:g}; "
+            f"budget {res.budget:g}; ε left = {res.epsilon_left:.4f}"
+        )
+    else:
+        con.print(
+            f"{what} (NON-PRIVATE): run {run_id} round {round_idx}, {res.steps} steps; "
+            "ε spent = ∞, ε left = n/a"
+        )

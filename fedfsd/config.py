@@ -1,0 +1,149 @@
+"""Region policy and train requests.
+
+The region operator owns a TOML policy file; the aggregator's run config arrives as a
+`TrainRequest`. `RegionPolicy.effective(request)` merges the two so that the request can only
+tighten the policy (DESIGN.md decision 7): nothing the global side sends can loosen σ, C, the
+number of steps or the per-step sample of vehicles.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+KNOWN_METRICS = ("loss", "ade", "fde", "accel_mae")
+
+
+class PolicyError(ValueError):
+    """An invalid policy file, or a policy that does not fit the data it is used with."""
+
+
+class DPParams(BaseModel):
+    """The mechanism parameters actually used for one local round (after tightening)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    noise_multiplier: float
+    clip_norm: float
+    steps: int
+    vehicles_per_step: int
+    frames_per_vehicle: int
+    lr: float
+    update_norm_bound: float
+
+
+class TrainRequest(BaseModel):
+    """What the aggregator (or an operator running `train-local`) asks a region to do."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    local_steps: int = Field(20, ge=1)
+    lr: float = Field(0.05, gt=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    clip_norm: float = Field(1.0, gt=0)
+    vehicles_per_step: int = Field(16, ge=1)
+    frames_per_vehicle: int = Field(8, ge=1)
+    model: str = "mlp"
+
+
+class RegionPolicy(BaseModel):
+    """The region-owned privacy policy (see docs/contracts.md, "Region policy")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    region: str = Field(min_length=1)
+    epsilon_budget: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+    min_noise_multiplier: float = Field(gt=0)
+    max_clip_norm: float = Field(gt=0)
+    update_norm_bound: float = Field(gt=0)
+    max_local_steps: int = Field(200, ge=1)
+    max_vehicles_per_step: int = Field(64, ge=1)
+    max_frames_per_vehicle: int = Field(16, ge=1)
+    allowed_metrics: list[str] = Field(default_factory=lambda: ["loss"])
+    weighting: Literal["equal", "bucket"] = "equal"
+    allowed_app_digests: list[str] = Field(default_factory=list)
+
+    @field_validator("epsilon_budget", "delta", "min_noise_multiplier", "max_clip_norm")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+    @field_validator("allowed_metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(KNOWN_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {list(KNOWN_METRICS)}")
+        return v
+
+    @field_validator("allowed_app_digests")
+    @classmethod
+    def _hex_digests(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d.lower()):
+                raise ValueError(f"{d!r} is not a sha256 hex digest")
+        return v
+
+    def check_dataset(self, region: str, n_vehicles: int) -> None:
+        """Refuse data this policy cannot protect: wrong region, or δ not below 1/vehicles."""
+        if region != self.region:
+            raise PolicyError(f"region: policy is for {self.region!r} but the data is {region!r}")
+        if n_vehicles < 1:
+            raise PolicyError("the dataset has no vehicles")
+        if not self.delta < 1.0 / n_vehicles:
+            raise PolicyError(
+                f"delta: {self.delta:g} must be < 1/vehicles = 1/{n_vehicles} "
+                f"= {1.0 / n_vehicles:.3g} (a larger δ can reveal a whole vehicle)"
+            )
+
+    def effective(self, request: TrainRequest | None = None) -> DPParams:
+        """Merge a request into this policy; the request can only tighten it."""
+        r = request or TrainRequest()
+        return DPParams(
+            noise_multiplier=max(r.noise_multiplier, self.min_noise_multiplier),
+            clip_norm=min(r.clip_norm, self.max_clip_norm),
+            steps=min(r.local_steps, self.max_local_steps),
+            vehicles_per_step=min(r.vehicles_per_step, self.max_vehicles_per_step),
+            frames_per_vehicle=min(r.frames_per_vehicle, self.max_frames_per_vehicle),
+            lr=r.lr,
+            update_norm_bound=self.update_norm_bound,
+        )
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "<file>"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{field}: {msg}{more}"
+
+
+def parse_policy(text: str, source: str = "<policy>") -> RegionPolicy:
+    """Parse and validate policy TOML; PolicyError names the offending field."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"{source}: not valid TOML: {e}") from None
+    try:
+        return RegionPolicy.model_validate(raw)
+    except ValidationError as e:
+        raise PolicyError(f"{source}: {_first_error(e)}") from None
+
+
+def load_policy(path: str | Path) -> RegionPolicy:
+    """Load a region policy file; PolicyError names the file and the offending field."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"{p}: cannot read policy: {e.strerror}") from None
+    return parse_policy(text, str(p))

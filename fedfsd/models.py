@@ -1,0 +1,106 @@
+"""Model registry: the object-list MLP (default) and the bird's-eye-view CNN.
+
+Both avoid BatchNorm (it mixes samples, which breaks per-vehicle clipping and Opacus). The MLP
+is built from Linear layers and element-wise activations only, so the vehicle-level DP step can
+use the fast Gram-matrix norm path (`fedfsd.privacy.dpsgd`); the CNN uses GroupNorm and the
+general `vmap` path. Weights cross process and network borders as `dict[str, np.ndarray]`
+float32 keyed by `state_dict` names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+MODEL_NAMES: tuple[str, ...] = ("mlp", "bev_cnn")
+
+
+def _mlp(n_features: int, n_labels: int, hidden: int = 256, depth: int = 2) -> nn.Module:
+    """F → hidden × depth → L with GELU; Linear + element-wise only (see module doc)."""
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    width = n_features
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.GELU()]
+        width = hidden
+    layers.append(nn.Linear(width, n_labels))
+    return nn.Sequential(*layers)
+
+
+def _bev_cnn(
+    n_features: int, n_labels: int, in_channels: int = 3, width: int = 16, groups: int = 4
+) -> nn.Module:
+    """Small conv net over [C, H, W] BEV stacks; uint8 input is scaled to [0, 1]."""
+    import torch
+    from torch import nn
+
+    class ScaleUint8(nn.Module):
+        """Accept raw uint8 BEV stacks or floats already in [0, 1]."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [
+            nn.Conv2d(cin, cout, 3, stride=2, padding=1),
+            nn.GroupNorm(groups, cout),
+            nn.GELU(),
+        ]
+
+    return nn.Sequential(
+        ScaleUint8(),
+        *block(in_channels, width),
+        *block(width, 2 * width),
+        *block(2 * width, 2 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, 64),
+        nn.GELU(),
+        nn.Linear(64, n_labels),
+    )
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "bev_cnn": _bev_cnn}
+
+
+def build_model(name: str, n_features: int, n_labels: int, **kw: object) -> nn.Module:
+    """Build a registered model. `n_features` is ignored by `bev_cnn` (pass `in_channels`)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    import torch
+
+    seed = int(kw.pop("seed", 0))  # same init in every region and the aggregator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _REGISTRY[name](n_features, n_labels, **kw)
+
+
+def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's `state_dict` as float32 numpy arrays (copies)."""
+    return {
+        k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+        for k, v in model.state_dict().items()
+    }
+
+
+def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Load float32 arrays into the model; names and shapes must match exactly."""
+    import torch
+
+    sd = model.state_dict()
+    missing, extra = sorted(set(sd) - set(weights)), sorted(set(weights) - set(sd))
+    if missing or extra:
+        raise ValueError(f"weights do not match the model: missing {missing}, unexpected {extra}")
+    for k, v in sd.items():
+        if tuple(weights[k].shape) != tuple(v.shape):
+            raise ValueError(f"{k}: shape {tuple(weights[k].shape)} != {tuple(v.shape)}")
+    model.load_state_dict(
+        {k: torch.as_tensor(np.asarray(weights[k]), dtype=sd[k].dtype) for k in sd}
+    )
