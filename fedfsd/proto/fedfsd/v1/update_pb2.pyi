@@ -1,0 +1,37 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class UpdateManifest(_message.Message):
+    __slots__ = ("schema", "region", "run_id", "round", "update_norm", "update_norm_bound", "sha256", "epsilon", "epsilon_rdp", "epsilon_budget", "delta", "steps", "refused_reason", "code_version")
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NORM_BOUND_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_RDP_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_REASON_FIELD_NUMBER: _ClassVar[int]
+    CODE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    schema: int
+    region: str
+    run_id: str
+    round: int
+    update_norm: float
+    update_norm_bound: float
+    sha256: str
+    epsilon: float
+    epsilon_rdp: float
+    epsilon_budget: float
+    delta: float
+    steps: int
+    refused_reason: str
+    code_version: str
+    def __init__(self, schema: _Optional[int] = ..., region: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., update_norm: _Optional[float] = ..., update_norm_bound: _Optional[float] = ..., sha256: _Optional[str] = ..., epsilon: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., steps: _Optional[int] = ..., refused_reason: _Optional[str] = ..., code_version: _Optional[str] = ...) -> None: ...

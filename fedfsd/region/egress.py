@@ -1,0 +1,138 @@
+"""The egress guard: the last code a model update passes through before it leaves the region.
+
+Defence in depth (DESIGN.md decision 8): whatever the training code produced, only the update
+(new − received weights) leaves, as float32 arrays with at least one dimension, L2-clipped to
+the region's own `update_norm_bound`, together with a manifest whose digest covers exactly the
+bytes sent. Anything unexpected raises `EgressError`, which the ClientApp turns into a refusal
+with nothing sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedfsd import __version__
+from fedfsd.wire import MANIFEST_SCHEMA, UpdateManifest, array_digest, l2_norm
+
+
+class EgressError(ValueError):
+    """An update that must not leave the region (wrong names, non-float, 0-d, non-finite)."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """An update cleared for release."""
+
+    arrays: dict[str, np.ndarray]  # float32, ≥ 1-d, norm ≤ bound
+    norm: float  # after the clip
+    raw_norm: float  # before the clip (stays in the region; logged locally only)
+    clipped: bool
+    sha256: str
+
+
+def compute_update(
+    received: Mapping[str, np.ndarray], new_weights: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """new − received as float32, refusing anything but matching ≥1-d float arrays."""
+    if set(received) != set(new_weights):
+        missing = sorted(set(received) - set(new_weights))
+        extra = sorted(set(new_weights) - set(received))
+        raise EgressError(f"update names differ from the received model: {missing=} {extra=}")
+    update: dict[str, np.ndarray] = {}
+    for name in sorted(received):
+        old, new = np.asarray(received[name]), np.asarray(new_weights[name])
+        for what, a in (("received", old), ("new", new)):
+            if not np.issubdtype(a.dtype, np.floating):
+                raise EgressError(f"{name}: {what} array has non-float dtype {a.dtype}")
+            if a.ndim == 0:
+                raise EgressError(f"{name}: 0-d arrays are not sent")
+        if old.shape != new.shape:
+            raise EgressError(f"{name}: shape {new.shape} != received {old.shape}")
+        delta = new.astype(np.float32) - old.astype(np.float32)
+        if not np.all(np.isfinite(delta)):
+            raise EgressError(f"{name}: update is not finite")
+        update[name] = np.ascontiguousarray(delta, dtype=np.float32)
+    return update
+
+
+def clip_update(
+    update: Mapping[str, np.ndarray], bound: float
+) -> tuple[dict[str, np.ndarray], float]:
+    """Scale the whole update so its global L2 norm is ≤ bound; returns (arrays, raw norm)."""
+    if not bound > 0:
+        raise EgressError(f"update norm bound must be > 0, got {bound}")
+    raw = l2_norm(update)
+    out = {k: np.asarray(v, dtype=np.float32) for k, v in update.items()}
+    if raw > bound:
+        # Aim a hair below the bound so float32 rounding can never push the result over it.
+        scale = np.float32(bound / raw * (1.0 - 1e-6))
+        out = {k: (v * scale).astype(np.float32) for k, v in out.items()}
+        while l2_norm(out) > bound:  # pragma: no cover - only on pathological rounding
+            out = {k: (v * np.float32(1.0 - 1e-5)).astype(np.float32) for k, v in out.items()}
+    return out, raw
+
+
+def guard_update(
+    received: Mapping[str, np.ndarray], new_weights: Mapping[str, np.ndarray], bound: float
+) -> Release:
+    """Everything the egress guard does, in order: diff, type checks, clip, digest."""
+    update = compute_update(received, new_weights)
+    clipped, raw = clip_update(update, bound)
+    return Release(
+        arrays=clipped,
+        norm=l2_norm(clipped),
+        raw_norm=raw,
+        clipped=raw > bound,
+        sha256=array_digest(clipped),
+    )
+
+
+def make_manifest(
+    *,
+    region: str,
+    run_id: str,
+    round_idx: int,
+    release: Release | None = None,
+    update_norm_bound: float = 0.0,
+    epsilon: float = 0.0,
+    epsilon_rdp: float = 0.0,
+    epsilon_budget: float = 0.0,
+    delta: float = 0.0,
+    steps: int = 0,
+    refused_reason: str = "",
+) -> UpdateManifest:
+    """The manifest that travels with a release, or with a refusal (`refused_reason` set)."""
+    if release is None and not refused_reason:
+        raise ValueError("a manifest without a release must say why it was refused")
+    return UpdateManifest(
+        schema=MANIFEST_SCHEMA,
+        region=region,
+        run_id=run_id,
+        round=max(int(round_idx), 0),
+        update_norm=release.norm if release else 0.0,
+        update_norm_bound=update_norm_bound,
+        sha256=release.sha256 if release else "",
+        epsilon=epsilon,
+        epsilon_rdp=epsilon_rdp,
+        epsilon_budget=epsilon_budget,
+        delta=delta,
+        steps=steps,
+        refused_reason=refused_reason,
+        code_version=__version__,
+    )
+
+
+def num_examples(weighting: str, n_vehicles: int) -> int:
+    """What the region tells the aggregator about its size: 1, or a power-of-two bucket.
+
+    "bucket" rounds the vehicle count down to a power of two (200 → 128), so the aggregator
+    learns the order of magnitude but never the exact count.
+    """
+    if weighting == "equal" or n_vehicles < 1:
+        return 1
+    if weighting == "bucket":
+        return 1 << (int(n_vehicles).bit_length() - 1)
+    raise ValueError(f"unknown weighting {weighting!r}")
