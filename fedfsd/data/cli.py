@@ -1,7 +1,120 @@
-"""`fedfsd data ...` commands."""
+"""`fedfsd data ...` commands: generate, validate and summarise fleet datasets."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def generate(
+    out: Path = typer.Option(..., "--out", help="Dataset directory to create."),
+    region: str = typer.Option(None, help="Built-in region profile: cn, eu, us, jp."),
+    profile: Path = typer.Option(None, help="Region profile TOML (instead of --region)."),
+    vehicles: int = typer.Option(200, min=1, help="Fleet size V (persistent vehicle ids)."),
+    episodes: int = typer.Option(40, min=1, help="Simulated episodes."),
+    seed: int = typer.Option(0, help="Seed: same seed, same bytes, whatever --workers."),
+    workers: int = typer.Option(None, min=1, help="Processes (default: CPU count)."),
+    with_bev: bool = typer.Option(False, "--with-bev", help="Also provide BEV raster stacks."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+) -> None:
+    """Simulate a region's fleet and write Parquet tracks + manifest.json to --out."""
+    if (region is None) == (profile is None):
+        _fail("give exactly one of --region or --profile", 2)
+    from fedfsd.data.generate import generate_dataset
+    from fedfsd.data.profiles import ProfileError
+
+    try:
+        path = generate_dataset(
+            profile if profile is not None else region,
+            vehicles=vehicles,
+            episodes=episodes,
+            seed=seed,
+            out=out,
+            workers=workers,
+            with_bev=with_bev,
+            progress=True,
+            overwrite=overwrite,
+        )
+    except (ProfileError, FileExistsError, ValueError) as err:
+        _fail(str(err), 2)
+    _summary(path)
+
+
+def _summary(path: Path) -> None:
+    import json
+
+    from rich.console import Console
+
+    m = json.loads((path / "manifest.json").read_text())
+    c = m["counts"]
+    Console().print(
+        f"[green]wrote[/green] {path}: region {m['region']}, fleet {m['fleet_id']}, "
+        f"{m['vehicles']} vehicles, {m['episodes']} episodes, {c['fleet_rows']} fleet rows, "
+        f"crash rate {c['crash_rate']:.1%}",
+        highlight=False,
+    )
+
+
+@app.command()
+def validate(path: Path = typer.Argument(..., help="Dataset directory.")) -> None:
+    """Check manifest, schema version, files, checksums, columns and values; exit 1 if bad."""
+    from fedfsd.data.validate import DatasetError, validate_dataset
+
+    try:
+        m = validate_dataset(path)
+    except DatasetError as err:
+        _fail(str(err), 1)
+    typer.echo(f"ok: {path} ({m['region']}, {len(m['files'])} files, schema {m['schema_version']})")
+
+
+@app.command()
+def stats(
+    path: Path = typer.Argument(..., help="Dataset directory."),
+    split: str = typer.Option("all", help="train | test | all"),
+) -> None:
+    """Vehicles, frames, episodes, crash rate and a per-feature summary."""
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES
+    from fedfsd.data.validate import DatasetError
+    from fedfsd.data.vehicles import load_vehicle_frames
+
+    if split not in ("train", "test", "all"):
+        _fail("--split must be train, test or all", 2)
+    try:
+        fr = load_vehicle_frames(path, split=split)
+    except DatasetError as err:
+        _fail(str(err), 1)
+    m = fr.manifest
+    c = m.get("counts", {})
+    con = Console()
+    per_v = fr.frames_per_vehicle()
+    con.print(
+        f"[bold]{fr.region}[/bold] ({split}): {fr.n_vehicles} vehicles, {fr.n_frames} frames, "
+        f"{len(np.unique(fr.episodes))} episodes; frames/vehicle min {per_v.min()} "
+        f"median {int(np.median(per_v))} max {per_v.max()}; crash rate "
+        f"{c.get('crash_rate', 0.0):.1%}; rain episodes {c.get('rain_episodes', '?')}, "
+        f"merge episodes {c.get('merge_episodes', '?')}",
+        highlight=False,
+    )
+    t = Table("name", "mean", "std", "min", "max", title="features (fixed scales) and labels")
+    for names, arr in ((FEATURE_NAMES, fr.features), (LABEL_NAMES, fr.labels)):
+        for j, n in enumerate(names):
+            col = arr[:, j]
+            t.add_row(
+                n, f"{col.mean():.3f}", f"{col.std():.3f}", f"{col.min():.3f}", f"{col.max():.3f}"
+            )
+    con.print(t)

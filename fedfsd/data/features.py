@@ -31,7 +31,7 @@ EGO_FEATURES: tuple[str, ...] = (
 )
 LANE_FEATURES: tuple[str, ...] = (
     "lane_count",  # lanes of the carriageway / 5
-    "lane_position",  # lane index / 4 (0 = lane with the smallest y)
+    "turn_signal",  # -1 changing lane towards -y, +1 towards +y, 0 none (the blinker)
     "lanes_left",  # lanes available on +y side / 4
     "lanes_right",  # lanes available on -y side / 4
     "speed_limit",  # m/s / 30
