@@ -1,0 +1,485 @@
+"""Build the ε report of a region (and the global summary) from privacy ledgers.
+
+The report is a `fedfsd.v1.EpsilonReport` (protos/fedfsd/v1/report.proto): it says what is
+protected (one vehicle, add/remove adjacency), against whom (trust model), which releases are
+covered, the mechanism as run, every release, the full accountant history and ε at δ. It carries
+everything needed to recompute ε, so `fedfsd privacy verify` can check it without the ledger.
+
+ε is recomputed here from the ledger's history with Opacus (PRV headline, RDP cross-check); a
+disagreement with what the ledger recorded is stated in the report's notes, never hidden.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from fedfsd import __version__
+from fedfsd.privacy.accounting import compute_epsilon, normalise_history
+from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
+
+SCHEMA = 1
+POISSON = "poisson"
+# Samplers whose batches partition the fleet once per pass: each vehicle is in one batch per
+# epoch, so without amplification a round costs ceil(steps · q) full-fleet Gaussian releases.
+EPOCH_SAMPLERS = ("shuffle", "shuffled", "permutation", "epoch")
+# Relative disagreement between the ledger's ε and the recomputed one that earns a note.
+LEDGER_EPS_RTOL = 5e-3
+
+ADJACENCY = "add/remove: neighbouring fleets differ by all data of one vehicle"
+TRUST_SETTING = (
+    "Central DP inside each region: the region's data centre runs vehicle-level DP-SGD on its own "
+    "fleet logs; only the noised, clipped model update leaves it. Everyone outside the region is "
+    "an adversary that may see every released update."
+)
+PARTIES: tuple[tuple[str, bool, str], ...] = (
+    (
+        "region data centre (this region)",
+        True,
+        "raw fleet logs of its own vehicles, per-vehicle gradients, the noise, the ledger",
+    ),
+    (
+        "global aggregator",
+        False,
+        "each per-round update of this region (clipped, noised, L2-bounded), its manifest (region, "
+        "run, round, update norm, digest, ε so far), a coarse num-examples bucket, the metrics "
+        "the region's policy allows, and every global model",
+    ),
+    (
+        "other regions",
+        False,
+        "the global models, which are derived from this region's updates",
+    ),
+    (
+        "users of the trained model and anyone holding checkpoints",
+        False,
+        "the final and intermediate global models",
+    ),
+    ("network observer", False, "TLS ciphertext, message sizes and timing"),
+)
+COVERED = (
+    "every per-round model update this region released in the runs listed, on this fleet",
+    "everything derived from those updates by post-processing: the aggregated global models, "
+    "checkpoints, the final model and its predictions",
+    "earlier runs on the same fleet's ledger (their steps are part of the accountant history)",
+)
+NOT_COVERED = (
+    "hyper-parameter tuning and any run not recorded in this ledger",
+    "evaluation metrics and losses sent without noise (the policy's allowed_metrics)",
+    "the num-examples bucket, the fleet size and other vehicle counts stated in this report",
+    "models trained on this fleet's data before the ledger was opened",
+    "data-dependent choices (of σ, C, K, steps, model, or which vehicles form the fleet)",
+    "timing and size side channels of the updates",
+)
+
+
+class ReportError(ValueError):
+    """A ledger that cannot be reported on (missing, empty, no such run)."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _steps(history: Iterable[Sequence[float]]) -> list[pb.AccountantStep]:
+    return [
+        pb.AccountantStep(noise_multiplier=float(s), sample_rate=float(q), steps=int(n))
+        for s, q, n in history
+    ]
+
+
+def history_of(steps: Iterable[pb.AccountantStep]) -> list[tuple[float, float, int]]:
+    """A report's history as Opacus triples."""
+    return [(h.noise_multiplier, h.sample_rate, int(h.steps)) for h in steps]
+
+
+def no_amplification_history(
+    releases: Iterable[pb.Release],
+) -> tuple[list[tuple[float, float, int]], str]:
+    """The q = 1 history that bounds ε when vehicles were not Poisson-sampled, and its method.
+
+    Poisson releases keep their (σ, q, steps). An epoch sampler (each vehicle in one batch per
+    pass) costs ceil(steps · q) full-batch Gaussian releases per round. Any other sampler is
+    charged every step at q = 1: the vehicle is assumed present in every batch.
+    """
+    hist: list[tuple[float, float, int]] = []
+    methods: set[str] = set()
+    for r in releases:
+        s = r.sampling.lower()
+        if s == POISSON:
+            hist.append((r.noise_multiplier, r.sample_rate, r.steps))
+        elif s in EPOCH_SAMPLERS:
+            hist.append((r.noise_multiplier, 1.0, math.ceil(r.steps * r.sample_rate - 1e-9)))
+            methods.add(
+                f"{s}: each vehicle is in one batch per pass, so a round of n steps costs "
+                "ceil(n·q) Gaussian releases at q = 1 (no amplification by sampling)"
+            )
+        else:
+            hist.append((r.noise_multiplier, 1.0, r.steps))
+            methods.add(
+                f"{s}: every step charged at q = 1 (the vehicle assumed in every batch; "
+                "no amplification by sampling)"
+            )
+    return normalise_history(hist), "; ".join(sorted(methods))
+
+
+def _num(rec: Mapping[str, Any], key: str, default: float = 0.0) -> float:
+    """A number from a ledger record; None (a non-private release's ε) reads as ∞."""
+    v = rec.get(key, default)
+    return math.inf if v is None else float(v)
+
+
+def _release(rec: Mapping[str, Any], cumulative: int) -> pb.Release:
+    return pb.Release(
+        run_id=str(rec.get("run_id", "")),
+        round=int(rec.get("round", 0)),
+        time=str(rec.get("time", "")),
+        model=str(rec.get("model", "")),
+        lr=float(rec.get("lr", 0.0)),
+        noise_multiplier=float(rec.get("noise_multiplier", 0.0)),
+        clip_norm=float(rec.get("clip_norm", 0.0)),
+        sample_rate=float(rec.get("sample_rate", 0.0)),
+        vehicles=int(rec.get("vehicles", 0)),
+        expected_vehicles_per_step=int(rec.get("expected_vehicles_per_step", 0)),
+        frames_per_vehicle=int(rec.get("frames_per_vehicle", 0)),
+        steps=int(rec.get("steps", 0)),
+        sampling=str(rec.get("sampling", "")),
+        epsilon_prv=_num(rec, "epsilon_prv", math.inf),
+        epsilon_rdp=_num(rec, "epsilon_rdp", math.inf),
+        update_norm=float(rec.get("update_norm", 0.0)),
+        update_sha256=str(rec.get("update_sha256", "")),
+        cumulative_steps=cumulative,
+    )
+
+
+def _select(releases: list[dict[str, Any]], run_id: str | None, path: Path) -> list[dict]:
+    """Releases up to the last one of `run_id` (earlier runs on the fleet compose with it)."""
+    if run_id is None:
+        return releases
+    last = max((i for i, r in enumerate(releases) if r.get("run_id") == run_id), default=None)
+    if last is None:
+        runs = sorted({str(r.get("run_id")) for r in releases})
+        raise ReportError(f"{path}: no release of run {run_id!r} (runs: {', '.join(runs)})")
+    return releases[: last + 1]
+
+
+def _mechanism(rels: list[pb.Release], rng: str, normalisation: str) -> pb.Mechanism:
+    last = rels[-1]
+    samplers = sorted({r.sampling for r in rels})
+    keys = {
+        (r.noise_multiplier, r.clip_norm, r.sample_rate, r.frames_per_vehicle, r.steps)
+        for r in rels
+    }
+    return pb.Mechanism(
+        name="Poisson-subsampled Gaussian mechanism (vehicle-level DP-SGD, Opacus optimizer)"
+        if samplers == [POISSON]
+        else "subsampled Gaussian mechanism (vehicle-level DP-SGD, Opacus optimizer)",
+        sampling=",".join(samplers),
+        amplification_by_sampling=samplers == [POISSON],
+        vehicles=last.vehicles,
+        expected_vehicles_per_step=last.expected_vehicles_per_step,
+        sample_rate=last.sample_rate,
+        noise_multiplier=last.noise_multiplier,
+        clip_norm=last.clip_norm,
+        frames_per_vehicle=last.frames_per_vehicle,
+        steps_per_round=last.steps,
+        rounds=len(rels),
+        total_steps=sum(r.steps for r in rels),
+        normalisation=normalisation,
+        rng=rng,
+        parameters_constant=len(keys) == 1,
+    )
+
+
+def _implementation() -> str:
+    from importlib.metadata import version
+
+    return (
+        f"opacus {version('opacus')}: PRVAccountant.get_epsilon (upper bound, eps_error=0.01) "
+        "headline; RDPAccountant.get_epsilon (default orders) cross-check"
+    )
+
+
+def _statement(rep: pb.EpsilonReport) -> str:
+    if not rep.private_training:
+        return (
+            f"Region {rep.region}: NON-PRIVATE baseline. These updates carry NO differential-"
+            "privacy guarantee for any vehicle."
+        )
+    a, m = rep.accounting, rep.mechanism
+    return (
+        f"Every vehicle in region {rep.region}'s fleet ({m.vehicles} vehicles, fleet "
+        f"{rep.fleet_id}) is protected by ({a.epsilon:.3g}, {a.delta:.3g})-differential privacy "
+        f"at the vehicle level (add/remove one vehicle's data), against anyone who sees the "
+        f"{m.rounds} model updates this region released ({m.total_steps} DP-SGD steps) and "
+        f"everything derived from them, including the global model. Headline accountant PRV; "
+        f"RDP cross-check ε = {a.epsilon_rdp:.3g}. Budget {rep.budget.epsilon_budget:g}, "
+        f"remaining {rep.budget.epsilon_remaining:.3g}."
+    )
+
+
+def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.EpsilonReport:
+    """The ε report of one ledger (one region and fleet), through the last release of `run_id`."""
+    from fedfsd.privacy.ledger import Ledger, LedgerError
+
+    path = Path(ledger_path)
+    if not path.is_file():
+        raise ReportError(f"{path}: no such ledger file")
+    led = Ledger(path)
+    try:
+        header = led.header
+        all_releases = led.releases()
+    except LedgerError as e:
+        raise ReportError(str(e)) from None
+    if not all_releases:
+        raise ReportError(f"{path}: the ledger has no releases yet; nothing to report")
+    chosen = _select(all_releases, run_id, path)
+    notes: list[str] = []
+    if led.torn_tail is not None:
+        notes.append("the ledger ends in a torn line (a crash mid-write); it was not counted")
+    private = bool(header.get("private", True)) and all(r.get("private", True) for r in chosen)
+
+    rels: list[pb.Release] = []
+    cum = 0
+    for rec in chosen:
+        cum += int(rec.get("steps", 0))
+        rels.append(_release(rec, cum))
+    last = chosen[-1]
+    delta = float(header.get("delta", last.get("delta", 0.0)))
+    vehicles = int(header.get("vehicles", last.get("vehicles", 0)))
+    budget = float(header.get("epsilon_budget", last.get("epsilon_budget", 0.0)))
+
+    rep = pb.EpsilonReport(schema=SCHEMA, region=str(header["region"]))
+    rep.fleet_id = str(header.get("fleet_id", ""))
+    rep.private_training = private
+    rep.unit.CopyFrom(
+        pb.UnitOfPrivacy(
+            unit="vehicle",
+            adjacency=ADJACENCY,
+            max_frames_per_vehicle_per_step=max(r.frames_per_vehicle for r in rels),
+            clip_norm=max(r.clip_norm for r in rels),
+            contribution_bound=(
+                "each sampled vehicle contributes one gradient per step: the mean loss over at "
+                "most K of its frames, its gradient clipped to L2 norm C; a vehicle not sampled "
+                "contributes nothing"
+            ),
+        )
+    )
+    rep.trust.setting = TRUST_SETTING
+    rep.trust.parties.extend(pb.Party(name=n, trusted=t, sees=s) for n, t, s in PARTIES)
+    rep.scope.covered.extend(COVERED)
+    rep.scope.not_covered.extend(NOT_COVERED)
+    rep.mechanism.CopyFrom(
+        _mechanism(rels, str(last.get("rng", "")), str(last.get("normalisation", "")))
+    )
+    rep.releases.extend(rels)
+
+    acc = rep.accounting
+    acc.headline_accountant, acc.cross_check_accountant = "prv", "rdp"
+    acc.delta = delta
+    acc.delta_rule = (
+        f"δ must be below 1/vehicles: δ = {delta:g} < 1/{vehicles} = {1 / max(vehicles, 1):.3g}"
+    )
+    acc.implementation = _implementation()
+    if private:
+        hist = normalise_history(last["accountant_history"])
+        acc.history.extend(_steps(hist))
+        acc.epsilon = compute_epsilon(hist, delta, "prv")
+        acc.epsilon_rdp = compute_epsilon(hist, delta, "rdp")
+        for key, mine in (("epsilon_prv", acc.epsilon), ("epsilon_rdp", acc.epsilon_rdp)):
+            theirs = float(last.get(key, math.nan))
+            if not math.isclose(theirs, mine, rel_tol=LEDGER_EPS_RTOL):
+                notes.append(f"the ledger recorded {key} = {theirs:.6g}; recomputed {mine:.6g}")
+        if not rep.mechanism.amplification_by_sampling:
+            na_hist, method = no_amplification_history(rels)
+            acc.no_amplification_history.extend(_steps(na_hist))
+            acc.no_amplification_method = method
+            acc.epsilon_no_amplification = compute_epsilon(na_hist, delta, "prv")
+    else:
+        acc.epsilon = acc.epsilon_rdp = math.inf
+        notes.append("non-private ledger: no differential-privacy guarantee")
+
+    b = rep.budget
+    b.epsilon_budget = budget
+    b.epsilon_spent = acc.epsilon
+    b.epsilon_remaining = max(budget - acc.epsilon, 0.0) if math.isfinite(acc.epsilon) else 0.0
+    b.fraction_used = acc.epsilon / budget if budget > 0 else math.inf
+
+    versions = sorted({str(r.get("code_version", "")) for r in chosen})
+    if len(versions) > 1:
+        notes.append(f"releases were made by several code versions: {', '.join(versions)}")
+    p = rep.provenance
+    p.code_version = str(last.get("code_version", ""))
+    p.report_code_version = __version__
+    p.run_id = run_id or ""
+    p.run_ids.extend(dict.fromkeys(r.run_id for r in rels))
+    p.fleet_id, p.region = rep.fleet_id, rep.region
+    p.ledger_path = str(path)
+    p.ledger_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    p.generated = _now()
+    rep.notes.extend(notes)
+    rep.statement = _statement(rep)
+    return rep
+
+
+def build_global_summary(
+    reports: Sequence[pb.EpsilonReport],
+    vehicle_ids: Mapping[str, Iterable[str]] | None = None,
+) -> pb.GlobalSummary:
+    """Combine region reports: each vehicle gets its own region's ε; overlaps compose.
+
+    `vehicle_ids` maps region → that fleet's vehicle identifiers; without it the summary says
+    that overlap was not checked (regions are then assumed to hold disjoint vehicles).
+    """
+    if not reports:
+        raise ReportError("no region reports to summarise")
+    g = pb.GlobalSummary(schema=SCHEMA, report_code_version=__version__, generated=_now())
+    by_region: dict[str, pb.EpsilonReport] = {}
+    for r in reports:
+        if r.region in by_region:
+            raise ReportError(f"two reports for region {r.region!r}: give one ledger per region")
+        by_region[r.region] = r
+        g.regions.append(
+            pb.RegionEpsilon(
+                region=r.region,
+                fleet_id=r.fleet_id,
+                vehicles=r.mechanism.vehicles,
+                epsilon=r.accounting.epsilon,
+                epsilon_rdp=r.accounting.epsilon_rdp,
+                delta=r.accounting.delta,
+                epsilon_budget=r.budget.epsilon_budget,
+                run_ids=list(r.provenance.run_ids),
+                releases=len(r.releases),
+                history=list(r.accounting.history),
+            )
+        )
+    g.composition_rule = (
+        "Regions hold disjoint vehicles, so each vehicle is protected at its own region's "
+        "(ε, δ) (parallel composition). A vehicle present in several regions is protected at the "
+        "composition of those regions' accountant histories."
+    )
+    worst = [(r.accounting.epsilon, r.accounting.delta) for r in reports]
+    if vehicle_ids is None:
+        g.overlap_checked = False
+        g.overlap_method = "not checked: no vehicle identifiers were given; disjointness assumed"
+    else:
+        g.overlap_checked = True
+        g.overlap_method = "vehicle identifiers of each region's fleet compared exactly"
+        owners: dict[str, set[str]] = {}
+        for region, ids in vehicle_ids.items():
+            if region not in by_region:
+                raise ReportError(f"vehicle ids given for region {region!r} without its ledger")
+            for v in ids:
+                owners.setdefault(str(v), set()).add(region)
+        groups: dict[tuple[str, ...], int] = {}
+        for regs in owners.values():
+            if len(regs) > 1:
+                key = tuple(sorted(regs))
+                groups[key] = groups.get(key, 0) + 1
+        for regs, count in sorted(groups.items()):
+            og = compose_overlap([by_region[x] for x in regs])
+            og.vehicles = count
+            g.overlaps.append(og)
+            worst.append((og.epsilon, og.delta))
+    eps, delta = max(worst)
+    g.worst_case_epsilon, g.worst_case_delta = eps, delta
+    flagged = sum(o.vehicles for o in g.overlaps)
+    g.statement = (
+        f"Across {len(reports)} regions, the weakest guarantee any vehicle gets is "
+        f"({eps:.3g}, {delta:.3g})-DP at the vehicle level. "
+        + (
+            f"{flagged} vehicles appear in more than one region and are protected at their "
+            "composed ε."
+            if flagged
+            else (
+                "No vehicle appears in two regions."
+                if g.overlap_checked
+                else "Overlap between regions was not checked."
+            )
+        )
+    )
+    return g
+
+
+def compose_overlap(reports: Sequence[pb.EpsilonReport]) -> pb.OverlapGroup:
+    """ε of a vehicle in all of `reports`' fleets: the histories composed, at the smallest δ."""
+    hist = [h for r in reports for h in history_of(r.accounting.history)]
+    delta = min(r.accounting.delta for r in reports)
+    private = all(r.private_training for r in reports)
+    og = pb.OverlapGroup(regions=[r.region for r in reports], delta=delta)
+    og.composed_history.extend(_steps(hist))
+    og.epsilon = compute_epsilon(hist, delta, "prv") if private else math.inf
+    og.epsilon_rdp = compute_epsilon(hist, delta, "rdp") if private else math.inf
+    return og
+
+
+def to_json(msg: pb.EpsilonReport | pb.GlobalSummary) -> str:
+    """The canonical form: the protobuf JSON mapping, every field printed."""
+    return (
+        json_format.MessageToJson(msg, always_print_fields_with_no_presence=True, indent=2) + "\n"
+    )
+
+
+def load_json(path: str | Path) -> pb.EpsilonReport | pb.GlobalSummary:
+    """Parse a report or global summary written by `to_json` (unknown fields are an error)."""
+    import json
+
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: not a fedfsd report (top level is not an object)")
+    msg = pb.GlobalSummary() if "compositionRule" in data else pb.EpsilonReport()
+    try:
+        json_format.ParseDict(data, msg)
+    except json_format.ParseError as e:
+        raise ReportError(f"{path}: not a valid {msg.DESCRIPTOR.full_name}: {e}") from None
+    return msg
+
+
+def write_report(rep: pb.EpsilonReport | pb.GlobalSummary, out: str | Path, fmt: str) -> Path:
+    """Write one report as json, md or html to `out` (md also writes `<out>.png`)."""
+    from fedfsd.privacy import report_render
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "json":
+        out.write_text(to_json(rep))
+    elif fmt == "md":
+        out.write_text(report_render.to_markdown(rep, png_path=out.with_suffix(".png")))
+    elif fmt == "html":
+        out.write_text(report_render.to_html(rep))
+    else:
+        raise ReportError(f"unknown format {fmt!r}; choose json, md or html")
+    return out
+
+
+def write_reports(
+    ledger_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    run_id: str | None = None,
+    vehicle_ids: Mapping[str, Iterable[str]] | None = None,
+    formats: Sequence[str] = ("json", "md", "html"),
+) -> list[Path]:
+    """One report per region (`epsilon-<region>.<fmt>`) plus `epsilon-global.<fmt>`.
+
+    This is what `fedfsd demo` calls at the end of a run. Returns every file written.
+    """
+    out = Path(out_dir)
+    reports = [build_report(p, run_id) for p in ledger_paths]
+    summary = build_global_summary(reports, vehicle_ids)
+    written: list[Path] = []
+    for rep in reports:
+        for fmt in formats:
+            written.append(write_report(rep, out / f"epsilon-{rep.region}.{fmt}", fmt))
+    for fmt in formats:
+        written.append(write_report(summary, out / f"epsilon-global.{fmt}", fmt))
+    return written

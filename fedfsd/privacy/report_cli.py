@@ -1,0 +1,115 @@
+"""What `fedfsd privacy report` and `fedfsd privacy verify` do (the typer wrappers live in cli.py).
+
+Kept apart from the command declarations so the CLI module stays light and these can be called
+and tested as functions that return an exit code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+FORMATS = ("json", "md", "html")
+
+
+def _err(msg: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
+
+
+def _vehicle_ids(specs: Sequence[str]) -> dict[str, list[str]] | None:
+    """Parse `REGION=PATH` specs: PATH is a fleet data directory or a file of ids, one a line."""
+    if not specs:
+        return None
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        region, sep, path = spec.partition("=")
+        if not sep or not region or not path:
+            raise ValueError(f"--vehicles {spec!r}: expected REGION=PATH")
+        p = Path(path)
+        if p.is_dir():
+            from fedfsd.data.vehicles import load_vehicle_frames
+
+            out[region] = list(load_vehicle_frames(p, split="all").vehicle_ids)
+        elif p.is_file():
+            out[region] = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+        else:
+            raise ValueError(f"--vehicles {spec!r}: {p} does not exist")
+    return out
+
+
+def run_report(
+    ledgers: Sequence[str],
+    out: str,
+    fmt: str = "json",
+    run_id: str | None = None,
+    vehicles: Sequence[str] = (),
+) -> int:
+    """Write one report (one ledger: `out` is the file) or several (`out` is a directory)."""
+    from fedfsd.privacy.accounting import AccountantError
+    from fedfsd.privacy.ledger import LedgerError
+    from fedfsd.privacy.report import (
+        ReportError,
+        build_global_summary,
+        build_report,
+        write_report,
+    )
+
+    if fmt not in FORMATS:
+        _err(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        return 2
+    if not ledgers:
+        _err("give at least one --ledger")
+        return 2
+    try:
+        ids = _vehicle_ids(vehicles)
+        reports = [build_report(p, run_id) for p in ledgers]
+        if len(reports) == 1 and ids is None:
+            written = [write_report(reports[0], out, fmt)]
+        else:
+            d = Path(out)
+            if d.exists() and not d.is_dir():
+                raise ReportError(f"--out {d}: with several ledgers --out must be a directory")
+            summary = build_global_summary(reports, ids)
+            written = [write_report(r, d / f"epsilon-{r.region}.{fmt}", fmt) for r in reports]
+            written.append(write_report(summary, d / f"epsilon-global.{fmt}", fmt))
+    except (ReportError, LedgerError, AccountantError, ValueError, OSError) as e:
+        _err(str(e))
+        return 1
+    for rep in reports:
+        a = rep.accounting
+        print(
+            f"region {rep.region}: ε = {a.epsilon:.4g} (PRV; RDP {a.epsilon_rdp:.4g}) at "
+            f"δ = {a.delta:g}, {len(rep.releases)} releases, budget {rep.budget.epsilon_budget:g}"
+        )
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+def run_verify(paths: Sequence[str]) -> int:
+    """0 when every file verifies; 1 listing every discrepancy; 2 for an unreadable file."""
+    from fedfsd.privacy.report import ReportError
+    from fedfsd.privacy.verify import confirmation, verify_files
+
+    missing = [p for p in paths if not Path(p).is_file()]
+    if not paths or missing:
+        _err(f"no such report file: {', '.join(missing)}" if missing else "give a REPORT.json")
+        return 2
+    try:
+        results = verify_files(paths)
+    except ReportError as e:
+        _err(str(e))
+        return 2
+    failed = 0
+    for v in results:
+        if v.ok:
+            print(confirmation(v))
+        else:
+            failed += 1
+            print(f"FAILED {v.subject}: {len(v.problems)} discrepancies ({v.checks} checks)")
+            for msg in v.problems:
+                print(f"  - {msg}")
+    return 1 if failed else 0
