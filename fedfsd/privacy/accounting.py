@@ -17,6 +17,10 @@ ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 
 History = list[tuple[float, float, int]]
 
+PRV_EPS_ERROR = 0.01  # Opacus' default absolute ε error for PRV
+PRV_REL_ERROR = 0.005  # target relative error for small ε
+PRV_MIN_EPS_ERROR = 0.002  # finer meshes cost seconds: floor on the absolute error
+
 
 class AccountantError(ValueError):
     """An accountant fedfsd does not allow, or a history it cannot account."""
@@ -78,6 +82,16 @@ def compute_epsilon(
         return math.inf
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    acc = PRVAccountant() if acc_name == "prv" else RDPAccountant()
+    if acc_name == "rdp":
+        acc = RDPAccountant()
+        acc.history = [tuple(h) for h in hist]
+        return float(acc.get_epsilon(delta=delta))
+    acc = PRVAccountant()
     acc.history = [tuple(h) for h in hist]
-    return float(acc.get_epsilon(delta=delta))
+    eps = float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+    if eps < PRV_EPS_ERROR / PRV_REL_ERROR:
+        # Opacus' PRV error is absolute (ε upper bound ≤ ε + eps_error): refine it for small ε
+        # so the headline stays within ~0.5% of the true value (floor: PRV_MIN_EPS_ERROR).
+        fine = max(PRV_MIN_EPS_ERROR, PRV_REL_ERROR * eps)
+        eps = float(acc.get_epsilon(delta=delta, eps_error=fine))
+    return eps
