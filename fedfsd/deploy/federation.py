@@ -263,8 +263,13 @@ class LocalFederation:
         )
 
     def start_region(self, name: str) -> None:
-        """Start the SuperNode and, once its Runtime API is up, the region's executor."""
+        """Start the SuperNode and, once its Runtime API is up, the region's executor.
+
+        An ``unregistered`` region only gets its SuperNode: the SuperLink must refuse it.
+        """
         node = self.group.start(f"supernode-{name}", self.supernode_argv(name), env=self.env)
+        if name in self.unregistered:
+            return
         wait_for_port(self.host, self.runtime_ports[name], STARTUP_TIMEOUT, node)
         self.group.start(f"executor-{name}", self.executor_argv(name), env=self.env)
 
@@ -285,6 +290,12 @@ class LocalFederation:
         """True once the region's SuperNode logged its node id (it passed TLS and node auth)."""
         proc = self.group.procs.get(f"supernode-{name}")
         return proc is not None and "SuperNode ID:" in proc.log_tail(1_000_000)
+
+    def wait_refused(self, name: str, timeout: float = STARTUP_TIMEOUT) -> str:
+        """Wait until the SuperNode of ``name`` gave up (refused by the SuperLink); its log."""
+        proc = self.group.procs[f"supernode-{name}"]
+        wait_until(lambda: not proc.alive(), timeout, f"region {name} to be refused")
+        return proc.log_tail(1_000_000)
 
     def wait_connected(
         self, names: list[str] | None = None, timeout: float = STARTUP_TIMEOUT
@@ -357,10 +368,19 @@ def supernode_argv(
     ca: str | Path | None,
     key: str | Path | None,
     runtime_host: str = "127.0.0.1",
+    fast_poll: bool = True,
 ) -> list[str]:
-    """`flower-supernode` in process isolation: it never starts app code itself."""
+    """`flower-supernode` in process isolation: it never starts app code itself.
+
+    ``fast_poll`` starts it through fedfsd.deploy.supernode_launcher (idle poll 0.5 s, not 3 s).
+    """
+    launcher = (
+        [sys.executable, "-m", "fedfsd.deploy.supernode_launcher"]
+        if fast_poll
+        else [bin_path("flower-supernode")]
+    )
     argv = [
-        bin_path("flower-supernode"),
+        *launcher,
         "--superlink",
         superlink,
         "--isolation",
