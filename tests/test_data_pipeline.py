@@ -280,3 +280,18 @@ def test_cli_generate_from_profile_file_and_stats(tmp_path) -> None:
     assert res.exit_code == 0 and "ego_speed" in res.output and "vehicles" in res.output
     res = runner.invoke(app, [*args, "--seed", "1", "--out", str(out)])
     assert res.exit_code != 0 and "not empty" in res.output
+
+
+def test_out_of_range_value_and_bad_manifest_types(datasets, tmp_path) -> None:
+    ds = _copy(datasets["w1"], tmp_path)
+    t = _first_table(ds)
+    lane = t.column("lane").to_numpy().copy()
+    lane[9] = 7
+    i = t.schema.get_field_index("lane")
+    rel = _rewrite(ds, t.set_column(i, pa.field("lane", pa.int8(), False), pa.array(lane)))
+    _expect_bad(ds, rel, "row 9", "column 'lane'")
+    ds2 = _copy(datasets["w1"], tmp_path / "b")
+    m = json.loads((ds2 / "manifest.json").read_text())
+    m["seed"] = "seven"
+    (ds2 / "manifest.json").write_text(json.dumps(m))
+    _expect_bad(ds2, "manifest.json", "'seed'")
