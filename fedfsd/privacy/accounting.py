@@ -10,6 +10,7 @@ on fedfsd's settings (see /work/shared/notes/privacy.md).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -18,7 +19,7 @@ ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 History = list[tuple[float, float, int]]
 
 PRV_EPS_ERROR = 0.01  # Opacus' default absolute ε error for PRV
-PRV_REL_ERROR = 0.005  # target relative error for small ε
+PRV_REL_ERROR = 0.005  # target relative error once the default error would exceed 1% of ε
 PRV_MIN_EPS_ERROR = 0.002  # finer meshes cost seconds: floor on the absolute error
 
 
@@ -75,7 +76,12 @@ def compute_epsilon(
     acc_name = check_accountant(accountant)
     if not 0 < delta < 1:
         raise AccountantError(f"delta {delta} must be in (0, 1)")
-    hist = normalise_history(history)
+    return _epsilon(tuple(normalise_history(history)), float(delta), acc_name)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(hist: tuple[tuple[float, float, int], ...], delta: float, acc_name: str) -> float:
+    """Opacus' accountants are slow (seconds under load): cache by (history, δ, name)."""
     if not hist:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in hist):
@@ -89,7 +95,7 @@ def compute_epsilon(
     acc = PRVAccountant()
     acc.history = [tuple(h) for h in hist]
     eps = float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
-    if eps < PRV_EPS_ERROR / PRV_REL_ERROR:
+    if PRV_EPS_ERROR > 0.01 * eps:
         # Opacus' PRV error is absolute (ε upper bound ≤ ε + eps_error): refine it for small ε
         # so the headline stays within ~0.5% of the true value (floor: PRV_MIN_EPS_ERROR).
         fine = max(PRV_MIN_EPS_ERROR, PRV_REL_ERROR * eps)

@@ -75,7 +75,7 @@ class Ledger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.torn_tail: str | None = None
+        self._torn_tail: str | None = None
         self._torn_bytes = 0
         self._records: list[dict[str, Any]] | None = None
 
@@ -96,7 +96,7 @@ class Ledger:
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         tail = lines.pop()  # b"" when the file ends with a newline
-        self.torn_tail = tail.decode("utf-8", "replace") if tail else None
+        self._torn_tail = tail.decode("utf-8", "replace") if tail else None
         self._torn_bytes = len(tail)
         records: list[dict[str, Any]] = []
         prev: History = []
@@ -125,6 +125,12 @@ class Ledger:
             raise LedgerError(f"{self.path}: empty ledger (no 'open' record)")
         self._records = records
         return records
+
+    @property
+    def torn_tail(self) -> str | None:
+        """The torn last line left by a crash mid-write (not counted), or None."""
+        self._load()
+        return self._torn_tail
 
     def records(self) -> list[dict[str, Any]]:
         """Every complete record, the open record first (a torn last line is not included)."""
@@ -222,12 +228,12 @@ class Ledger:
         self._load()
         line = (json.dumps(record, allow_nan=False) + "\n").encode()
         with open(self.path, "r+b") as f:
-            if self.torn_tail is not None:
+            if self._torn_tail is not None:
                 size = f.seek(0, os.SEEK_END)
                 f.truncate(size - self._torn_bytes)
                 f.flush()
                 os.fsync(f.fileno())
-                self.torn_tail = None
+                self._torn_tail = None
             f.seek(0, os.SEEK_END)
             if os.environ.get("FEDFSD_FAULT_AT") == "ledger-torn":  # test-only: half a line
                 f.write(line[: len(line) // 2])

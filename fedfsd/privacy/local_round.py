@@ -176,9 +176,9 @@ def run_local_round(
         sigma = params.noise_multiplier
         if private:
             after = extend_history(history, sigma, q, params.steps)
-            spent = compute_epsilon(history, policy.delta, "prv")
             projected = compute_epsilon(after, policy.delta, "prv")
             if projected > policy.epsilon_budget:
+                spent = compute_epsilon(history, policy.delta, "prv")
                 raise BudgetExceeded(spent, projected, policy.epsilon_budget)
 
         bev = model_name == "bev_cnn"
@@ -209,7 +209,7 @@ def run_local_round(
             trainer.check_sample_rate()
             if trainer.history != after:
                 raise RuntimeError(f"accountant history {trainer.history} != projected {after}")
-            eps = compute_epsilon(trainer.history, policy.delta, "prv")
+            eps = projected  # the same history (checked above), so the same ε
             eps_rdp = compute_epsilon(trainer.history, policy.delta, "rdp")
         else:
             eps = eps_rdp = math.inf
