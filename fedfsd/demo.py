@@ -36,15 +36,15 @@ class DemoConfig:
     """The demo's embedded defaults: sized to finish in about 5 minutes on 2 CPU cores."""
 
     regions: tuple[str, ...] = DEMO_REGIONS
-    vehicles: int = 120
-    episodes: int = 10
+    vehicles: int = 300
+    episodes: int = 20
     data_seed: int = 7
     rounds: int = 6
     local_steps: int = 40
     lr: float = 0.5
-    noise_multiplier: float = 0.9
+    noise_multiplier: float = 1.0
     clip_norm: float = 1.0
-    vehicles_per_step: int = 24
+    vehicles_per_step: int = 16
     frames_per_vehicle: int = 8
     epsilon_budget: float = 8.0
     delta: float = 1e-5
