@@ -63,3 +63,21 @@ N_LABELS: int = len(LABEL_NAMES)
 # Labels are stored in physical units (metres, m/s^2). These fixed scales are what a trainer may
 # divide by to get O(1) targets; they are the same for every region.
 LABEL_SCALES: list[float] = [30.0, 4.0, 60.0, 4.0, 90.0, 4.0, 3.0]
+
+
+def constant_velocity_labels(features):  # noqa: ANN001, ANN201 - numpy in, numpy out
+    """Labels predicted by constant-velocity extrapolation of the ego ([N, F] -> [N, L] float32).
+
+    A strong physical prior for the displacement labels (dx ≈ speed × t, dy ≈ vy × t, accel 0):
+    models may learn the residual `labels - constant_velocity_labels(features)` instead.
+    """
+    import numpy as np
+
+    x = np.asarray(features)
+    speed = x[:, FEATURE_NAMES.index("ego_speed")] * 30.0
+    vy = x[:, FEATURE_NAMES.index("ego_vy")] * 5.0
+    out = np.zeros((len(x), N_LABELS), dtype=np.float32)
+    for h in HORIZONS_S:
+        out[:, LABEL_NAMES.index(f"dx_{h}s")] = speed * h
+        out[:, LABEL_NAMES.index(f"dy_{h}s")] = vy * h
+    return out
