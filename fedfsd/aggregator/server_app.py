@@ -1,0 +1,320 @@
+"""The aggregator's Flower ServerApp: rounds with a quorum and timeouts, verification, checkpoints.
+
+The round loop drives the `Grid` itself instead of using `Strategy.start`, for two reasons found
+in Flower 1.39 (../shared/notes/flower-1.39.md): `sample_nodes` waits forever for a dead node,
+and a train reply without arrays (a region refusing over budget) makes the stock strategies
+exit. Here every wait is bounded (`node-wait`, `round-timeout`), a refusal is an ordinary
+outcome, every update is verified before it counts, and a round without quorum is logged as
+failed while the run goes on.
+
+Files in `run-dir` (see fedfsd.aggregator.checkpoint): checkpoint.npz (every round),
+metrics.csv, epsilon.csv, rejected.jsonl, rounds.jsonl, and at the end global_model.npz and
+metrics.png.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedfsd import wire
+from fedfsd.aggregator import checkpoint as ck
+from fedfsd.aggregator.settings import RunSettings, parse_settings
+from fedfsd.aggregator.strategy import FedAvgMomentum
+from fedfsd.aggregator.verify import Expectation, verify_update
+
+LOG = logging.getLogger("flwr.fedfsd.aggregator")
+MAX_NUM_EXAMPLES = 1 << 30  # a coarse bucket is a power of two far below this
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def initial_weights(s: RunSettings) -> dict[str, np.ndarray]:
+    """The round-0 global model, built from the model registry with a fixed seed."""
+    from fedfsd.models import build_model, get_weights
+
+    kw: dict[str, Any] = {"seed": s.model_seed}
+    if s.model == "bev_cnn":
+        kw["in_channels"] = s.bev_channels
+    return get_weights(build_model(s.model, s.n_features, s.n_labels, **kw))
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, poll: float = 0.5) -> list[int]:
+    """Connected node ids once at least `min_nodes` are there, or whatever is there at timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_nodes or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(poll)
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to the train messages of one round."""
+
+    accepted: list[tuple[str, dict[str, np.ndarray], float]] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (region, reason)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    missing: int = 0
+    metrics_rows: list[tuple[int, str, str, float]] = field(default_factory=list)
+    epsilon_rows: list[tuple[int, str, float, float, float, float]] = field(default_factory=list)
+
+
+def _num_examples(content: RecordDict) -> float | str:
+    """The reply's weight, or a reason why it is unacceptable."""
+    rec = content.metric_records.get(wire.METRICS)
+    if rec is None or wire.NUM_EXAMPLES not in rec:
+        return f"no {wire.NUM_EXAMPLES} in the reply's metrics"
+    n = rec[wire.NUM_EXAMPLES]
+    if isinstance(n, list) or not np.isfinite(n) or n < 1 or n > MAX_NUM_EXAMPLES:
+        return f"{wire.NUM_EXAMPLES} must be a number in [1, {MAX_NUM_EXAMPLES}], got {n!r}"
+    if int(n) != n or int(n) & (int(n) - 1):
+        return f"{wire.NUM_EXAMPLES} must be 1 or a power-of-two bucket, got {n!r}"
+    return float(n)
+
+
+def _manifest(content: RecordDict) -> wire.UpdateManifest | None:
+    rec = content.config_records.get(wire.MANIFEST)
+    if rec is None or not isinstance(rec.get(wire.MANIFEST_KEY), bytes):
+        return None
+    try:
+        return wire.manifest_from_bytes(rec[wire.MANIFEST_KEY])
+    except ValueError:
+        return None
+
+
+def judge_train_reply(
+    reply: Message, exp: Expectation, node_regions: dict[int, str], out: RoundOutcome
+) -> None:
+    """Sort one train reply into accepted / rejected / refused / error."""
+    node = reply.metadata.src_node_id
+    region = node_regions.get(node, f"node-{node}")
+    if reply.has_error():
+        out.errors.append((region, f"{reply.error.code}: {reply.error.reason}"))
+        return
+    content = reply.content
+    manifest = _manifest(content)
+    if manifest is not None and manifest.region:
+        region = manifest.region
+        node_regions.setdefault(node, region)
+    if manifest is not None and manifest.refused_reason:
+        if content.array_records:
+            out.rejected.append((region, "refused manifest but arrays were sent"))
+        else:
+            out.refused.append((region, manifest.refused_reason))
+            out.epsilon_rows.append(_eps_row(exp.round_idx, region, manifest))
+        return
+    if set(content.array_records) != {wire.ARRAYS}:
+        out.rejected.append((region, f"expected one ArrayRecord {wire.ARRAYS!r}"))
+        return
+    try:
+        update = wire.record_to_arrays(content.array_records[wire.ARRAYS])
+    except Exception as e:  # hostile bytes must not crash the aggregator
+        out.rejected.append((region, f"undecodable arrays: {type(e).__name__}"))
+        return
+    weight = _num_examples(content)
+    reason = weight if isinstance(weight, str) else verify_update(update, manifest, exp)
+    if reason is not None:
+        out.rejected.append((region, reason))
+        return
+    assert manifest is not None and not isinstance(weight, str)
+    out.accepted.append((region, update, weight))
+    out.epsilon_rows.append(_eps_row(exp.round_idx, region, manifest))
+    train_metrics = content.metric_records[wire.METRICS]
+    for k, v in train_metrics.items():
+        if k != wire.NUM_EXAMPLES and isinstance(v, int | float) and np.isfinite(v):
+            out.metrics_rows.append((exp.round_idx, region, f"train_{k}", float(v)))
+
+
+def _eps_row(rnd: int, region: str, m: wire.UpdateManifest) -> tuple:
+    return (rnd, region, m.epsilon, m.epsilon_rdp, m.epsilon_budget, m.delta)
+
+
+def _messages(
+    nodes: list[int], kind: str, weights: Mapping[str, np.ndarray], cfg: dict, rnd: int
+) -> list[Message]:
+    msgs = []
+    for node in nodes:
+        content = RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(weights),
+                wire.CONFIG: ConfigRecord(dict(cfg)),
+            }
+        )
+        msgs.append(
+            Message(content=content, dst_node_id=node, message_type=kind, group_id=str(rnd))
+        )
+    return msgs
+
+
+def evaluate_round(
+    grid: Grid,
+    nodes: list[int],
+    weights: Mapping[str, np.ndarray],
+    cfg: dict,
+    rnd: int,
+    timeout: float,
+    node_regions: dict[int, str],
+) -> list[tuple[int, str, str, float]]:
+    """Per-region metrics of the global model on each region's held-out episodes."""
+    rows: list[tuple[int, str, str, float]] = []
+    replies = grid.send_and_receive(
+        _messages(nodes, MessageType.EVALUATE, weights, cfg, rnd), timeout=timeout
+    )
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            LOG.warning("round %d: evaluate error from node %s: %s", rnd, node, reply.error.reason)
+            continue
+        info = reply.content.config_records.get(wire.REGION)
+        region = str(info.get("name")) if info and info.get("name") else None
+        region = region or node_regions.get(node, f"node-{node}")
+        node_regions.setdefault(node, region)
+        if info and info.get("refused_reason"):
+            LOG.warning("round %d: %s refused evaluation: %s", rnd, region, info["refused_reason"])
+        metrics = reply.content.metric_records.get(wire.METRICS, {})
+        for k, v in metrics.items():
+            if k != wire.NUM_EXAMPLES and isinstance(v, int | float) and np.isfinite(v):
+                rows.append((rnd, region, k, float(v)))
+    return rows
+
+
+def _start_state(s: RunSettings, run_dir: Path) -> tuple[ck.Checkpoint, FedAvgMomentum]:
+    strategy = FedAvgMomentum(server_lr=s.server_lr, momentum=s.server_momentum)
+    prev = ck.load_checkpoint(run_dir)
+    if prev is not None and not s.resume:
+        raise RuntimeError(
+            f"{run_dir} already holds a checkpoint (round {prev.round}); "
+            "pass resume=true to continue it or choose a new run-dir"
+        )
+    if prev is not None:
+        strategy.load_state_dict(prev.strategy_state)
+        ck.truncate_after_round(run_dir, prev.round)
+        LOG.info("resuming run %s after round %d", prev.run_id, prev.round)
+        return prev, strategy
+    if s.resume:
+        LOG.warning("resume=true but %s has no checkpoint: starting a new run", run_dir)
+    run_id = s.run_id or uuid.uuid4().hex[:12]
+    return ck.Checkpoint(round=0, run_id=run_id, weights=initial_weights(s)), strategy
+
+
+def run_federation(grid: Grid, s: RunSettings, run_dir: Path) -> ck.Checkpoint:
+    """All rounds of one run; returns the final state (also on disk)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state, strategy = _start_state(s, run_dir)
+    node_regions: dict[int, str] = {
+        int(k): v for k, v in state.meta.get("node_regions", {}).items()
+    }
+    for rnd in range(state.round + 1, s.num_server_rounds + 1):
+        t0 = time.monotonic()
+        cfg = {**s.train_request(), "run-id": state.run_id, "round": rnd}
+        nodes = wait_for_nodes(grid, s.min_regions, s.node_wait_s)
+        out = RoundOutcome()
+        if len(nodes) >= s.min_regions:
+            exp = Expectation.from_weights(
+                state.weights, norm_bound=s.update_norm_bound, run_id=state.run_id, round_idx=rnd
+            )
+            replies = list(
+                grid.send_and_receive(
+                    _messages(nodes, MessageType.TRAIN, state.weights, cfg, rnd),
+                    timeout=s.round_timeout,
+                )
+            )
+            out.missing = len(nodes) - len(replies)
+            for reply in replies:
+                judge_train_reply(reply, exp, node_regions, out)
+        ok = len(out.accepted) >= s.min_regions
+        if ok:
+            state.weights = strategy.step(state.weights, [(u, w) for _, u, w in out.accepted])
+        for region, reason in out.rejected:
+            LOG.warning("round %d: REJECTED update from %s: %s", rnd, region, reason)
+            ck.append_jsonl(
+                run_dir / ck.REJECTED_JSONL,
+                {"round": rnd, "region": region, "reason": reason, "time": _now()},
+            )
+        for region, reason in out.refused:
+            LOG.warning("round %d: %s refused the round: %s", rnd, region, reason)
+        for region, reason in out.errors:
+            LOG.warning("round %d: %s replied with an error: %s", rnd, region, reason)
+        if not ok:
+            LOG.error(
+                "round %d FAILED: %d accepted update(s) from %d node(s), quorum is %d",
+                rnd,
+                len(out.accepted),
+                len(nodes),
+                s.min_regions,
+            )
+        eval_rows = (
+            evaluate_round(grid, nodes, state.weights, cfg, rnd, s.evaluate_timeout_s, node_regions)
+            if nodes
+            else []
+        )
+        ck.append_csv(run_dir / ck.METRICS_CSV, ck.METRICS_HEADER, out.metrics_rows + eval_rows)
+        ck.append_csv(run_dir / ck.EPSILON_CSV, ck.EPSILON_HEADER, out.epsilon_rows)
+        summary = {
+            "round": rnd,
+            "status": "ok" if ok else "failed",
+            "nodes": len(nodes),
+            "accepted": sorted(r for r, _, _ in out.accepted),
+            "rejected": sorted(r for r, _ in out.rejected),
+            "refused": sorted(r for r, _ in out.refused),
+            "errors": sorted(r for r, _ in out.errors),
+            "missing": out.missing,
+            "epsilon": {row[1]: row[2] for row in out.epsilon_rows},
+            "metrics": {f"{r}/{k}": v for _, r, k, v in eval_rows},
+            "seconds": round(time.monotonic() - t0, 3),
+            "time": _now(),
+        }
+        ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, summary)
+        state.round = rnd
+        state.strategy_state = strategy.state_dict()
+        state.meta = {"node_regions": {str(k): v for k, v in node_regions.items()}}
+        ck.save_checkpoint(run_dir, state)
+        LOG.info(
+            "round %d %s: accepted %s, rejected %s, refused %s, missing %d (%.1f s)",
+            rnd,
+            summary["status"],
+            summary["accepted"],
+            summary["rejected"],
+            summary["refused"],
+            out.missing,
+            summary["seconds"],
+        )
+    ck.save_global_model(run_dir, state.weights)
+    ck.plot_metric(run_dir, s.plot_metric)
+    return state
+
+
+def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is `defaults` overridden by the Flower run config.
+
+    `flwr run` passes `[tool.flwr.app.config]` (plus `--run-config`); in-process simulation
+    (`flwr.simulation.run_simulation`) passes an empty run config, so tests supply `defaults`.
+    """
+    server = ServerApp()
+    base = dict(defaults or {})
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        s = parse_settings({**base, **dict(context.run_config)})
+        run_dir = Path(s.run_dir) if s.run_dir else Path.cwd() / "runs" / f"flwr-{context.run_id}"
+        run_federation(grid, s, run_dir)
+
+    return server
+
+
+app = make_server_app()

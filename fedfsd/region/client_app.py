@@ -1,0 +1,402 @@
+"""The region's Flower ClientApp: one DP local round per train message, scoring on evaluate.
+
+Where the region's files are comes from the *node config*, which the region operator sets on
+its own SuperNode (`--node-config "region='eu' data-dir='…' policy='…' ledger='…'"`); nothing
+the aggregator sends can point the app at other files.
+
+Simulation mode (`flwr run .` on the local simulation engine, or `run_simulation` in tests) has
+only `partition-id` in the node config. Partition i then becomes a virtual region, configured by
+the *run config* of that local experiment:
+
+- `sim-data-root` set: its sub-directories, sorted by name, are regions; partition i uses the
+  i-th (modulo their number): `<dir>/data` (a dataset from `fedfsd data generate`),
+  `<dir>/policy.toml` and the ledger `<dir>/ledger.jsonl`.
+- otherwise a synthetic fleet (`fedfsd.data.testing.make_synthetic_frames`) named `sim<i>` with
+  `sim-vehicles` × `sim-frames` frames (test split: a second fleet from another seed), a policy
+  built from the `sim-*` keys below, and a ledger in `sim-ledger-dir` (default: the temp dir,
+  one sub-directory per fedfsd run id).
+
+Handlers never raise into Flower: any failure becomes a refusal reply (no arrays) whose reason is
+a short category; the details stay in the region's log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedfsd import wire
+from fedfsd.region.egress import guard_update, make_manifest, num_examples
+
+LOG = logging.getLogger("flwr.fedfsd.region")
+
+# Defaults of the synthetic simulation mode (overridable through the run config).
+SIM_DEFAULTS: dict[str, Any] = {
+    "sim-vehicles": 64,
+    "sim-frames": 20,
+    "sim-epsilon-budget": 10.0,
+    "sim-min-noise-multiplier": 0.5,
+    "sim-max-clip-norm": 1.0,
+    "sim-update-norm-bound": 5.0,
+    "sim-weighting": "equal",
+}
+
+
+class SetupError(RuntimeError):
+    """The node is not configured as a region (missing node config keys, missing files)."""
+
+
+@dataclass(frozen=True)
+class RegionSetup:
+    """Where one region's files are (or which synthetic fleet stands in for them)."""
+
+    data_dir: Path | None  # None: synthetic fleet
+    policy_path: Path | None  # None: policy from the sim-* run config keys
+    ledger_path: Path | None  # None until the run id is known (synthetic default)
+    region: str | None = None  # the operator's name for it; must match the policy
+    synthetic_seed: int | None = None
+    sim: tuple[tuple[str, Any], ...] = ()
+
+    def ledger_for(self, run_id: str) -> Path:
+        if self.ledger_path is not None:
+            return self.ledger_path
+        base = dict(self.sim).get("sim-ledger-dir") or Path(tempfile.gettempdir()) / (
+            "fedfsd-sim-ledgers"
+        )
+        return Path(str(base)) / run_id / f"{self.region}.jsonl"
+
+
+def resolve_setup(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RegionSetup:
+    """Production node config wins; `partition-id` alone means simulation."""
+    if "data-dir" in node_config or "policy" in node_config:
+        missing = [k for k in ("data-dir", "policy", "ledger") if not node_config.get(k)]
+        if missing:
+            raise SetupError(f"node config lacks {', '.join(missing)}")
+        return RegionSetup(
+            data_dir=Path(str(node_config["data-dir"])),
+            policy_path=Path(str(node_config["policy"])),
+            ledger_path=Path(str(node_config["ledger"])),
+            region=str(node_config["region"]) if node_config.get("region") else None,
+        )
+    if "partition-id" not in node_config:
+        raise SetupError("node config names no region (data-dir, policy, ledger)")
+    pid = int(node_config["partition-id"])
+    sim = {**SIM_DEFAULTS, **{k: v for k, v in run_config.items() if str(k).startswith("sim-")}}
+    root = sim.get("sim-data-root")
+    if root:
+        dirs = sorted(d for d in Path(str(root)).iterdir() if d.is_dir())
+        if not dirs:
+            raise SetupError(f"sim-data-root {root} has no region directories")
+        d = dirs[pid % len(dirs)]
+        return RegionSetup(
+            data_dir=d / "data",
+            policy_path=d / "policy.toml",
+            ledger_path=d / "ledger.jsonl",
+            region=d.name,
+        )
+    return RegionSetup(
+        data_dir=None,
+        policy_path=None,
+        ledger_path=Path(str(sim["sim-ledger-path"])) if sim.get("sim-ledger-path") else None,
+        region=f"sim{pid}",
+        synthetic_seed=pid,
+        sim=tuple(sorted(sim.items())),
+    )
+
+
+@dataclass
+class RegionDeps:
+    """The region-side components the handlers call (the real ones unless a test swaps one)."""
+
+    load_frames: Callable[[Path, str], Any]
+    load_policy: Callable[[Path], Any]
+    local_round: Callable[..., Any]
+
+
+def default_deps() -> RegionDeps:
+    """The real data loader, policy loader and DP local round (imported on first use)."""
+    from fedfsd.config import load_policy
+    from fedfsd.data.vehicles import load_vehicle_frames
+    from fedfsd.privacy.local_round import run_local_round
+
+    return RegionDeps(
+        load_frames=lambda p, split: load_vehicle_frames(p, split=split),
+        load_policy=load_policy,
+        local_round=run_local_round,
+    )
+
+
+class _Cache:
+    """Loaded datasets and policies, kept for the life of the process (one per path/split).
+
+    Policies are reloaded when the file's mtime changes, so an operator tightening the policy
+    takes effect at the next message without restarting the node.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._frames: dict[tuple, Any] = {}
+        self._policies: dict[tuple, Any] = {}
+
+    def frames(self, setup: RegionSetup, split: str, deps: RegionDeps) -> Any:
+        key = (str(setup.data_dir), setup.synthetic_seed, setup.sim, split)
+        with self._lock:
+            if key not in self._frames:
+                self._frames[key] = (
+                    deps.load_frames(setup.data_dir, split)
+                    if setup.data_dir is not None
+                    else _synthetic_frames(setup, split)
+                )
+            return self._frames[key]
+
+    def policy(self, setup: RegionSetup, deps: RegionDeps, n_vehicles: int) -> Any:
+        if setup.policy_path is None:
+            return _sim_policy(setup, n_vehicles)
+        key = (str(setup.policy_path), setup.policy_path.stat().st_mtime_ns)
+        with self._lock:
+            if key not in self._policies:
+                self._policies[key] = deps.load_policy(setup.policy_path)
+            return self._policies[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._frames.clear()
+            self._policies.clear()
+
+
+CACHE = _Cache()
+
+
+def _synthetic_frames(setup: RegionSetup, split: str) -> Any:
+    from fedfsd.data.testing import make_synthetic_frames
+
+    sim = dict(setup.sim)
+    seed = int(setup.synthetic_seed or 0) + (10_000 if split == "test" else 0)
+    return make_synthetic_frames(
+        int(sim["sim-vehicles"]), int(sim["sim-frames"]), seed, region=str(setup.region)
+    )
+
+
+def _sim_policy(setup: RegionSetup, n_vehicles: int) -> Any:
+    from fedfsd.config import KNOWN_METRICS, RegionPolicy
+
+    sim = dict(setup.sim)
+    return RegionPolicy(
+        region=str(setup.region),
+        epsilon_budget=float(sim["sim-epsilon-budget"]),
+        delta=min(1e-5, 0.1 / max(n_vehicles, 1)),
+        min_noise_multiplier=float(sim["sim-min-noise-multiplier"]),
+        max_clip_norm=float(sim["sim-max-clip-norm"]),
+        update_norm_bound=float(sim["sim-update-norm-bound"]),
+        allowed_metrics=list(KNOWN_METRICS),
+        weighting=str(sim["sim-weighting"]),
+    )
+
+
+def _request(cfg: Mapping[str, Any]) -> Any:
+    from fedfsd.config import TrainRequest
+
+    keys = {
+        "local-steps": "local_steps",
+        "lr": "lr",
+        "noise-multiplier": "noise_multiplier",
+        "clip-norm": "clip_norm",
+        "vehicles-per-step": "vehicles_per_step",
+        "frames-per-vehicle": "frames_per_vehicle",
+        "model": "model",
+    }
+    return TrainRequest(**{v: cfg[k] for k, v in keys.items() if k in cfg})
+
+
+def _refusal_category(exc: BaseException) -> str:
+    """A short reason that may cross the border (no paths, no rows, no vehicle ids)."""
+    name = type(exc).__name__
+    if name == "BudgetExceeded":
+        return str(exc)  # states only ε spent, projected and the budget
+    return {
+        "DatasetError": "dataset invalid",
+        "PolicyError": "policy invalid or does not fit the data",
+        "SetupError": "region not configured",
+        "LedgerError": "privacy ledger refused the release",
+        "EgressError": "egress guard refused the update",
+        "ValidationError": "bad train request",
+        "KeyError": "bad train request",
+    }.get(name, f"internal error ({name})")
+
+
+def _ledger_epsilon(ledger_path: Path, delta: float) -> float:
+    """ε already spent by this fleet (0 when no ledger yet); used in refusals."""
+    try:
+        from fedfsd.privacy.ledger import Ledger
+
+        if not ledger_path.exists():
+            return 0.0
+        return float(Ledger(ledger_path).epsilon(delta, accountant="prv"))
+    except Exception:  # a refusal must still go out
+        return float("nan")
+
+
+def _reply(message: Message, records: dict[str, Any]) -> Message:
+    return Message(RecordDict(records), reply_to=message)
+
+
+def _refuse_train(
+    message: Message, region: str, run_id: str, rnd: int, reason: str, policy: Any, eps: float
+) -> Message:
+    manifest = make_manifest(
+        region=region,
+        run_id=run_id,
+        round_idx=rnd,
+        refused_reason=reason,
+        update_norm_bound=float(getattr(policy, "update_norm_bound", 0.0)),
+        epsilon=eps if math.isfinite(eps) else 0.0,
+        epsilon_budget=float(getattr(policy, "epsilon_budget", 0.0)),
+        delta=float(getattr(policy, "delta", 0.0)),
+    )
+    return _reply(
+        message,
+        {
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0}),
+            wire.MANIFEST: ConfigRecord({wire.MANIFEST_KEY: manifest.SerializeToString()}),
+        },
+    )
+
+
+def handle_train(
+    message: Message, context: Context, deps: RegionDeps, run_config: Mapping[str, Any]
+) -> Message:
+    """One DP local round, then the egress guard; a refusal on any failure (never raises)."""
+    cfg = message.content.config_records.get(wire.CONFIG, ConfigRecord())
+    run_id, rnd = str(cfg.get("run-id", "")), int(cfg.get("round", 0) or 0)
+    region, policy, ledger = "unknown", None, None
+    try:
+        setup = resolve_setup(context.node_config, run_config)
+        region = setup.region or region
+        if not run_id or rnd < 1:
+            raise KeyError("run-id/round")
+        frames = CACHE.frames(setup, "train", deps)
+        policy = CACHE.policy(setup, deps, frames.n_vehicles)
+        region = policy.region
+        if setup.region and setup.region != policy.region and setup.data_dir is not None:
+            from fedfsd.config import PolicyError
+
+            raise PolicyError(f"node config region {setup.region!r} != policy {policy.region!r}")
+        ledger = setup.ledger_for(run_id)
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        received = wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
+        request = _request(cfg)
+        res = deps.local_round(
+            frames, policy, ledger, received, request, run_id, rnd, request.model
+        )
+        release = guard_update(received, res.new_weights, policy.update_norm_bound)
+    except Exception as e:
+        LOG.warning("region %s refused round %s of run %s: %r", region, rnd, run_id, e)
+        if type(e).__name__ == "BudgetExceeded":
+            eps = float(getattr(e, "spent", 0.0))
+        else:
+            eps = _ledger_epsilon(ledger, policy.delta) if ledger and policy else 0.0
+        return _refuse_train(message, region, run_id, rnd, _refusal_category(e), policy, eps)
+    if release.clipped:
+        LOG.info("egress clipped the update of round %d from %.4g", rnd, release.raw_norm)
+    manifest = make_manifest(
+        region=policy.region,
+        run_id=run_id,
+        round_idx=rnd,
+        release=release,
+        update_norm_bound=policy.update_norm_bound,
+        epsilon=res.epsilon,
+        epsilon_rdp=res.epsilon_rdp,
+        epsilon_budget=res.budget,
+        delta=policy.delta,
+        steps=res.steps,
+    )
+    metrics: dict[str, float | int] = {
+        wire.NUM_EXAMPLES: num_examples(policy.weighting, frames.n_vehicles)
+    }
+    if "loss" in policy.allowed_metrics and math.isfinite(res.train_loss):
+        metrics["loss"] = float(res.train_loss)
+    return _reply(
+        message,
+        {
+            wire.ARRAYS: wire.arrays_to_record(release.arrays),
+            wire.METRICS: MetricRecord(metrics),
+            wire.MANIFEST: ConfigRecord({wire.MANIFEST_KEY: manifest.SerializeToString()}),
+        },
+    )
+
+
+def handle_evaluate(
+    message: Message, context: Context, deps: RegionDeps, run_config: Mapping[str, Any]
+) -> Message:
+    """Score the received global model on the held-out episodes; send allowed metrics only."""
+    from fedfsd.region.evaluation import evaluate_weights
+
+    cfg = message.content.config_records.get(wire.CONFIG, ConfigRecord())
+    region = "unknown"
+    try:
+        setup = resolve_setup(context.node_config, run_config)
+        region = setup.region or region
+        train = CACHE.frames(setup, "train", deps)
+        policy = CACHE.policy(setup, deps, train.n_vehicles)
+        region = policy.region
+        test = CACHE.frames(setup, "test", deps)
+        weights = wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
+        scores = evaluate_weights(test, weights, str(cfg.get("model", "mlp")))
+    except Exception as e:
+        LOG.warning("region %s refused evaluation: %r", region, e)
+        return _reply(
+            message,
+            {
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0}),
+                wire.REGION: ConfigRecord({"name": region, "refused_reason": _refusal_category(e)}),
+            },
+        )
+    metrics: dict[str, float | int] = {
+        k: float(v) for k, v in scores.items() if k in policy.allowed_metrics and np.isfinite(v)
+    }
+    metrics[wire.NUM_EXAMPLES] = num_examples(policy.weighting, train.n_vehicles)
+    return _reply(
+        message,
+        {wire.METRICS: MetricRecord(metrics), wire.REGION: ConfigRecord({"name": region})},
+    )
+
+
+def make_client_app(
+    run_config_defaults: Mapping[str, Any] | None = None, deps: RegionDeps | None = None
+) -> ClientApp:
+    """A ClientApp; `run_config_defaults` fill run-config keys Flower did not set (simulation)."""
+    client = ClientApp()
+    base = dict(run_config_defaults or {})
+    resolved: list[RegionDeps] = [deps] if deps else []
+
+    def _deps() -> RegionDeps:
+        if not resolved:
+            resolved.append(default_deps())
+        return resolved[0]
+
+    def _cfg(context: Context) -> dict[str, Any]:
+        # Flower forbids changing context.run_config, so the merged view is passed alongside.
+        return {**base, **dict(context.run_config)}
+
+    @client.train()
+    def train(message: Message, context: Context) -> Message:
+        return handle_train(message, context, _deps(), _cfg(context))
+
+    @client.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        return handle_evaluate(message, context, _deps(), _cfg(context))
+
+    return client
+
+
+app = make_client_app()

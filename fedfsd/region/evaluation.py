@@ -1,0 +1,68 @@
+"""Scores a model on a region's held-out episodes, inside the region.
+
+Only aggregate numbers come out (and the ClientApp sends only those the policy allows):
+- loss: the training objective, mean squared error of scaled labels (fedfsd.privacy.objective);
+- ade: mean over the 1/2/3 s horizons of the Euclidean (dx, dy) error, metres;
+- fde: the Euclidean error at the last horizon (3 s), metres;
+- accel_mae: mean absolute acceleration error, m/s².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+BATCH = 8192
+
+
+def _label_layout(n_labels: int) -> tuple[list[tuple[int, int]], int]:
+    """(dx, dy) column pairs per horizon and the accel column, from fedfsd.data.features."""
+    from fedfsd.data.features import HORIZONS_S, LABEL_NAMES
+
+    if n_labels != len(LABEL_NAMES):
+        raise ValueError(f"dataset has {n_labels} labels, expected {len(LABEL_NAMES)}")
+    col = {name: i for i, name in enumerate(LABEL_NAMES)}
+    pairs = [(col[f"dx_{h}s"], col[f"dy_{h}s"]) for h in HORIZONS_S]
+    return pairs, col["accel"]
+
+
+def score_predictions(pred: np.ndarray, y: np.ndarray, scales: np.ndarray) -> dict[str, float]:
+    """Metrics from physical-unit predictions and labels, both [N, L]."""
+    pairs, acc = _label_layout(y.shape[1])
+    pred64, y64 = pred.astype(np.float64), y.astype(np.float64)
+    loss = float(np.mean(((pred64 - y64) / scales) ** 2)) if len(y) else float("nan")
+    dists = np.stack(
+        [np.hypot(pred64[:, i] - y64[:, i], pred64[:, j] - y64[:, j]) for i, j in pairs], axis=1
+    )
+    return {
+        "loss": loss,
+        "ade": float(dists.mean()) if len(y) else float("nan"),
+        "fde": float(dists[:, -1].mean()) if len(y) else float("nan"),
+        "accel_mae": float(np.abs(pred64[:, acc] - y64[:, acc]).mean()) if len(y) else float("nan"),
+    }
+
+
+def evaluate_weights(
+    frames: Any, weights: Mapping[str, np.ndarray], model_name: str
+) -> dict[str, float]:
+    """Load `weights` into a fresh `model_name` model and score it on every frame of `frames`."""
+    import torch
+
+    from fedfsd.data.features import LABEL_SCALES
+    from fedfsd.models import build_model, set_weights
+    from fedfsd.privacy.objective import predict_physical
+
+    bev = model_name == "bev_cnn"
+    kw = {"in_channels": int(frames.bev.shape[1])} if bev and frames.bev is not None else {}
+    model = build_model(model_name, frames.features.shape[1], frames.labels.shape[1], **kw)
+    set_weights(model, dict(weights))
+    model.eval()
+    x, y = frames.all_frames("bev" if bev else "objects")
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(x), BATCH):
+            preds.append(predict_physical(model, torch.from_numpy(np.asarray(x[i : i + BATCH]))))
+    pred = torch.cat(preds).numpy() if preds else np.zeros_like(y)
+    return score_predictions(pred, y, np.asarray(LABEL_SCALES, dtype=np.float64))

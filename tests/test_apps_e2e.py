@@ -1,0 +1,131 @@
+"""End to end in Flower's in-process simulation: real ServerApp, real region ClientApps.
+
+4 virtual regions (2 honest, 1 tampering, 1 over budget); the aggregator is restarted with
+resume twice, once after a crash that lost the round-4 checkpoint, and round 5 cannot meet its
+quorum (see tests/apps/tampering_apps.py, make_crash_resume_server_app).
+A simulation starts Ray and a torch import per worker (15 s idle, minutes on a loaded 2-core
+box), so everything is checked in one simulation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+APPS = Path(__file__).resolve().parent / "apps"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cfg: dict, snapshot: Path, sim: dict, n: int) -> None:
+    from flwr.simulation import run_simulation
+    from tampering_apps import make_crash_resume_server_app, make_test_client_app
+
+    run_simulation(
+        server_app=make_crash_resume_server_app(cfg, str(snapshot)),
+        client_app=make_test_client_app(sim),
+        num_supernodes=n,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+
+
+def _ledger_releases(path: Path) -> list[dict]:
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r for r in lines if r.get("kind") == "release"]
+
+
+def test_federation_rejects_bad_updates_refuses_over_budget_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    # Ray workers must import the test ClientApp module by name.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(APPS), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(APPS))
+    run_dir, ledgers = tmp_path / "run", tmp_path / "ledgers"
+    sim = {"sim-vehicles": 40, "sim-frames": 8, "sim-ledger-dir": str(ledgers)}
+    cfg = {
+        "num-server-rounds": 4,
+        "local-steps": 2,
+        "vehicles-per-step": 4,
+        "frames-per-vehicle": 4,
+        "noise-multiplier": 1.0,
+        "clip-norm": 1.0,
+        "lr": 0.1,
+        "min-regions": 2,
+        "round-timeout": 120.0,
+        "update-norm-bound": 5.0,
+        "server-momentum": 0.5,
+        "run-dir": str(run_dir),
+        "run-id": "e2e-run",
+    }
+    snap = tmp_path / "after-round-4"
+    _run(cfg, snap, sim, 4)
+
+    from tampering_apps import EXPECTED_REASON
+
+    from fedfsd.aggregator.checkpoint import load_checkpoint, read_csv
+    from fedfsd.aggregator.server_app import initial_weights
+    from fedfsd.aggregator.settings import parse_settings
+
+    rounds = [json.loads(x) for x in (snap / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    for r in rounds:
+        assert r["status"] == "ok", r
+        assert r["accepted"] == ["sim0", "sim1"], r
+        assert r["rejected"] == ["sim2"], r
+        assert r["refused"] == ["sim3"], r
+
+    # Every tampered update was rejected with the right reason and logged; never aggregated.
+    rejected = [json.loads(x) for x in (run_dir / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["region"]) for r in rejected] == [(i, "sim2") for i in (1, 2, 3, 4, 5)]
+    for r in rejected:
+        assert EXPECTED_REASON[r["round"]] in r["reason"], r
+
+    # The over-budget region never released anything: no ledger spend, no arrays accepted.
+    assert not (ledgers / "e2e-run" / "sim3.jsonl").exists() or not _ledger_releases(
+        ledgers / "e2e-run" / "sim3.jsonl"
+    )
+
+    # The model moved, checkpoints and metrics are there, ε grows per region.
+    ckpt = load_checkpoint(snap)
+    assert ckpt.round == 4 and ckpt.run_id == "e2e-run"
+    init = initial_weights(parse_settings(cfg))
+    assert any(not np.array_equal(init[k], ckpt.weights[k]) for k in init)
+    assert all(np.all(np.isfinite(v)) for v in ckpt.weights.values())
+    assert (snap / "global_model.npz").exists() and (snap / "metrics.png").exists()
+    metrics = read_csv(snap / "metrics.csv")
+    assert {(m["region"], m["metric"]) for m in metrics if m["round"] == "4"} >= {
+        ("sim0", "loss"),
+        ("sim1", "ade"),
+        ("sim3", "fde"),
+        ("sim0", "train_loss"),
+    }
+    eps = [e for e in read_csv(snap / "epsilon.csv") if e["region"] == "sim0"]
+    assert [int(e["round"]) for e in eps] == [1, 2, 3, 4]
+    assert all(
+        float(b["epsilon"]) > float(a["epsilon"]) > 0
+        for a, b in zip(eps[:-1], eps[1:], strict=True)
+    )
+
+    # After the crash, round 4 ran again: the regions returned their cached releases (no new
+    # spend), the logs of the lost round were replaced, not duplicated, and the recomputed
+    # global model is bit-identical. Round 5 missed its quorum of 3 and left the model as is.
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    assert rounds[3]["status"] == "ok"
+    assert rounds[-1]["status"] == "failed" and rounds[-1]["accepted"] == ["sim0", "sim1"]
+    after = load_checkpoint(run_dir)
+    assert after.round == 5 and after.run_id == "e2e-run"
+    for k in ckpt.weights:
+        np.testing.assert_array_equal(after.weights[k], ckpt.weights[k])
+    releases = _ledger_releases(ledgers / "e2e-run" / "sim0.jsonl")
+    assert [r["round"] for r in releases] == [1, 2, 3, 4, 5]  # no round spent twice
+    assert "digest mismatch" in rejected[-1]["reason"]
+    eps = [int(e["round"]) for e in read_csv(run_dir / "epsilon.csv") if e["region"] == "sim0"]
+    assert eps == [1, 2, 3, 4, 5]
