@@ -13,8 +13,8 @@ the *run config* of that local experiment:
   `<dir>/policy.toml` and the ledger `<dir>/ledger.jsonl`.
 - otherwise a synthetic fleet (`fedfsd.data.testing.make_synthetic_frames`) named `sim<i>` with
   `sim-vehicles` × `sim-frames` frames (test split: a second fleet from another seed), a policy
-  built from the `sim-*` keys below, and a ledger in `sim-ledger-dir` (default: the temp dir,
-  one sub-directory per fedfsd run id).
+  built from the `sim-*` keys (SIM_DEFAULTS; `sim-allowed-metrics` is comma-separated), and
+  a ledger in `sim-ledger-dir` (default: the temp dir, one sub-directory per fedfsd run id).
 
 Handlers never raise into Flower: any failure becomes a refusal reply (no arrays) whose reason is
 a short category; the details stay in the region's log.
@@ -49,6 +49,7 @@ SIM_DEFAULTS: dict[str, Any] = {
     "sim-max-clip-norm": 1.0,
     "sim-update-norm-bound": 5.0,
     "sim-weighting": "equal",
+    "sim-allowed-metrics": "loss,ade,fde,accel_mae",
 }
 
 
@@ -188,9 +189,10 @@ def _synthetic_frames(setup: RegionSetup, split: str) -> Any:
 
 
 def _sim_policy(setup: RegionSetup, n_vehicles: int) -> Any:
-    from fedfsd.config import KNOWN_METRICS, RegionPolicy
+    from fedfsd.config import RegionPolicy
 
     sim = dict(setup.sim)
+    allowed = [m.strip() for m in str(sim["sim-allowed-metrics"]).split(",") if m.strip()]
     return RegionPolicy(
         region=str(setup.region),
         epsilon_budget=float(sim["sim-epsilon-budget"]),
@@ -198,7 +200,7 @@ def _sim_policy(setup: RegionSetup, n_vehicles: int) -> Any:
         min_noise_multiplier=float(sim["sim-min-noise-multiplier"]),
         max_clip_norm=float(sim["sim-max-clip-norm"]),
         update_norm_bound=float(sim["sim-update-norm-bound"]),
-        allowed_metrics=list(KNOWN_METRICS),
+        allowed_metrics=allowed,
         weighting=str(sim["sim-weighting"]),
     )
 
