@@ -26,7 +26,7 @@ POLICY = dict(
 
 
 def real_ledgers(root: Path) -> dict[str, Path]:
-    """eu: run-1 rounds 1-2 then run-2 round 1; cn: run-1 round 1 (σ 1.2). Built once."""
+    """eu: run-1 round 1 then run-2 round 1; cn: run-1 round 1 (σ 1.2). Built once."""
     if "real" in _CACHE:
         return _CACHE["real"]
     from fedfsd.config import RegionPolicy, TrainRequest
@@ -35,7 +35,7 @@ def real_ledgers(root: Path) -> dict[str, Path]:
     from fedfsd.privacy.local_round import run_local_round
 
     out: dict[str, Path] = {}
-    plan = {"eu": [("run-1", 1), ("run-1", 2), ("run-2", 1)], "cn": [("run-1", 1)]}
+    plan = {"eu": [("run-1", 1), ("run-2", 1)], "cn": [("run-1", 1)]}
     for i, (region, rounds) in enumerate(plan.items()):
         frames = make_synthetic_frames(40, 6, seed=i + 1, region=region)
         policy = RegionPolicy(region=region, **POLICY)
