@@ -144,6 +144,7 @@ class RegionExecutor:
 
         sender = HeartbeatSender(heartbeat)
         sender.start()
+        started = time.monotonic()
         record: dict[str, Any] = {"time": time.time()}
         context = None
         sub_status, details = SubStatus.FAILED, "fedfsd executor: task failed"
@@ -188,6 +189,7 @@ class RegionExecutor:
             with contextlib.suppress(Exception):
                 client.close()
         self.handled += 1
+        record["seconds"] = round(time.monotonic() - started, 3)
         self._record(record)
         return record
 
