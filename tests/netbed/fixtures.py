@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +40,29 @@ def netbed(tmp_path) -> Iterator[NetBed]:
         yield bed
     finally:
         bed.down()
+
+
+DATA_CACHE = Path(tempfile.gettempdir()) / "fedfsd-netbed-data"
+REGION_SEEDS = {"eu": 5, "us": 6, "cn": 7, "jp": 8}
+
+
+def cached_region_data(region: str) -> Path:
+    """A tiny simulated dataset for `region`, generated once and reused while it validates."""
+    from fedfsd.data.validate import DatasetError, validate_dataset
+
+    from .fleetdata import make_region_data
+
+    out = DATA_CACHE / f"{region}-v4-e2-s{REGION_SEEDS[region]}"
+    if (out / "manifest.json").exists():
+        try:
+            validate_dataset(out)
+            return out
+        except DatasetError:
+            pass
+    return make_region_data(region, out, seed=REGION_SEEDS[region])
+
+
+@pytest.fixture(scope="session")
+def fleet_data() -> dict[str, Path]:
+    """Read-only tiny datasets per region (copy before changing them)."""
+    return {r: cached_region_data(r) for r in REGION_SEEDS}
