@@ -1,7 +1,164 @@
-"""`fedfsd aggregator ...` commands."""
+"""`fedfsd aggregator ...`: the global side's SuperLink and federation runs.
+
+Heavy imports (flwr, cryptography) happen inside the commands so `fedfsd --help` stays fast.
+"""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+_DIR_HELP = "Aggregator state directory (PKI, Flower connection, state database, runs)."
+
+
+@app.command("start")
+def start(
+    dir: Path = typer.Option(Path(".fedfsd/aggregator"), "--dir", help=_DIR_HELP),
+    fleet_address: str = typer.Option(
+        "0.0.0.0:9092", help="Fleet API (gRPC) address: the ONLY port regions dial."
+    ),
+    control_port: int = typer.Option(
+        8000, help="Control/Runtime API port (HTTPS, bound to 127.0.0.1: admin side only)."
+    ),
+    san: list[str] = typer.Option(
+        [], "--san", help="Extra DNS name/IP regions dial, for the server certificate."
+    ),
+    ca: Path = typer.Option(None, help="Bring your own CA certificate (else a throwaway PKI)."),
+    cert: Path = typer.Option(None, help="Server certificate (with --ca and --key)."),
+    key: Path = typer.Option(None, help="Server private key (with --ca and --cert)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Development only: no TLS/auth."),
+) -> None:
+    """Start the SuperLink with TLS and SuperNode authentication; stays up until Ctrl-C."""
+    from fedfsd.deploy import pki
+    from fedfsd.deploy.admin import (
+        DEV_WARNING,
+        AggregatorDir,
+        block_until_interrupted,
+        fail,
+        need_file,
+        parse_host_port,
+        warn,
+    )
+    from fedfsd.deploy.control import write_connection_config
+    from fedfsd.deploy.federation import superlink_argv
+    from fedfsd.deploy.processes import ProcessError, ProcessGroup, flower_env, wait_for_port
+
+    d = AggregatorDir(dir.resolve())
+    fleet_host, fleet_port = parse_host_port(fleet_address, "--fleet-address")
+    server = None
+    if insecure:
+        warn(DEV_WARNING)
+    elif ca or cert or key:
+        server = pki.ServerPKI(
+            ca_cert=need_file(ca, "--ca"),
+            ca_key=Path("/nonexistent"),
+            server_cert=need_file(cert, "--cert"),
+            server_key=need_file(key, "--key"),
+        )
+    elif (d.pki / "server.pem").is_file():
+        server = pki.ServerPKI(
+            d.pki / "ca.crt", d.pki / "ca.key", d.pki / "server.pem", d.pki / "server.key"
+        )
+    else:
+        server = pki.create_server_pki(d.pki, list(san))
+    if server is not None and san:
+        have = set(pki.server_sans(server.server_cert))
+        if missing := [s for s in san if s not in have]:
+            fail(f"server certificate lacks SANs {missing}; delete {d.pki} to re-create it")
+    d.runs.mkdir(parents=True, exist_ok=True)
+    control = f"127.0.0.1:{control_port}"
+    write_connection_config(d.flwr_home, control, server.ca_cert if server else None)
+    argv = superlink_argv(fleet_address, "127.0.0.1", control_port, d.database, server)
+    group = ProcessGroup(d.logs)
+    try:
+        proc = group.start("superlink", argv, env=flower_env())
+        probe = "127.0.0.1" if fleet_host in ("0.0.0.0", "::") else fleet_host
+        wait_for_port(probe, fleet_port, 60, proc)
+        wait_for_port("127.0.0.1", control_port, 60, proc)
+    except ProcessError as err:
+        group.stop_all()
+        fail(str(err).splitlines()[0])
+    typer.echo(f"SuperLink up: Fleet API (gRPC{'' if insecure else '+TLS'}) {fleet_address}")
+    typer.echo(f"Control API {control} (loopback only); logs {d.logs}")
+    if server is not None:
+        typer.echo(f"CA for regions: {server.ca_cert}")
+        typer.echo(f"register regions: fedfsd region register PUBKEY --dir {d.root}")
+    code = block_until_interrupted([proc], "the SuperLink")
+    group.stop_all()
+    raise typer.Exit(code)
+
+
+@app.command("run")
+def run(
+    dir: Path = typer.Option(Path(".fedfsd/aggregator"), "--dir", help=_DIR_HELP),
+    rounds: int = typer.Option(3, min=1, help="Federated rounds."),
+    min_regions: int = typer.Option(2, min=1, help="Quorum: accepted updates per round."),
+    round_timeout: float = typer.Option(120.0, min=1, help="Seconds to wait for replies."),
+    node_wait: float = typer.Option(60.0, min=1, help="Seconds to wait for regions to connect."),
+    local_steps: int = typer.Option(20, min=1, help="Local DP steps asked per round."),
+    lr: float = typer.Option(0.05, min=0, help="Learning rate asked."),
+    noise_multiplier: float = typer.Option(1.0, min=0, help="σ asked (policies may raise it)."),
+    clip_norm: float = typer.Option(1.0, min=0, help="C asked (policies may lower it)."),
+    vehicles_per_step: int = typer.Option(16, min=1, help="Expected vehicles per step asked."),
+    frames_per_vehicle: int = typer.Option(8, min=1, help="Frames per vehicle per step."),
+    model: str = typer.Option("mlp", help="Model: mlp | bev_cnn."),
+    server_momentum: float = typer.Option(0.0, min=0, max=0.999, help="0 = plain FedAvg."),
+    update_norm_bound: float = typer.Option(5.0, min=0, help="Aggregator's L2 bound check."),
+    run_dir: Path = typer.Option(None, help="Checkpoints/metrics (default: DIR/runs/<time>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR's last checkpoint."),
+    app_dir: Path = typer.Option(None, "--app", help="Flower app dir (default: packaged app)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the run to finish."),
+    timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
+) -> None:
+    """Start a federation run on the running SuperLink (`flwr run` underneath)."""
+    from fedfsd.deploy.admin import AggregatorDir, fail
+    from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
+    from fedfsd.deploy.control import ControlClient, RunFailed
+
+    d = AggregatorDir(dir.resolve())
+    d.require_started()
+    if resume and run_dir is None:
+        fail("--resume needs the --run-dir of the interrupted run")
+    if run_dir is None:
+        run_dir = d.runs / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = run_dir.resolve()
+    if resume and not run_dir.is_dir():
+        fail(f"--resume: {run_dir} does not exist")
+    app_path = (app_dir or PACKAGED_APP_DIR).resolve()
+    if not (app_path / "pyproject.toml").is_file():
+        fail(f"--app: {app_path} has no pyproject.toml")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "num-server-rounds": rounds,
+        "min-regions": min_regions,
+        "round-timeout": round_timeout,
+        "node-wait": node_wait,
+        "evaluate-timeout": round_timeout,
+        "local-steps": local_steps,
+        "lr": lr,
+        "noise-multiplier": noise_multiplier,
+        "clip-norm": clip_norm,
+        "vehicles-per-step": vehicles_per_step,
+        "frames-per-vehicle": frames_per_vehicle,
+        "model": model,
+        "server-momentum": server_momentum,
+        "update-norm-bound": update_norm_bound,
+        "run-dir": str(run_dir),
+        "resume": resume,
+    }
+    control = ControlClient(d.flwr_home, d.root)
+    try:
+        run_id = control.start_run(cfg, app_path)
+        typer.echo(f"started run {run_id}; run dir {run_dir}")
+        if not wait:
+            return
+        status = control.wait_run(run_id, timeout, poll=2.0)
+    except RunFailed as err:
+        fail(str(err).splitlines()[0] if str(err) else "run failed")
+    if status != "finished:completed":
+        fail(f"run {run_id} ended {status}; see {d.logs} and {run_dir}", code=1)
+    typer.secho(f"run {run_id} {status}; results in {run_dir}", fg=typer.colors.GREEN)

@@ -11,31 +11,30 @@ SuperNode (local to the region, polled by the region's own executor).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from fedfsd.deploy import pki
 from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
+from fedfsd.deploy.control import (  # noqa: F401  (errors re-exported for callers)
+    ControlClient,
+    ControlError,
+    RunFailed,
+    write_connection_config,
+)
 from fedfsd.deploy.processes import (
     ManagedProcess,
-    ProcessError,
     ProcessGroup,
     bin_path,
-    flower_env,
     free_ports,
     port_open,
     wait_for_port,
     wait_until,
 )
 
-CONNECTION_NAME = "fedfsd"
 STARTUP_TIMEOUT = 60.0
 
 
@@ -49,10 +48,6 @@ class RegionSpec:
     clientapp: str = "fedfsd.region.client_app:app"
     app_path: str | Path | None = None  # prepended to the executor's sys.path (test apps)
     node_config: dict[str, Any] = field(default_factory=dict)  # extra node-config entries
-
-
-class RunFailed(RuntimeError):
-    """A federation run ended in a state other than finished:completed, or timed out."""
 
 
 def node_config_arg(values: dict[str, Any]) -> str:
@@ -69,14 +64,6 @@ def node_config_arg(values: dict[str, Any]) -> str:
                 raise ValueError(f"node-config value for {key!r} may not contain spaces or quotes")
             parts.append(f'{key}="{text}"')
     return " ".join(parts)
-
-
-def _json_from_output(text: str) -> Any:
-    """The JSON document `flwr ... --format json` printed (it may be preceded by other lines)."""
-    start = text.find("{")
-    if start < 0:
-        raise ValueError(f"no JSON in flwr output: {text[-500:]}")
-    return json.loads(text[start:])
 
 
 class LocalFederation:
@@ -102,7 +89,9 @@ class LocalFederation:
         self.logs = self.run_dir / "logs"
         self.flwr_home = self.run_dir / "flwr_home"
         self.group = ProcessGroup(self.logs)
-        self.env = flower_env({"FLWR_HOME": str(self.flwr_home)})
+        self.control = ControlClient(self.flwr_home, self.run_dir)
+        self.env = self.control.env
+        self.last_status = ""
         self.server: pki.ServerPKI | None = None
         self.node_keys: dict[str, pki.NodeKeys] = {}
         self.node_ids: dict[str, int] = {}
@@ -152,43 +141,18 @@ class LocalFederation:
         return f"{self.host}:{self.control_port}"
 
     def _write_flwr_config(self) -> None:
-        conn: dict[str, Any] = {"address": self.control_address}
-        if self.tls:
-            assert self.server is not None
-            conn["root-certificates"] = str(self.server.ca_cert)
-        else:
-            conn["insecure"] = True
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        doc = {"superlink": {"default": CONNECTION_NAME, CONNECTION_NAME: conn}}
-        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(doc))
+        write_connection_config(
+            self.flwr_home, self.control_address, self.server.ca_cert if self.server else None
+        )
 
     def superlink_argv(self) -> list[str]:
-        argv = [
-            bin_path("flower-superlink"),
-            "--fleet-api-address",
-            self.fleet_address,
-            "--host",
-            self.host,
-            "--port",
-            str(self.control_port),
-            "--database",
-            str(self.run_dir / "superlink-state.db"),
-            "--disable-runtime-dependency-installation",
-        ]
-        if self.tls:
-            assert self.server is not None
-            argv += [
-                "--ssl-ca-certfile",
-                str(self.server.ca_cert),
-                "--ssl-certfile",
-                str(self.server.server_cert),
-                "--ssl-keyfile",
-                str(self.server.server_key),
-                "--enable-supernode-auth",
-            ]
-        else:
-            argv.append("--insecure")
-        return argv
+        return superlink_argv(
+            fleet_address=self.fleet_address,
+            control_host=self.host,
+            control_port=self.control_port,
+            database=self.run_dir / "superlink-state.db",
+            server=self.server if self.tls else None,
+        )
 
     def start_superlink(self) -> ManagedProcess:
         proc = self.group.start("superlink", self.superlink_argv(), env=self.env)
@@ -207,27 +171,11 @@ class LocalFederation:
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run the `flwr` CLI against this federation's private FLWR_HOME."""
-        return subprocess.run(
-            [bin_path("flwr"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.run_dir,
-        )
+        return self.control.flwr(*args, timeout=timeout)
 
     def register(self, public_key: Path) -> int:
         """`flwr supernode register`: allow this region key on the SuperLink; node id."""
-        res = self.flwr(
-            "supernode", "register", str(public_key), CONNECTION_NAME, "--format", "json"
-        )
-        try:
-            doc = _json_from_output(res.stdout)
-        except ValueError as err:
-            raise ProcessError(f"register failed: {res.stdout}{res.stderr}") from err
-        if not doc.get("success"):
-            raise ProcessError(f"register failed: {doc}")
-        return int(doc["node-id"])
+        return self.control.register(public_key)
 
     # -- regions ---------------------------------------------------------------------------------
     def region_dir(self, name: str) -> Path:
@@ -311,39 +259,15 @@ class LocalFederation:
     # -- runs ------------------------------------------------------------------------------------
     def start_run(self, run_config: dict[str, Any], app_dir: str | Path | None = None) -> int:
         """`flwr run` the app (default: the packaged app) with run-config overrides; run id."""
-        overrides = self.run_dir / f"run-config-{time.time_ns()}.toml"
-        overrides.write_text(tomli_w.dumps(run_config))
-        app = Path(app_dir).resolve() if app_dir else self.app_dir
-        res = self.flwr(
-            "run", str(app), CONNECTION_NAME, "--run-config", str(overrides), "--format", "json"
-        )
-        try:
-            doc = _json_from_output(res.stdout)
-        except ValueError as err:
-            raise RunFailed(f"flwr run failed: {res.stdout}{res.stderr}") from err
-        if not doc.get("success"):
-            raise RunFailed(f"flwr run failed: {doc}")
-        return int(doc["run-id"])
+        return self.control.start_run(run_config, Path(app_dir) if app_dir else self.app_dir)
 
     def run_status(self, run_id: int) -> str:
         """Status text of a run as `flwr ls` reports it, e.g. 'finished:completed'."""
-        res = self.flwr("ls", CONNECTION_NAME, "--run-id", str(run_id), "--format", "json")
-        doc = _json_from_output(res.stdout)
-        runs = doc.get("runs", [])
-        if not runs:
-            raise RunFailed(f"run {run_id} not listed: {doc}")
-        return str(runs[0]["status"])
+        return self.control.run_status(run_id)
 
     def wait_run(self, run_id: int, timeout: float, poll: float = 1.0) -> str:
         """Wait until the run is finished; return its status text (raise RunFailed on timeout)."""
-        deadline = time.monotonic() + timeout
-        status = "unknown"
-        while time.monotonic() < deadline:
-            status = self.run_status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(poll)
-        raise RunFailed(f"run {run_id} still {status!r} after {timeout:.0f}s")
+        return self.control.wait_run(run_id, timeout, poll)
 
     def run(
         self,
@@ -359,6 +283,42 @@ class LocalFederation:
         if check and status != "finished:completed":
             raise RunFailed(f"run {run_id} ended {status!r}; logs in {self.logs}")
         return run_id
+
+
+def superlink_argv(
+    fleet_address: str,
+    control_host: str,
+    control_port: int,
+    database: Path,
+    server: pki.ServerPKI | None,
+) -> list[str]:
+    """`flower-superlink`: Fleet API (gRPC) for regions, Control/Runtime API (HTTPS) for admins,
+    TLS + SuperNode authentication unless ``server`` is None (development only)."""
+    argv = [
+        bin_path("flower-superlink"),
+        "--fleet-api-address",
+        fleet_address,
+        "--host",
+        control_host,
+        "--port",
+        str(control_port),
+        "--database",
+        str(database),
+        "--disable-runtime-dependency-installation",
+    ]
+    if server is not None:
+        argv += [
+            "--ssl-ca-certfile",
+            str(server.ca_cert),
+            "--ssl-certfile",
+            str(server.server_cert),
+            "--ssl-keyfile",
+            str(server.server_key),
+            "--enable-supernode-auth",
+        ]
+    else:
+        argv.append("--insecure")
+    return argv
 
 
 def supernode_argv(

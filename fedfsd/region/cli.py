@@ -173,3 +173,118 @@ def train_local(
             f"{what} (NON-PRIVATE): run {run_id} round {round_idx}, {res.steps} steps; "
             "ε spent = ∞, ε left = n/a"
         )
+
+
+# ---- deployment: a region's SuperNode + executor, and key registration (deploy engineer) ----
+
+
+@app.command("register")
+def register(
+    public_key: Path = typer.Argument(..., help="The region's public key (OpenSSH, NIST EC)."),
+    dir: Path = typer.Option(
+        Path(".fedfsd/aggregator"), "--dir", help="The aggregator's state directory."
+    ),
+) -> None:
+    """(Aggregator side) Allow a region's SuperNode key on the SuperLink."""
+    from fedfsd.deploy.admin import AggregatorDir, fail, need_file
+    from fedfsd.deploy.control import ControlClient, ControlError
+
+    d = AggregatorDir(dir.resolve())
+    d.require_started()
+    key = need_file(public_key, "PUBLIC_KEY")
+    try:
+        from flwr.cli.supernode.register import try_load_public_key
+
+        try_load_public_key(key)
+    except (Exception, SystemExit) as err:  # flwr exits on a bad key
+        fail(f"{key}: not an OpenSSH NIST-curve EC public key ({err})")
+    try:
+        node_id = ControlClient(d.flwr_home, d.root).register(key)
+    except ControlError as err:
+        fail(str(err).splitlines()[0])
+    typer.secho(f"registered {key.name}: SuperNode id {node_id}", fg=typer.colors.GREEN)
+
+
+@app.command("start")
+def start(
+    superlink: str = typer.Option(..., help="The aggregator's Fleet API, HOST:PORT."),
+    ca: Path = typer.Option(None, help="CA certificate that signed the SuperLink's certificate."),
+    key: Path = typer.Option(None, help="This region's private key (its public key registered)."),
+    policy: Path = typer.Option(..., help="This region's policy TOML (region-owned)."),
+    data: Path = typer.Option(..., help="This region's fleet dataset directory."),
+    ledger: Path = typer.Option(..., help="This region's privacy ledger (JSONL)."),
+    runtime_port: int = typer.Option(9094, help="Local Runtime API port (127.0.0.1 only)."),
+    clientapp: str = typer.Option(
+        "fedfsd.region.client_app:app", help="Locally installed ClientApp (module:attr)."
+    ),
+    log_dir: Path = typer.Option(None, help="Logs (default: next to the ledger)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Development only: no TLS/auth."),
+) -> None:
+    """Run this region: a SuperNode (process isolation) + the region's own executor."""
+    from fedfsd.config import PolicyError, load_policy
+    from fedfsd.deploy.admin import (
+        DEV_WARNING,
+        block_until_interrupted,
+        fail,
+        need_file,
+        parse_host_port,
+        warn,
+    )
+    from fedfsd.deploy.federation import executor_argv, supernode_argv
+    from fedfsd.deploy.processes import (
+        ProcessError,
+        ProcessGroup,
+        flower_env,
+        wait_for_port,
+        wait_until,
+    )
+
+    parse_host_port(superlink, "--superlink")
+    pol_path = need_file(policy, "--policy")
+    try:
+        pol = load_policy(pol_path)
+    except PolicyError as err:
+        fail(str(err))
+    if not (data / "manifest.json").is_file():
+        fail(f"--data: {data} is not a fedfsd dataset (no manifest.json)")
+    if insecure:
+        warn(DEV_WARNING)
+        ca_path = key_path = None
+    else:
+        ca_path, key_path = need_file(ca, "--ca"), need_file(key, "--key")
+    ledger = ledger.resolve()
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    logs = (log_dir or ledger.parent / "logs").resolve()
+    node_cfg = {
+        "region": pol.region,
+        "data-dir": str(data.resolve()),
+        "policy": str(pol_path),
+        "ledger": str(ledger),
+    }
+    group = ProcessGroup(logs)
+    try:
+        node = group.start(
+            "supernode",
+            supernode_argv(superlink, runtime_port, node_cfg, ca_path, key_path),
+            env=flower_env(),
+        )
+        wait_for_port("127.0.0.1", runtime_port, 60, node)
+        execu = group.start(
+            "executor",
+            executor_argv(runtime_port, pol_path, clientapp, None, logs / "decisions.jsonl"),
+            env=flower_env(),
+        )
+        wait_until(lambda: "SuperNode ID:" in node.log_tail(100_000), 120, "the SuperLink", node)
+    except ProcessError as err:
+        group.stop_all()
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        refused = [ln for ln in lines if "Failed to" in ln or "Exit Code" in ln]
+        fail(f"region {pol.region}: {(refused or lines)[0]} (logs {logs})", code=1)
+    typer.secho(
+        f"region {pol.region} connected to {superlink}; executor serves {clientapp} "
+        f"(allow-list: {len(pol.allowed_app_digests) or 'any'} digest(s)); logs {logs}",
+        fg=typer.colors.GREEN,
+    )
+    code = block_until_interrupted([node, execu], f"region {pol.region}")
+    group.stop_all()
+    raise typer.Exit(code)
