@@ -109,8 +109,14 @@ def judge_train_reply(
     content = reply.content
     manifest = _manifest(content)
     if manifest is not None and manifest.region:
+        bound_to = node_regions.setdefault(node, manifest.region)
+        if bound_to != manifest.region:  # one node, one region, for the whole run
+            out.rejected.append((region, f"node claims region {manifest.region!r}"))
+            return
         region = manifest.region
-        node_regions.setdefault(node, region)
+        if any(r == region for r, _, _ in out.accepted):
+            out.rejected.append((region, "a second update for this region in this round"))
+            return
     if manifest is not None and manifest.refused_reason:
         if content.array_records:
             out.rejected.append((region, "refused manifest but arrays were sent"))

@@ -163,7 +163,10 @@ class _Cache:
     def policy(self, setup: RegionSetup, deps: RegionDeps, n_vehicles: int) -> Any:
         if setup.policy_path is None:
             return _sim_policy(setup, n_vehicles)
-        key = (str(setup.policy_path), setup.policy_path.stat().st_mtime_ns)
+        try:
+            key = (str(setup.policy_path), setup.policy_path.stat().st_mtime_ns)
+        except OSError:
+            return deps.load_policy(setup.policy_path)  # raises PolicyError naming the file
         with self._lock:
             if key not in self._policies:
                 self._policies[key] = deps.load_policy(setup.policy_path)

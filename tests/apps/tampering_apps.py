@@ -112,7 +112,8 @@ def make_crash_resume_server_app(cfg: dict[str, Any], snapshot: str):
     3. crash emulation: put the round-3 checkpoint back, as if the aggregator died after the
        regions released round 4 but before its checkpoint was written (round-4 log rows stay);
     4. restart, resume: round 4 again;
-    5. restart, resume to round 5 with `min-regions` 3, which the honest regions cannot meet.
+    5. restart, resume to round 5 with `min-regions` 3, which the honest regions cannot meet;
+    6. restart, resume to round 6 asking for 5 of the 4 nodes, with a 1 s bound on that wait.
 
     Each phase is a fresh `run_federation` call (new strategy object, state read back from
     disk), exactly what a restarted aggregator does; one simulation saves Ray start-ups.
@@ -141,5 +142,7 @@ def make_crash_resume_server_app(cfg: dict[str, Any], snapshot: str):
         run_federation(grid, parse_settings({**resume, "num-server-rounds": 4}), run_dir)
         last = {**resume, "num-server-rounds": 5, "min-regions": 3}
         run_federation(grid, parse_settings(last), run_dir)
+        more_nodes = {**resume, "num-server-rounds": 6, "min-regions": 5, "node-wait": 1.0}
+        run_federation(grid, parse_settings(more_nodes), run_dir)
 
     return server
