@@ -1,0 +1,49 @@
+"""pyproject's Flower components resolve to the fedfsd apps; constants agree across sides."""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(ref: str):
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def test_components_point_at_the_fedfsd_apps() -> None:
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    comp = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert isinstance(_load(comp["serverapp"]), ServerApp)
+    assert isinstance(_load(comp["clientapp"]), ClientApp)
+
+
+def test_pyproject_run_config_is_valid_for_the_server() -> None:
+    from fedfsd.aggregator.settings import parse_settings
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    s = parse_settings(cfg)
+    assert s.num_server_rounds == cfg["num-server-rounds"] and s.model == cfg["model"]
+
+
+def test_aggregator_model_widths_match_the_data_side() -> None:
+    from fedfsd.aggregator.settings import DEFAULT_N_FEATURES, DEFAULT_N_LABELS
+    from fedfsd.data.features import N_FEATURES, N_LABELS
+
+    assert (DEFAULT_N_FEATURES, DEFAULT_N_LABELS) == (N_FEATURES, N_LABELS)
+
+
+def test_bad_run_config_names_the_key() -> None:
+    import pytest
+
+    from fedfsd.aggregator.settings import SettingsError, parse_settings
+
+    with pytest.raises(SettingsError, match="min-regions"):
+        parse_settings({"min-regions": 0})
+    with pytest.raises(SettingsError, match="absolute"):
+        parse_settings({"run-dir": "relative/dir"})
