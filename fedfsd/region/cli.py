@@ -253,8 +253,12 @@ def start(
     else:
         ca_path, key_path = need_file(ca, "--ca"), need_file(key, "--key")
     ledger = ledger.resolve()
-    ledger.parent.mkdir(parents=True, exist_ok=True)
     logs = (log_dir or ledger.parent / "logs").resolve()
+    try:
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(f"--ledger/--log-dir: cannot create {err.filename}: {err.strerror}")
     node_cfg = {
         "region": pol.region,
         "data-dir": str(data.resolve()),
@@ -277,9 +281,15 @@ def start(
         wait_until(lambda: "SuperNode ID:" in node.log_tail(100_000), 120, "the SuperLink", node)
     except ProcessError as err:
         group.stop_all()
-        lines = [ln for ln in str(err).splitlines() if ln.strip()]
-        refused = [ln for ln in lines if "Failed to" in ln or "Exit Code" in ln]
-        fail(f"region {pol.region}: {(refused or lines)[0]} (logs {logs})", code=1)
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        if any("Failed to activate SuperNode" in ln for ln in lines):
+            reason = (
+                "the SuperLink refused this region (Failed to activate SuperNode: "
+                "is its public key registered with `fedfsd region register`?)"
+            )
+        else:
+            reason = next((ln for ln in lines if "Failed to" in ln), lines[0])
+        fail(f"region {pol.region}: {reason} (logs {logs})", code=1)
     typer.secho(
         f"region {pol.region} connected to {superlink}; executor serves {clientapp} "
         f"(allow-list: {len(pol.allowed_app_digests) or 'any'} digest(s)); logs {logs}",
