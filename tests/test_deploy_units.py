@@ -148,3 +148,31 @@ def test_packaged_app_digest_is_stable_and_code_free() -> None:
     assert app_digest() == app_digest(PACKAGED_APP_DIR)
     names = zipfile.ZipFile(io.BytesIO(build_fab())).namelist()
     assert not [n for n in names if n.endswith(".py")]
+
+
+_ORPHAN = """
+import os, subprocess, sys, time
+env = dict(os.environ, FEDFSD_PARENT_PID=str(os.getpid()))
+code = ("from fedfsd.deploy.watchdog import start_parent_watchdog as w; import time; "
+        "w(0.1); time.sleep(60)")
+child = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_watchdog_stops_a_child_whose_parent_was_killed() -> None:
+    import subprocess
+
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())  # type: ignore[union-attr]
+    try:
+        parent.kill()  # SIGKILL: no cleanup code runs in the parent
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(child)
+    finally:
+        if not _gone(child):
+            os.kill(child, signal.SIGKILL)

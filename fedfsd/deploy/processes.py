@@ -43,6 +43,7 @@ def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(QUIET_FLOWER_ENV)
     # Flower starts its helpers (flower-superexec, flwr-serverapp) by name: use this venv's.
+    env["FEDFSD_PARENT_PID"] = str(os.getpid())  # see fedfsd.deploy.watchdog
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     if extra:

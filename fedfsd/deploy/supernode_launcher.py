@@ -43,6 +43,10 @@ def main() -> None:
         print(f"fedfsd: SuperNode poll patch skipped: {err}", file=sys.stderr)
     from flwr.supernode.cli import flower_supernode
 
+    from fedfsd.deploy.watchdog import start_parent_watchdog
+
+    start_parent_watchdog()  # stop with the fedfsd process that started us
+
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: executor.stop())
     signal.signal(signal.SIGINT, lambda *_: executor.stop())
+    from fedfsd.deploy.watchdog import start_parent_watchdog
+
+    start_parent_watchdog()  # stop with the fedfsd process that started us
     log.info(
         "executor ready: clientapp=%s allow-list=%s runtime=%s",
         settings.clientapp,
