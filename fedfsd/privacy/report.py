@@ -222,8 +222,14 @@ def _statement(rep: pb.EpsilonReport) -> str:
         f"{m.rounds} model updates this region released ({m.total_steps} DP-SGD steps) and "
         f"everything derived from them, including the global model. Headline accountant PRV; "
         f"RDP cross-check ε = {a.epsilon_rdp:.3g}. Budget {rep.budget.epsilon_budget:g}, "
-        f"remaining {rep.budget.epsilon_remaining:.3g}."
+        f"remaining {rep.budget.epsilon_remaining:.3g}. By common practice this ε is "
+        f"{tier(a.epsilon)} (≤ 1 strong, ≤ 10 reasonable, above 10 weak)."
     )
+
+
+def tier(epsilon: float) -> str:
+    """The rough tier used in practice (Ponomareva et al. 2023, "How to DP-fy ML")."""
+    return "strong" if epsilon <= 1 else "reasonable" if epsilon <= 10 else "weak"
 
 
 def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.EpsilonReport:
