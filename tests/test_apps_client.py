@@ -134,9 +134,11 @@ def test_bad_dataset_is_refused_without_leaking_paths(tmp_path, weights) -> None
         ({}, {}, "region not configured"),
         ({"data-dir": "/nonexistent"}, {}, "region not configured"),
         (SIM, {"run-id": ""}, "bad train request"),
+        (SIM, {"round": "three"}, "bad train request"),
+        (SIM, {"round": 0}, "bad train request"),
         (SIM, {"local-steps": -3}, "bad train request"),
     ],
-    ids=["no-node-config", "partial-node-config", "no-run-id", "bad-request"],
+    ids=["no-node-config", "partial-node-config", "no-run-id", "str-round", "round-0", "bad-req"],
 )
 def test_misconfiguration_is_a_refusal_not_an_exception(tmp_path, weights, node, cfg, reason):
     app = make_client_app({"sim-ledger-dir": str(tmp_path), "sim-vehicles": 20})
@@ -171,3 +173,22 @@ def test_node_config_beats_simulation_keys(tmp_path) -> None:
     s = resolve_setup({"partition-id": 4}, {"sim-data-root": str(tmp_path)})
     assert s.region == "eu" and s.data_dir == tmp_path / "eu" / "data"  # sorted: cn, eu, us
     assert s.ledger_path == tmp_path / "eu" / "ledger.jsonl"
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    from fedfsd.data.features import LABEL_NAMES
+    from fedfsd.region.evaluation import score_predictions
+
+    y = np.zeros((2, len(LABEL_NAMES)), np.float32)
+    pred = y.copy()
+    col = {n: i for i, n in enumerate(LABEL_NAMES)}
+    pred[:, col["dx_1s"]] = 3.0
+    pred[:, col["dy_1s"]] = 4.0  # 5 m off at 1 s
+    pred[0, col["dx_3s"]] = 6.0  # 6 m off at 3 s for one frame
+    pred[:, col["accel"]] = [1.0, -3.0]
+    scales = np.ones(len(LABEL_NAMES))
+    m = score_predictions(pred, y, scales)
+    assert m["ade"] == pytest.approx((5 + 0 + 6 + 5 + 0 + 0) / 6)
+    assert m["fde"] == pytest.approx(3.0)
+    assert m["accel_mae"] == pytest.approx(2.0)
+    assert m["loss"] == pytest.approx(np.mean(pred.astype(np.float64) ** 2))

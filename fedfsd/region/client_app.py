@@ -282,12 +282,13 @@ def handle_train(
 ) -> Message:
     """One DP local round, then the egress guard; a refusal on any failure (never raises)."""
     cfg = message.content.config_records.get(wire.CONFIG, ConfigRecord())
-    run_id, rnd = str(cfg.get("run-id", "")), int(cfg.get("round", 0) or 0)
+    run_id, rnd = str(cfg.get("run-id", "")), cfg.get("round", 0)
     region, policy, ledger = "unknown", None, None
     try:
         setup = resolve_setup(context.node_config, run_config)
         region = setup.region or region
-        if not run_id or rnd < 1:
+        if not run_id or isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
+            rnd = 0
             raise KeyError("run-id/round")
         frames = CACHE.frames(setup, "train", deps)
         policy = CACHE.policy(setup, deps, frames.n_vehicles)
