@@ -176,9 +176,9 @@ def test_killed_region_does_not_stall_the_run(fed: LocalFederation, tmp_path: Pa
         **RUN,
         "num-server-rounds": 1,
         "min-regions": 1,
-        "round-timeout": 20.0,
+        "round-timeout": 30.0,  # bounds the wait for the dead region's reply
         "node-wait": 10.0,
-        "evaluate-timeout": 20.0,
+        "evaluate-timeout": 30.0,
         "run-dir": str(run_dir),
     }
     fed.run(cfg, timeout=240)  # raises if the run does not finish
