@@ -142,6 +142,12 @@ def test_non_private_ledger_reports_no_guarantee(tmp_path):
     assert "NON-PRIVATE" in rep.statement
     v = verify_report(rep)
     assert not v.ok and "NON-PRIVATE" in v.problems[0]
+    other = build_report(written_ledger(tmp_path / "p.jsonl", "jp", steps=5, rounds=1))
+    g = build_global_summary([rep, other])
+    assert math.isinf(g.worst_case_epsilon)
+    assert verify_summary(g, [rep, other]).problems == [
+        "region us is NON-PRIVATE: its vehicles have no DP guarantee"
+    ]
 
 
 def _cli(*args: str):

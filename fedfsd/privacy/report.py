@@ -367,6 +367,7 @@ def build_global_summary(
                 run_ids=list(r.provenance.run_ids),
                 releases=len(r.releases),
                 history=list(r.accounting.history),
+                private_training=r.private_training,
             )
         )
     g.composition_rule = (

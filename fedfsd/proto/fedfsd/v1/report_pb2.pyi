@@ -223,7 +223,7 @@ class EpsilonReport(_message.Message):
     def __init__(self, schema: _Optional[int] = ..., region: _Optional[str] = ..., fleet_id: _Optional[str] = ..., private_training: _Optional[bool] = ..., unit: _Optional[_Union[UnitOfPrivacy, _Mapping]] = ..., trust: _Optional[_Union[TrustModel, _Mapping]] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mechanism: _Optional[_Union[Mechanism, _Mapping]] = ..., accounting: _Optional[_Union[Accounting, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., statement: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegionEpsilon(_message.Message):
-    __slots__ = ("region", "fleet_id", "vehicles", "epsilon", "epsilon_rdp", "delta", "epsilon_budget", "run_ids", "releases", "history")
+    __slots__ = ("region", "fleet_id", "vehicles", "epsilon", "epsilon_rdp", "delta", "epsilon_budget", "run_ids", "releases", "history", "private_training")
     REGION_FIELD_NUMBER: _ClassVar[int]
     FLEET_ID_FIELD_NUMBER: _ClassVar[int]
     VEHICLES_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class RegionEpsilon(_message.Message):
     RUN_IDS_FIELD_NUMBER: _ClassVar[int]
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_TRAINING_FIELD_NUMBER: _ClassVar[int]
     region: str
     fleet_id: str
     vehicles: int
@@ -244,7 +245,8 @@ class RegionEpsilon(_message.Message):
     run_ids: _containers.RepeatedScalarFieldContainer[str]
     releases: int
     history: _containers.RepeatedCompositeFieldContainer[AccountantStep]
-    def __init__(self, region: _Optional[str] = ..., fleet_id: _Optional[str] = ..., vehicles: _Optional[int] = ..., epsilon: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., run_ids: _Optional[_Iterable[str]] = ..., releases: _Optional[int] = ..., history: _Optional[_Iterable[_Union[AccountantStep, _Mapping]]] = ...) -> None: ...
+    private_training: bool
+    def __init__(self, region: _Optional[str] = ..., fleet_id: _Optional[str] = ..., vehicles: _Optional[int] = ..., epsilon: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., run_ids: _Optional[_Iterable[str]] = ..., releases: _Optional[int] = ..., history: _Optional[_Iterable[_Union[AccountantStep, _Mapping]]] = ..., private_training: _Optional[bool] = ...) -> None: ...
 
 class OverlapGroup(_message.Message):
     __slots__ = ("regions", "vehicles", "composed_history", "delta", "epsilon", "epsilon_rdp")
