@@ -233,7 +233,7 @@ def run_local_round(
             "clip_norm": params.clip_norm,
             "sample_rate": q,
             "vehicles": frames.n_vehicles,
-            "expected_vehicles_per_step": params.vehicles_per_step,
+            "expected_vehicles_per_step": min(params.vehicles_per_step, frames.n_vehicles),
             "frames_per_vehicle": params.frames_per_vehicle,
             "steps": params.steps,
             "sampling": "poisson",
