@@ -448,7 +448,8 @@ def load_json(path: str | Path) -> pb.EpsilonReport | pb.GlobalSummary:
         raise ReportError(f"{path}: not JSON ({e})") from None
     if not isinstance(data, dict):
         raise ReportError(f"{path}: not a fedfsd report (top level is not an object)")
-    msg = pb.GlobalSummary() if "compositionRule" in data else pb.EpsilonReport()
+    summary = "compositionRule" in data or "composition_rule" in data
+    msg = pb.GlobalSummary() if summary else pb.EpsilonReport()
     try:
         json_format.ParseDict(data, msg)
     except json_format.ParseError as e:
