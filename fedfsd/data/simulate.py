@@ -41,10 +41,10 @@ def _fleet_vehicle_class():
 
         def mobil(self, lane_index) -> bool:  # noqa: ANN001 - highway-env's own type
             gain = self.LANE_CHANGE_MIN_ACC_GAIN
-            towards_slow = lane_index[2] > self.lane_index[2] and lane_index[2] < self.main_lanes
-            self.LANE_CHANGE_MIN_ACC_GAIN = gain - self.keep_bias if towards_slow else gain
-            if lane_index[2] < self.lane_index[2]:
-                self.LANE_CHANGE_MIN_ACC_GAIN = gain + self.keep_bias
+            # Only between through lanes: leaving an entry lane is never made harder.
+            if max(lane_index[2], self.lane_index[2]) < self.main_lanes:
+                towards_slow = lane_index[2] > self.lane_index[2]  # highway-env: + = right
+                self.LANE_CHANGE_MIN_ACC_GAIN = gain + (-1 if towards_slow else 1) * self.keep_bias
             try:
                 return super().mobil(lane_index)
             finally:
