@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedfsd.deploy.control import ControlClient
 from fedfsd.deploy.federation import LocalFederation, RegionSpec, executor_argv
 from fedfsd.deploy.processes import ManagedProcess, bin_path, wait_until
 
@@ -28,6 +29,20 @@ _PROBE = (
     "try:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=0.5).close()\n"
     "except OSError:\n sys.exit(1)\n"
 )
+
+
+class NetControlClient(ControlClient):
+    """`flwr` admin commands run on the aggregator host (the Control API is on its loopback)."""
+
+    def __init__(self, bed: NetBed, flwr_home: Path, work_dir: Path) -> None:
+        super().__init__(flwr_home, work_dir)
+        self.bed = bed
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.bed.exec_argv("agg", [bin_path("flwr"), *args]), env=self.env,
+            capture_output=True, text=True, timeout=timeout, cwd=self.work_dir,
+        )  # fmt: skip
 
 
 class NetFederation(LocalFederation):
@@ -48,6 +63,8 @@ class NetFederation(LocalFederation):
         super().__init__(run_dir, regions, tls=tls, unregistered=unregistered,
                          server_names=[AGG_ADDR])  # fmt: skip
         self.bed = bed
+        self.control = NetControlClient(bed, self.flwr_home, self.run_dir)
+        self.env = self.control.env
         self.placement = dict(placement)
         self.fleet_port = bed.fleet_port
         self.control_port = CONTROL_PORT
@@ -87,12 +104,6 @@ class NetFederation(LocalFederation):
         wait_until(lambda: not self.port_open_in("agg", AGG_ADDR, self.fleet_port), 30,
                    "fleet port to close")  # fmt: skip
         return self.start_superlink()
-
-    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.bed.exec_argv("agg", [bin_path("flwr"), *args]), env=self.env,
-            capture_output=True, text=True, timeout=timeout, cwd=self.run_dir,
-        )  # fmt: skip
 
     def start_region(self, name: str) -> None:
         role = self.placement[name]
@@ -138,8 +149,10 @@ def run_config(run_dir: Path, run_id: str, rounds: int = 2, **over: Any) -> dict
         "frames-per-vehicle": 4,
         "model": "mlp",
         "min-regions": 2,
-        "round-timeout": 60.0,
-        "node-wait": 30.0,
+        # generous: a loaded 2-core CI box needs tens of seconds for a first DP round; a dead
+        # region ends its round early anyway (the SuperLink answers for it after missed pings)
+        "round-timeout": 240.0,
+        "node-wait": 60.0,
         "update-norm-bound": 5.0,
         "run-dir": str(run_dir),
         "run-id": run_id,
