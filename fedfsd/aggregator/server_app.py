@@ -15,6 +15,7 @@ metrics.png.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -34,7 +35,8 @@ from fedfsd.aggregator.strategy import FedAvgMomentum
 from fedfsd.aggregator.verify import Expectation, verify_update
 
 LOG = logging.getLogger("flwr.fedfsd.aggregator")
-MAX_NUM_EXAMPLES = 1 << 30  # a coarse bucket is a power of two far below this
+MAX_NUM_EXAMPLES = 1 << 30
+TTL_MARGIN_S = 30.0  # a coarse bucket is a power of two far below this
 
 
 def _now() -> str:
@@ -51,14 +53,54 @@ def initial_weights(s: RunSettings) -> dict[str, np.ndarray]:
     return get_weights(build_model(s.model, s.n_features, s.n_labels, **kw))
 
 
-def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, poll: float = 0.5) -> list[int]:
-    """Connected node ids once at least `min_nodes` are there, or whatever is there at timeout."""
+def wait_for_nodes(
+    grid: Grid,
+    min_nodes: int,
+    timeout: float,
+    poll: float = 0.5,
+    stop: threading.Event | None = None,
+) -> list[int]:
+    """Connected node ids once at least `min_nodes` are there, or whatever is there at timeout.
+
+    Returns early when `stop` is set (shutdown requested).
+    """
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= min_nodes or time.monotonic() >= deadline:
             return nodes
-        time.sleep(poll)
+        if stop is not None and stop.wait(poll):
+            return nodes
+        if stop is None:
+            time.sleep(poll)
+
+
+def exchange(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    stop: threading.Event | None = None,
+    poll: float = 0.5,
+) -> list[Message]:
+    """Push messages, then pull replies until all arrived, `timeout` passed or `stop` is set.
+
+    The same loop as `Grid.send_and_receive`, with two differences: a shutdown can interrupt
+    it, and it polls every 0.5 s (Flower's gRPC/HTTP grid sleeps a fixed 3 s between pulls).
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or time.monotonic() >= deadline:
+            break
+        if stop is not None and stop.wait(poll):
+            break
+        if stop is None:
+            time.sleep(poll)
+    return replies
 
 
 @dataclass
@@ -151,8 +193,19 @@ def _eps_row(rnd: int, region: str, m: wire.UpdateManifest) -> tuple:
 
 
 def _messages(
-    nodes: list[int], kind: str, weights: Mapping[str, np.ndarray], cfg: dict, rnd: int
+    nodes: list[int],
+    kind: str,
+    weights: Mapping[str, np.ndarray],
+    cfg: dict,
+    rnd: int,
+    timeout: float,
 ) -> list[Message]:
+    """One message per node; it expires shortly after the round stops waiting for it.
+
+    Flower's default TTL is 12 h: a region that comes back after an outage would otherwise work
+    through every queued train message, spending privacy budget on rounds nobody waits for.
+    """
+    ttl = float(timeout) + TTL_MARGIN_S
     msgs = []
     for node in nodes:
         content = RecordDict(
@@ -162,7 +215,9 @@ def _messages(
             }
         )
         msgs.append(
-            Message(content=content, dst_node_id=node, message_type=kind, group_id=str(rnd))
+            Message(
+                content=content, dst_node_id=node, message_type=kind, group_id=str(rnd), ttl=ttl
+            )
         )
     return msgs
 
@@ -175,11 +230,12 @@ def evaluate_round(
     rnd: int,
     timeout: float,
     node_regions: dict[int, str],
+    stop: threading.Event | None = None,
 ) -> list[tuple[int, str, str, float]]:
     """Per-region metrics of the global model on each region's held-out episodes."""
     rows: list[tuple[int, str, str, float]] = []
-    replies = grid.send_and_receive(
-        _messages(nodes, MessageType.EVALUATE, weights, cfg, rnd), timeout=timeout
+    replies = exchange(
+        grid, _messages(nodes, MessageType.EVALUATE, weights, cfg, rnd, timeout), timeout, stop
     )
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -218,28 +274,33 @@ def _start_state(s: RunSettings, run_dir: Path) -> tuple[ck.Checkpoint, FedAvgMo
     return ck.Checkpoint(round=0, run_id=run_id, weights=initial_weights(s)), strategy
 
 
-def run_federation(grid: Grid, s: RunSettings, run_dir: Path) -> ck.Checkpoint:
-    """All rounds of one run; returns the final state (also on disk)."""
+def run_federation(
+    grid: Grid, s: RunSettings, run_dir: Path, stop: threading.Event | None = None
+) -> ck.Checkpoint:
+    """All rounds of one run; returns the final state (also on disk).
+
+    Setting `stop` ends the run after the current round (its checkpoint is written), e.g. on
+    shutdown; the run can then continue with `resume=true`.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     state, strategy = _start_state(s, run_dir)
     node_regions: dict[int, str] = {
         int(k): v for k, v in state.meta.get("node_regions", {}).items()
     }
     for rnd in range(state.round + 1, s.num_server_rounds + 1):
+        if stop is not None and stop.is_set():
+            LOG.warning("stop requested: ending the run after round %d", state.round)
+            break
         t0 = time.monotonic()
         cfg = {**s.train_request(), "run-id": state.run_id, "round": rnd}
-        nodes = wait_for_nodes(grid, s.min_regions, s.node_wait_s)
+        nodes = wait_for_nodes(grid, s.min_regions, s.node_wait_s, stop=stop)
         out = RoundOutcome()
         if len(nodes) >= s.min_regions:
             exp = Expectation.from_weights(
                 state.weights, norm_bound=s.update_norm_bound, run_id=state.run_id, round_idx=rnd
             )
-            replies = list(
-                grid.send_and_receive(
-                    _messages(nodes, MessageType.TRAIN, state.weights, cfg, rnd),
-                    timeout=s.round_timeout,
-                )
-            )
+            msgs = _messages(nodes, MessageType.TRAIN, state.weights, cfg, rnd, s.round_timeout)
+            replies = exchange(grid, msgs, s.round_timeout, stop)
             out.missing = len(nodes) - len(replies)
             for reply in replies:
                 judge_train_reply(reply, exp, node_regions, out)
@@ -265,7 +326,9 @@ def run_federation(grid: Grid, s: RunSettings, run_dir: Path) -> ck.Checkpoint:
                 s.min_regions,
             )
         eval_rows = (
-            evaluate_round(grid, nodes, state.weights, cfg, rnd, s.evaluate_timeout_s, node_regions)
+            evaluate_round(
+                grid, nodes, state.weights, cfg, rnd, s.evaluate_timeout_s, node_regions, stop
+            )
             if nodes
             else []
         )

@@ -104,7 +104,7 @@ def make_test_client_app(sim: dict[str, Any]) -> ClientApp:
     return app
 
 
-def make_crash_resume_server_app(cfg: dict[str, Any], snapshot: str):
+def make_crash_resume_server_app(cfg: dict[str, Any], snapshot: str, stop: Any = None):
     """A ServerApp that emulates an aggregator crash and two restarts with `resume=true`.
 
     1. rounds 1-3; keep a copy of the round-3 checkpoint;
@@ -117,6 +117,7 @@ def make_crash_resume_server_app(cfg: dict[str, Any], snapshot: str):
 
     Each phase is a fresh `run_federation` call (new strategy object, state read back from
     disk), exactly what a restarted aggregator does; one simulation saves Ray start-ups.
+    `stop` (a threading.Event) ends every phase early, so a failed simulation can be torn down.
     """
     import shutil
     from pathlib import Path
@@ -132,17 +133,17 @@ def make_crash_resume_server_app(cfg: dict[str, Any], snapshot: str):
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, parse_settings({**cfg, "num-server-rounds": 3}), run_dir)
+        run_federation(grid, parse_settings({**cfg, "num-server-rounds": 3}), run_dir, stop)
         kept = Path(snapshot + "-round3.npz")
         shutil.copy2(run_dir / CHECKPOINT, kept)
         resume = {**cfg, "resume": True}
-        run_federation(grid, parse_settings({**resume, "num-server-rounds": 4}), run_dir)
+        run_federation(grid, parse_settings({**resume, "num-server-rounds": 4}), run_dir, stop)
         shutil.copytree(run_dir, snapshot)
         shutil.copy2(kept, run_dir / CHECKPOINT)
-        run_federation(grid, parse_settings({**resume, "num-server-rounds": 4}), run_dir)
+        run_federation(grid, parse_settings({**resume, "num-server-rounds": 4}), run_dir, stop)
         last = {**resume, "num-server-rounds": 5, "min-regions": 3}
-        run_federation(grid, parse_settings(last), run_dir)
+        run_federation(grid, parse_settings(last), run_dir, stop)
         more_nodes = {**resume, "num-server-rounds": 6, "min-regions": 5, "node-wait": 1.0}
-        run_federation(grid, parse_settings(more_nodes), run_dir)
+        run_federation(grid, parse_settings(more_nodes), run_dir, stop)
 
     return server
