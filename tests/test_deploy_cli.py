@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,10 +63,13 @@ def test_keygen_and_pki_commands(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "agg.lan" in res.output
 
 
-def _fedfsd(*args: str, **kw) -> subprocess.Popen:
+TINY = Path(__file__).parent / "apps" / "deploy_tiny"
+
+
+def _fedfsd(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "fedfsd.cli", *args],
-        env=flower_env(),
+        env=env or flower_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -97,8 +102,19 @@ def _read_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
     raise AssertionError(f"{needle!r} not seen; output:\n{seen}")
 
 
+@pytest.fixture
+def private_tmp():
+    # Not tmp_path: other pytest sessions on this machine prune /tmp/pytest-of-<user>/.
+    path = Path(tempfile.mkdtemp(prefix="fedfsd-cli-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_production_entry_points(tmp_path: Path) -> None:
+def test_production_entry_points(private_tmp: Path) -> None:
+    tmp_path = private_tmp
     fleet, control, rt1, rt2 = free_ports(4)
     agg_dir = tmp_path / "agg"
     data = tmp_path / "data"
@@ -136,12 +152,23 @@ def test_production_entry_points(tmp_path: Path) -> None:
         assert rogue.returncode == 1
         assert "refused this region" in out and "Traceback" not in out
 
+        # A registered region serving the tiny test ClientApp (region-local --clientapp).
         good = _fedfsd(
             "region", "start", *common, "--key", str(keys / "eu"),
             "--ledger", str(tmp_path / "eu-ledger" / "l.jsonl"), "--runtime-port", str(rt2),
+            "--clientapp", "deploy_tiny_app:client",
+            env={**flower_env(), "PYTHONPATH": str(TINY)},
         )  # fmt: skip
         procs.append(good)
         _read_until(good, "connected to", 180)
+        res = runner.invoke(
+            app,
+            ["aggregator", "run", "--dir", str(agg_dir), "--app", str(TINY), "--rounds", "1",
+             "--min-regions", "1", "--node-wait", "60", "--round-timeout", "60",
+             "--run-dir", str(tmp_path / "run")],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        assert "finished:completed" in res.output
         assert _stop(good) == 0  # Ctrl-C stops the SuperNode and executor ...
         wait_until(lambda: not port_open("127.0.0.1", rt2), 30, "runtime port to close")
         assert _stop(agg) == 0  # ... and the SuperLink

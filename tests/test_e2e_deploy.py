@@ -8,8 +8,10 @@ run in file order and each leaves it usable for the next.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +47,26 @@ def _policy(region: str, digests: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("e2e")
+def root():
+    # Not pytest's tmp_path: other pytest sessions on this machine prune old
+    # /tmp/pytest-of-<user>/ directories, which would delete a live federation's files.
+    path = Path(tempfile.mkdtemp(prefix="fedfsd-e2e-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_path(root: Path, request: pytest.FixtureRequest) -> Path:
+    """Per-test directory inside the module's private root (shadows pytest's tmp_path)."""
+    path = root / "tests" / request.node.name
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fed(root: Path):
     digest = app_digest()  # the packaged, code-free fedfsd bundle is the only one allowed
     regions: dict[str, RegionSpec] = {}
     gens = [  # tiny fleets from the simulator, generated side by side

@@ -115,7 +115,7 @@ def run(
     timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
 ) -> None:
     """Start a federation run on the running SuperLink (`flwr run` underneath)."""
-    from fedfsd.deploy.admin import AggregatorDir, fail
+    from fedfsd.deploy.admin import AggregatorDir, fail, warn
     from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
     from fedfsd.deploy.control import ControlClient, RunFailed
 
@@ -150,6 +150,17 @@ def run(
         "run-dir": str(run_dir),
         "resume": resume,
     }
+    import tomllib
+
+    try:
+        declared = tomllib.loads((app_path / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+            "config"
+        ]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
+        fail(f"--app: {app_path}/pyproject.toml has no readable [tool.flwr.app.config] ({err})")
+    if dropped := sorted(set(cfg) - set(declared)):  # `flwr run` refuses undeclared keys
+        warn(f"{app_path} does not declare {', '.join(dropped)}: not sent")
+    cfg = {k: v for k, v in cfg.items() if k in declared}
     control = ControlClient(d.flwr_home, d.root)
     try:
         run_id = control.start_run(cfg, app_path)
