@@ -1,0 +1,484 @@
+"""docker/compose.yaml: real command lines, volume and network isolation, control ports private.
+
+Why: the compose file is what regional operators deploy. Its commands must be the same fedfsd /
+Flower command lines the installed package accepts (checked here by parsing them with the real
+CLI, and by running the PKI, aggregator and registration commands for real on loopback), each
+region's data/key/ledger volumes must stay with that region, and no region may reach the
+SuperLink's Control API. A second test builds the image and runs one round when a container
+engine is available.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+VENV_BIN = Path(sys.executable).parent
+REGIONS = ("cn", "eu", "us")
+CONTAINER_SRV = "/srv/fedfsd"
+PKI_SCRIPT = "/opt/fedfsd/docker/pki_init.py"
+# The executables a service may run (in the image: /opt/venv/bin and the copied PKI script).
+PROGRAMS = {"fedfsd", "flwr", "flower-superlink", "flower-supernode"}
+
+_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: Any) -> Any:
+    """Compose's ${VAR:-default} with the defaults (deterministic: the environment is ignored)."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: m.group(2) or "", value)
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return interpolate(yaml.safe_load(COMPOSE.read_text()))
+
+
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def region_of(svc: dict[str, Any]) -> str | None:
+    return (svc.get("labels") or {}).get("fedfsd.region")
+
+
+def option_value(cmd: list[str], option: str) -> str:
+    return cmd[cmd.index(option) + 1]
+
+
+def named_mounts(svc: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(source, target, read_only) of the service's named-volume mounts (not bind mounts)."""
+    out = []
+    for spec in svc.get("volumes", []):
+        parts = spec.split(":")
+        if parts[0].startswith((".", "/")):
+            continue
+        out.append((parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")))
+    return out
+
+
+def host_argv(cmd: list[str], path_map: dict[str, str] | None = None) -> list[str]:
+    """The container command line as it runs from this checkout's virtualenv."""
+    argv = list(cmd)
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    elif argv[0] in PROGRAMS:
+        argv[0] = str(VENV_BIN / argv[0])
+    argv = [str(REPO / a.removeprefix("/opt/fedfsd/")) if a == PKI_SCRIPT else a for a in argv]
+    for old, new in (path_map or {}).items():
+        argv = [a.replace(old, new) for a in argv]
+    return argv
+
+
+def parse_fully(cmd: list[str]) -> list[str]:
+    """Parse a command line with the installed CLI (types, required options, unknown options)
+    without running it; returns the resolved sub-command path."""
+    import click
+    import typer
+
+    if cmd[0] == "fedfsd":
+        from fedfsd.cli import app
+
+        group: click.Command = typer.main.get_command(app)
+        args, path = cmd[1:], ["fedfsd"]
+    else:
+        assert cmd[:2] == ["python", PKI_SCRIPT], f"not a fedfsd/Flower command line: {cmd}"
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("fedfsd_pki_init", DOCKER / "pki_init.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        tapp = typer.Typer(add_completion=False)
+        tapp.command()(mod.main)
+        group, args, path = typer.main.get_command(tapp), cmd[2:], ["pki_init.py"]
+    ctx = group.make_context(path[0], list(args))
+    while isinstance(ctx.command, click.Group):
+        rest = [*ctx.protected_args, *ctx.args]
+        assert rest, f"{' '.join(path)} needs a sub-command"
+        sub = ctx.command.get_command(ctx, rest[0])
+        assert sub is not None, f"{' '.join(path)} has no sub-command {rest[0]!r}"
+        path.append(rest[0])
+        ctx = sub.make_context(rest[0], rest[1:], parent=ctx)
+    return path
+
+
+# ---- every service command is a real command line of the installed package ------------------
+
+
+def test_compose_has_the_roles(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    assert {"pki", "aggregator", "launcher"} <= set(svcs)
+    for r in REGIONS:
+        assert {f"region-{r}", f"register-{r}", f"data-{r}"} <= set(svcs)
+        assert region_of(svcs[f"region-{r}"]) == r
+    assert svcs["aggregator"]["command"][:3] == ["fedfsd", "aggregator", "start"]
+    assert svcs["launcher"]["command"][:3] == ["fedfsd", "aggregator", "run"]
+    for r in REGIONS:
+        assert svcs[f"region-{r}"]["command"][:3] == ["fedfsd", "region", "start"]
+        assert svcs[f"register-{r}"]["command"][:3] == ["fedfsd", "region", "register"]
+    for name, svc in svcs.items():
+        assert str(svc.get("user", "")).split(":")[0] not in ("", "0", "root"), name
+
+
+_HELP_CACHE: dict[tuple[str, ...], subprocess.CompletedProcess[str]] = {}
+
+
+def help_of(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """`<cmd> --help` in a real process. --help is eager, so values do not change the outcome:
+    command lines that differ only in file paths share one run (the three regions)."""
+    key = tuple(a for a in cmd if not a.startswith(CONTAINER_SRV))
+    if key not in _HELP_CACHE:
+        env = dict(os.environ, COLUMNS="400", NO_COLOR="1", TERM="dumb")
+        _HELP_CACHE[key] = subprocess.run(
+            [*host_argv(cmd), "--help"], capture_output=True, text=True, timeout=120, env=env
+        )
+    return _HELP_CACHE[key]
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(interpolate(yaml.safe_load(COMPOSE.read_text()))["services"]),
+)
+def test_service_command_is_accepted(compose: dict[str, Any], name: str) -> None:
+    """`<command> --help` exits 0 in a real process and lists every option the command uses;
+    the installed CLI also parses the full command line (types, required options)."""
+    cmd = [str(a) for a in services(compose)[name]["command"]]
+    assert cmd[0] in PROGRAMS or cmd[:2] == ["python", PKI_SCRIPT], cmd
+    res = help_of(cmd)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for opt in (a for a in cmd if a.startswith("--")):
+        assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", res.stdout), (
+            f"{name}: {opt} not in the help of {' '.join(cmd[:4])}"
+        )
+    parse_fully(cmd)
+
+
+def test_parse_fully_rejects_bad_command_lines() -> None:
+    """The parser used above does fail on what the real CLI refuses."""
+    import click
+
+    good = ["fedfsd", "aggregator", "start", "--dir", "/x", "--control-port", "8000"]
+    assert parse_fully(good) == ["fedfsd", "aggregator", "start"]
+    for bad in (
+        ["fedfsd", "aggregator", "start", "--control-port", "eight"],
+        ["fedfsd", "aggregator", "start", "--no-such-option"],
+        ["fedfsd", "region", "start", "--superlink", "a:1"],  # --policy/--data/--ledger missing
+        ["fedfsd", "region", "no-such-command"],
+    ):
+        with pytest.raises((click.UsageError, AssertionError)):
+            parse_fully(bad)
+
+
+# ---- volumes: each region's data, key and ledger stay with that region -----------------------
+
+
+def test_region_volumes_are_mounted_only_by_their_region(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    declared = set(compose["volumes"])
+    for r in REGIONS:
+        for kind in ("data", "key", "state"):
+            assert f"{r}-{kind}" in declared
+    for name, svc in svcs.items():
+        mine = region_of(svc)
+        for source, _target, _ro in named_mounts(svc):
+            assert source in declared, f"{name} mounts undeclared volume {source}"
+            owner = next((r for r in REGIONS if source.startswith(f"{r}-")), None)
+            if owner is None:
+                if mine is not None:  # a region may share only the public CA certificate
+                    assert (source, _ro) == ("trust", True), f"{name} mounts {source}"
+                continue
+            if source == f"{owner}-key" and name == "pki":
+                continue  # the one-shot PKI writes the region's key pair, then exits
+            assert mine == owner, f"{source} of region {owner} is mounted by {name}"
+
+
+def test_region_services_mount_their_own_data_policy_and_key(compose: dict[str, Any]) -> None:
+    from fedfsd.config import load_policy
+
+    for r in REGIONS:
+        svc = services(compose)[f"region-{r}"]
+        cmd = svc["command"]
+        mounts = {t: (s, ro) for s, t, ro in named_mounts(svc)}
+        binds = {
+            spec.split(":")[1]: spec.split(":")[0]
+            for spec in svc["volumes"]
+            if spec.startswith((".", "/"))
+        }
+        assert mounts[option_value(cmd, "--data")] == (f"{r}-data", True)  # read-only
+        assert mounts[str(Path(option_value(cmd, "--key")).parent)] == (f"{r}-key", True)
+        assert mounts[str(Path(option_value(cmd, "--ledger")).parent)] == (f"{r}-state", False)
+        assert mounts[str(Path(option_value(cmd, "--ca")).parent)] == ("trust", True)
+        assert Path(option_value(cmd, "--key")).name == r
+        policy_src = DOCKER / binds[option_value(cmd, "--policy")]
+        assert load_policy(policy_src).region == r
+        data_cmd = services(compose)[f"data-{r}"]["command"]
+        assert option_value(data_cmd, "--region") == r
+        assert named_mounts(services(compose)[f"data-{r}"]) == [
+            (f"{r}-data", option_value(data_cmd, "--out"), False)
+        ]
+
+
+# ---- networks: regions reach the Fleet API and nothing else ----------------------------------
+
+
+def test_networks_keep_regions_apart_and_control_ports_private(compose: dict[str, Any]) -> None:
+    svcs = services(compose)
+    agg = svcs["aggregator"]["command"]
+    fleet_port = int(option_value(agg, "--fleet-address").rpartition(":")[2])
+    control_port = int(option_value(agg, "--control-port"))
+    assert "--host" not in agg and "--insecure" not in agg  # Control API stays on 127.0.0.1
+    for r in REGIONS:
+        net = compose["networks"][f"region-{r}"]
+        assert net.get("internal") is True, f"region-{r} network must be internal"
+        on_net = {n for n, s in svcs.items() if f"region-{r}" in (s.get("networks") or [])}
+        assert on_net == {"aggregator", f"region-{r}"}, on_net
+    for name, svc in svcs.items():
+        published = [str(p) for p in svc.get("ports", [])] + [str(p) for p in svc.get("expose", [])]
+        if region_of(svc) is not None:
+            assert not published, f"region service {name} publishes {published}"
+            assert svc.get("network_mode") in (None, "none"), name
+            nets = svc.get("networks") or []
+            assert nets == [f"region-{region_of(svc)}"] or svc.get("network_mode") == "none"
+            if "--superlink" in svc["command"]:
+                assert option_value(svc["command"], "--superlink") == f"aggregator:{fleet_port}"
+        elif name != "aggregator":
+            assert not published, f"{name} publishes {published}"
+            assert svc.get("network_mode") in ("none", "service:aggregator"), name
+        for p in published:
+            container_port = int(p.split("/")[0].rpartition(":")[2])
+            assert container_port == fleet_port, f"{name} publishes port {container_port}"
+            assert container_port != control_port
+        hc = " ".join(map(str, (svc.get("healthcheck") or {}).get("test", [])))
+        assert "0.0.0.0" not in hc
+
+
+# ---- the compose command lines, run for real on loopback -------------------------------------
+
+
+def _listeners_of(pids: set[int]) -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets in LISTEN state owned by ``pids`` (from /proc)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    out = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A = LISTEN
+                continue
+            addr_hex, port_hex = f[1].split(":")
+            raw = bytes.fromhex(addr_hex)
+            if width == 8:
+                addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            else:
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                addr = socket.inet_ntop(socket.AF_INET6, words)
+            out.append((addr, int(port_hex, 16)))
+    return out
+
+
+def _process_tree(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _loopback(addr: str) -> bool:
+    return addr in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pki_aggregator_and_registration_commands_run(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """Run the pki, aggregator and register-* commands of compose.yaml (paths under tmp_path,
+    free ports): keys land only where the volumes say, the SuperLink listens beyond loopback on
+    the Fleet API port alone, and a region key registers through the loopback Control API."""
+    from fedfsd.deploy.processes import free_ports
+
+    svcs = services(compose)
+    fleet, control = free_ports(2)
+    srv = tmp_path / "srv"
+    path_map = {CONTAINER_SRV: str(srv)}
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+
+    pki_cmd = host_argv(svcs["pki"]["command"], path_map)
+    res = subprocess.run(pki_cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (srv / "trust").iterdir()) == ["ca.crt"]
+    assert sorted(p.name for p in (srv / "pubkeys").iterdir()) == [f"{r}.pub" for r in REGIONS]
+    for r in REGIONS:
+        private = srv / "keys" / r / r
+        assert private.stat().st_mode & 0o077 == 0
+        assert b"PRIVATE KEY" in private.read_bytes()
+        assert (srv / "pubkeys" / f"{r}.pub").read_bytes() == (
+            srv / "keys" / r / f"{r}.pub"
+        ).read_bytes()
+    assert {"ca.key", "server.key"} <= {p.name for p in (srv / "pki").iterdir()}
+    before = {r: (srv / "keys" / r / r).read_bytes() for r in REGIONS}
+    res = subprocess.run(pki_cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    assert before == {r: (srv / "keys" / r / r).read_bytes() for r in REGIONS}  # never rotated
+
+    agg_cmd = [str(a) for a in svcs["aggregator"]["command"]]
+    agg_cmd[agg_cmd.index("--fleet-address") + 1] = f"0.0.0.0:{fleet}"
+    agg_cmd[agg_cmd.index("--control-port") + 1] = str(control)
+    log = open(tmp_path / "aggregator.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        host_argv(agg_cmd, path_map),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        listeners: list[tuple[str, int]] = []
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "aggregator.log").read_text()
+            listeners = _listeners_of(_process_tree(proc.pid))
+            ports = {p for _, p in listeners}
+            if {fleet, control} <= ports:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"SuperLink did not listen on {fleet} and {control}: {listeners}")
+        exposed = {(a, p) for a, p in listeners if not _loopback(a)}
+        assert exposed and {p for _, p in exposed} == {fleet}, listeners
+        assert all(_loopback(a) for a, p in listeners if p == control), listeners
+
+        # One region's registration (the others differ only in the key file's name).
+        reg = host_argv(svcs["register-cn"]["command"], path_map)
+        res = subprocess.run(reg, capture_output=True, text=True, timeout=120, env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "registered cn.pub" in res.stdout
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+        log.close()
+
+
+# ---- the image itself ------------------------------------------------------------------------
+
+
+def test_dockerfile_is_slim_non_root_and_quiet() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M)
+    assert re.search(r"^ARG TORCH_SPEC=torch==2\.13\.0$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    assert "FLWR_TELEMETRY_ENABLED=0" in text and "FLWR_DISABLE_UPDATE_CHECK=1" in text
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for path in (".venv", ".git", "runs", "data"):
+        assert path in ignored
+
+
+# ---- with a container engine: build the image and run one round ------------------------------
+
+
+def _engine_problem() -> str | None:
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"no docker client ({err})"
+    if info.returncode != 0:
+        return (
+            "no container engine: `docker info` failed: "
+            + (info.stderr.strip().splitlines() or ["?"])[-1][:200]
+        )
+    comp = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if comp.returncode != 0:
+        return "no `docker compose` plugin"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_compose_federation_runs_one_round(tmp_path: Path) -> None:
+    """Build the image, seed tiny fleets, bring the federation up, register the regions and run
+    one round through the launcher; the aggregator's run directory gets a checkpoint and each
+    region's ledger one release."""
+    problem = _engine_problem()
+    if problem:
+        pytest.skip(problem)
+    project = f"fedfsd-test-{os.getpid()}"
+    env = dict(
+        os.environ,
+        FEDFSD_ROUNDS="1",
+        FEDFSD_LOCAL_STEPS="2",
+        FEDFSD_VEHICLES="60",
+        FEDFSD_EPISODES="4",
+        FLEET_BIND="127.0.0.1",
+    )
+    base = ["docker", "compose", "-p", project, "-f", str(COMPOSE)]
+
+    def dc(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([*base, *args], capture_output=True, text=True, env=env,
+                             timeout=timeout)  # fmt: skip
+        assert res.returncode == 0, f"docker compose {' '.join(args)}:\n{res.stdout}{res.stderr}"
+        return res
+
+    try:
+        dc("build", timeout=1800)
+        for r in REGIONS:
+            dc("run", "--rm", f"data-{r}")
+        dc("up", "-d", "--wait", "aggregator")
+        for r in REGIONS:
+            dc("run", "--rm", f"register-{r}")
+        dc("up", "-d", *(f"region-{r}" for r in REGIONS))
+        out = dc("run", "--rm", "launcher", timeout=1800).stdout
+        assert "finished:completed" in out
+        for r in REGIONS:
+            ledger = dc("exec", "-T", f"region-{r}", "cat", "/srv/fedfsd/state/ledger.jsonl").stdout
+            assert sum('"kind": "release"' in ln for ln in ledger.splitlines()) == 1, ledger
+        ck = dc("exec", "-T", "aggregator", "sh", "-c", "ls /srv/fedfsd/aggregator/runs/*/")
+        assert "checkpoint.npz" in ck.stdout
+    finally:
+        subprocess.run([*base, "down", "-v", "--remove-orphans"], env=env, timeout=300,
+                       capture_output=True)  # fmt: skip
