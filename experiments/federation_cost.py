@@ -1,0 +1,635 @@
+"""Federation cost: where the time of a round goes, and how many bytes cross per region.
+
+    .venv/bin/python experiments/federation_cost.py --quick
+    .venv/bin/python experiments/federation_cost.py                 # full size
+    .venv/bin/python experiments/federation_cost.py --tiny          # smoke run (tests)
+
+It starts the real deployment, `fedfsd.deploy.federation.LocalFederation` (SuperLink with TLS and
+SuperNode authentication, one SuperNode + the region's own executor per region, all separate
+processes on loopback), runs a few rounds of the packaged app, and measures:
+
+- round wall time: the aggregator's own `rounds.jsonl` (`seconds`: train send-and-receive,
+  verification, FedAvg and the evaluate round of that round);
+- region task time: each region executor's `decisions.jsonl` (`seconds` from pulling the task to
+  pushing the reply: ClientApp + (de)serialisation + local Runtime API hops), per message;
+- local training: `run_local_round` timed IN THIS PROCESS on the same data and settings (the
+  ClientApp does not report its training time); likewise serialisation (Flower 1.39 deflates a
+  Message into inflatable objects: we time and size exactly that), and aggregation
+  (`verify_update` per region + `FedAvgMomentum.step`);
+- transport + waiting = round wall − slowest train task − slowest evaluate task − aggregation;
+- bytes: every SuperNode dials the Fleet API through its own counting TCP relay, so the bytes
+  are the TLS records each region really sent and received (TCP payload, no IP/TCP headers),
+  including polls and heartbeats; compared with the raw update size (float32 params × 4).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from common import (
+    DATA_CACHE,
+    bad_option,
+    console,
+    ensure_dataset,
+    load_region,
+    machine,
+    make_policy,
+    out_dir,
+    policy_toml,
+    rich_table,
+    write_json,
+)
+
+
+# -- byte counting ---------------------------------------------------------------------------------
+class CountingRelay:
+    """A TCP relay in front of the Fleet API that counts the bytes of each direction.
+
+    Why a relay and not socket statistics: connections may come and go during a run; the relay
+    sees every byte of every connection of one region and nothing else.
+    """
+
+    def __init__(self, target: tuple[str, int], host: str = "127.0.0.1") -> None:
+        self.target = target
+        self.sock = socket.create_server((host, 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.up = 0  # region → aggregator
+        self.down = 0  # aggregator → region
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def start(self) -> CountingRelay:
+        self._thread.start()
+        return self
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.up, self.down
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self.connections += 1
+                self._open += [client, upstream]
+            for src, dst, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, up), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+                with self._lock:
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        with self._lock:
+            for s in self._open:
+                s.close()
+
+
+def metered_federation(run_dir: Path, regions: dict[str, Any]) -> Any:
+    """A LocalFederation whose SuperNodes each dial the Fleet API through a CountingRelay."""
+    from fedfsd.deploy.federation import LocalFederation
+
+    class MeteredFederation(LocalFederation):
+        def __init__(self) -> None:
+            super().__init__(run_dir, regions, tls=True)
+            self.relays = {
+                n: CountingRelay((self.host, self.fleet_port)).start() for n in self.regions
+            }
+
+        def supernode_argv(self, name: str) -> list[str]:
+            argv = super().supernode_argv(name)
+            argv[argv.index("--superlink") + 1] = f"{self.host}:{self.relays[name].port}"
+            return argv
+
+        def stop(self) -> None:
+            try:
+                super().stop()
+            finally:
+                for r in self.relays.values():
+                    r.stop()
+
+    return MeteredFederation()
+
+
+# -- in-process measurements -----------------------------------------------------------------------
+def wire_size(message: Any) -> tuple[int, float]:
+    """Bytes and seconds to deflate a Flower 1.39 Message into the objects it sends."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    t = time.perf_counter()
+    objs = get_all_nested_objects(message)
+    size = sum(len(o.deflate()) for o in objs.values())
+    return size, time.perf_counter() - t
+
+
+def _message(content: Any, kind: str, reply_to: str = "") -> Any:
+    """A Message with explicit metadata (outside a Flower run there is no task identity)."""
+    from flwr.app import Message, Metadata
+
+    md = Metadata(
+        run_id=1,
+        message_id=f"m{time.monotonic_ns()}",
+        src_node_id=0 if not reply_to else 5,
+        dst_node_id=5 if not reply_to else 0,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=600,
+        message_type=kind,
+    )
+    return Message(metadata=md, content=content)
+
+
+def train_messages(
+    weights: dict[str, np.ndarray], update: dict[str, np.ndarray], cfg: dict, manifest: bytes
+) -> tuple[Any, Any]:
+    """The train instruction and reply, with the records the ServerApp and ClientApp put in."""
+    from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
+
+    from fedfsd import wire
+
+    ins = _message(
+        RecordDict(
+            {wire.ARRAYS: wire.arrays_to_record(weights), wire.CONFIG: ConfigRecord(dict(cfg))}
+        ),
+        MessageType.TRAIN,
+    )
+    reply = _message(
+        RecordDict(
+            {
+                wire.ARRAYS: wire.arrays_to_record(update),
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1, "loss": 0.5}),
+                wire.MANIFEST: ConfigRecord({wire.MANIFEST_KEY: manifest}),
+            }
+        ),
+        MessageType.TRAIN,
+        reply_to=ins.metadata.message_id,
+    )
+    return ins, reply
+
+
+def serialisation_cost(weights: dict[str, np.ndarray], cfg: dict, reps: int) -> dict[str, float]:
+    """Sizes and median deflate times of one train instruction and one train reply."""
+    from fedfsd.region.egress import guard_update, make_manifest
+
+    rng = np.random.default_rng(0)
+    new = {k: v + rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in weights.items()}
+    rel = guard_update(weights, new, 1e9)
+    manifest = make_manifest(region="xx", run_id="r", round_idx=1, release=rel).SerializeToString()
+    ins, reply = train_messages(weights, rel.arrays, cfg, manifest)
+    ins_t, rep_t = [], []
+    ins_b = rep_b = 0
+    for _ in range(reps):
+        ins_b, t = wire_size(ins)
+        ins_t.append(t)
+        rep_b, t = wire_size(reply)
+        rep_t.append(t)
+    return {
+        "train_ins_bytes": ins_b,
+        "train_reply_bytes": rep_b,
+        "train_ins_deflate_s": statistics.median(ins_t),
+        "train_reply_deflate_s": statistics.median(rep_t),
+    }
+
+
+def aggregation_cost(weights: dict[str, np.ndarray], n_regions: int, reps: int) -> float:
+    """Median seconds of the aggregator's per-round work: verify each update, then FedAvg."""
+    from fedfsd.aggregator.strategy import FedAvgMomentum
+    from fedfsd.aggregator.verify import Expectation, verify_update
+    from fedfsd.region.egress import guard_update, make_manifest
+
+    rng = np.random.default_rng(1)
+    exp = Expectation.from_weights(weights, norm_bound=1e9, run_id="r", round_idx=1)
+    ups = []
+    for i in range(n_regions):
+        new = {k: v + rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in weights.items()}
+        rel = guard_update(weights, new, 1e9)
+        ups.append(
+            (rel.arrays, make_manifest(region=f"r{i}", run_id="r", round_idx=1, release=rel))
+        )
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for u, m in ups:
+            assert verify_update(u, m, exp) is None
+        FedAvgMomentum().step(weights, [(u, 1.0) for u, _ in ups])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def local_training_cost(cfg: Cfg, data: dict[str, Path], work: Path) -> dict[str, float]:
+    """Seconds of one `run_local_round` per region, same data and settings as the federation."""
+    from fedfsd.config import load_policy
+    from fedfsd.privacy.local_round import run_local_round
+
+    out = {}
+    for r, path in data.items():
+        frames = load_region(path, "train")
+        policy = load_policy(work / "regions" / r / "policy.toml")
+        init = initial_weights(frames)
+        t = time.perf_counter()
+        run_local_round(
+            frames,
+            policy,
+            work / "local-timing" / r / "ledger.jsonl",
+            init,
+            cfg.request(),
+            "timing",
+            1,
+            "mlp",
+        )
+        out[r] = time.perf_counter() - t
+    return out
+
+
+def initial_weights(frames: Any) -> dict[str, np.ndarray]:
+    from fedfsd.models import build_model, get_weights
+
+    return get_weights(build_model("mlp", frames.features.shape[1], frames.labels.shape[1]))
+
+
+# -- the run ---------------------------------------------------------------------------------------
+@dataclass
+class Cfg:
+    """Sizes of one federation-cost run."""
+
+    regions: list[str] = field(default_factory=lambda: ["cn", "eu", "us"])
+    vehicles: int = 300
+    episodes: int = 40
+    data_seed: int = 11
+    rounds: int = 4
+    local_steps: int = 200
+    vehicles_per_step: int = 16
+    frames_per_vehicle: int = 8
+    noise_multiplier: float = 1.0
+    epsilon_budget: float = 50.0
+    round_timeout: float = 600.0
+
+    def request(self) -> Any:
+        from fedfsd.config import TrainRequest
+
+        return TrainRequest(
+            local_steps=self.local_steps,
+            lr=0.5,
+            noise_multiplier=self.noise_multiplier,
+            clip_norm=1.0,
+            vehicles_per_step=self.vehicles_per_step,
+            frames_per_vehicle=self.frames_per_vehicle,
+        )
+
+    def run_config(self, run_dir: Path) -> dict[str, Any]:
+        return {
+            "num-server-rounds": self.rounds,
+            "local-steps": self.local_steps,
+            "lr": 0.5,
+            "noise-multiplier": self.noise_multiplier,
+            "clip-norm": 1.0,
+            "vehicles-per-step": self.vehicles_per_step,
+            "frames-per-vehicle": self.frames_per_vehicle,
+            "model": "mlp",
+            "min-regions": len(self.regions),
+            "round-timeout": self.round_timeout,
+            "update-norm-bound": 20.0,
+            "run-dir": str(run_dir),
+            "run-id": "cost",
+            "plot-metric": "fde",
+        }
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(cfg: Cfg, folder: Path, data_cache: Path) -> dict[str, Any]:
+    """Start the federation, run the rounds, then collect logs, counters and in-process costs."""
+    from fedfsd.deploy.federation import RegionSpec
+
+    data = {
+        r: ensure_dataset(data_cache, r, cfg.vehicles, cfg.episodes, cfg.data_seed)
+        for r in cfg.regions
+    }
+    work = folder / "work"
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    specs = {}
+    for r in cfg.regions:
+        rdir = work / "regions" / r
+        rdir.mkdir(parents=True)
+        n = load_region(data[r], "train").n_vehicles
+        pol = make_policy(
+            r,
+            n_vehicles=n,
+            epsilon_budget=cfg.epsilon_budget,
+            noise_multiplier=cfg.noise_multiplier,
+            clip_norm=1.0,
+            update_norm_bound=20.0,
+            local_steps=cfg.local_steps,
+            vehicles_per_step=cfg.vehicles_per_step,
+            frames_per_vehicle=cfg.frames_per_vehicle,
+        )
+        (rdir / "policy.toml").write_text(policy_toml(pol))
+        specs[r] = RegionSpec(data[r], rdir / "policy.toml", rdir / "ledger.jsonl")
+    agg = work / "aggregator"
+    agg.mkdir(parents=True)
+    t0 = time.monotonic()
+    with metered_federation(work / "deploy", specs) as fed:
+        fed.wait_connected()
+        startup = time.monotonic() - t0
+        before = {r: fed.relays[r].snapshot() for r in cfg.regions}
+        t1 = time.monotonic()
+        fed.run(cfg.run_config(agg), timeout=cfg.rounds * (cfg.round_timeout + 60))
+        run_s = time.monotonic() - t1
+        after = {r: fed.relays[r].snapshot() for r in cfg.regions}
+        conns = {r: fed.relays[r].connections for r in cfg.regions}
+        decisions = {r: _jsonl(fed.region_dir(r) / "decisions.jsonl") for r in cfg.regions}
+    rounds = _jsonl(agg / "rounds.jsonl")
+    return {
+        "data": data,
+        "work": work,
+        "startup_s": startup,
+        "run_s": run_s,
+        "bytes": {
+            r: {"up": after[r][0] - before[r][0], "down": after[r][1] - before[r][1]}
+            for r in cfg.regions
+        },
+        "connections": conns,
+        "decisions": decisions,
+        "rounds": rounds,
+    }
+
+
+def analyse(cfg: Cfg, res: dict[str, Any], reps: int) -> dict[str, Any]:
+    """Per-round breakdown and per-region bytes (see module doc for how each is obtained)."""
+    frames = load_region(res["data"][cfg.regions[0]], "train")
+    weights = initial_weights(frames)
+    n_params = int(sum(v.size for v in weights.values()))
+    raw = 4 * n_params
+    ser = serialisation_cost(weights, cfg.run_config(Path("/x")), reps)
+    agg_s = aggregation_cost(weights, len(cfg.regions), reps)
+    local = local_training_cost(cfg, res["data"], res["work"])
+    train_tasks: dict[str, list[float]] = {}
+    eval_tasks: dict[str, list[float]] = {}
+    for r, recs in res["decisions"].items():
+        train_tasks[r] = [d["seconds"] for d in recs if d.get("message_type") == "train"]
+        eval_tasks[r] = [d["seconds"] for d in recs if d.get("message_type") == "evaluate"]
+    rows = []
+    local_max = max(local.values())
+    for i, rd in enumerate(res["rounds"]):
+        tr = max((v[i] for v in train_tasks.values() if len(v) > i), default=float("nan"))
+        ev = max((v[i] for v in eval_tasks.values() if len(v) > i), default=float("nan"))
+        wall = float(rd["seconds"])
+        transport = wall - tr - ev - agg_s
+        ser_s = ser["train_ins_deflate_s"] + ser["train_reply_deflate_s"]
+        rows.append(
+            {
+                "round": rd["round"],
+                "status": rd["status"],
+                "round_s": wall,
+                "train_task_s": tr,
+                "local_training_s": local_max,
+                "train_task_other_s": tr - local_max,
+                "serialisation_s": ser_s,
+                "evaluate_task_s": ev,
+                "aggregation_s": agg_s,
+                "transport_waiting_s": transport,
+                "not_training_share": 1.0 - local_max / wall,
+            }
+        )
+    later = rows[1:] or rows
+    overhead = statistics.median(r["round_s"] - r["local_training_s"] for r in later)
+    per_region = {}
+    for r, b in res["bytes"].items():
+        up_round, down_round = b["up"] / cfg.rounds, b["down"] / cfg.rounds
+        per_region[r] = {
+            "up_bytes_total": b["up"],
+            "down_bytes_total": b["down"],
+            "up_bytes_per_round": up_round,
+            "down_bytes_per_round": down_round,
+            "up_vs_raw_update": up_round / raw,
+            "down_vs_raw_model": down_round / raw,
+            "tcp_connections": res["connections"][r],
+        }
+    return {
+        "n_params": n_params,
+        "raw_update_bytes": raw,
+        "serialisation": ser,
+        "aggregation_s": agg_s,
+        "local_training_s": local,
+        "rounds": rows,
+        "overhead_s_median": overhead,
+        "projected_not_training_share_at_60s": overhead / (60.0 + overhead),
+        "bytes": per_region,
+        "startup_s": res["startup_s"],
+        "run_s": res["run_s"],
+    }
+
+
+def plot(doc: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["rounds"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(rows))
+    parts = [
+        ("local_training_s", "local training (DP)"),
+        ("train_task_other_s", "region task: (de)serialise + local hops"),
+        ("evaluate_task_s", "evaluate task"),
+        ("aggregation_s", "verify + FedAvg"),
+        ("transport_waiting_s", "transport + waiting"),
+    ]
+    bottom = np.zeros(len(rows))
+    for key, label in parts:
+        vals = np.array([max(0.0, r[key]) for r in rows])
+        ax1.bar(x, vals, bottom=bottom, label=label)
+        bottom += vals
+    ax1.set_xticks(x, [str(r["round"]) for r in rows])
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("seconds")
+    ax1.set_title("round wall time, broken down")
+    ax1.legend(fontsize=8)
+    regions = list(doc["bytes"])
+    up = [doc["bytes"][r]["up_bytes_per_round"] / 1e3 for r in regions]
+    down = [doc["bytes"][r]["down_bytes_per_round"] / 1e3 for r in regions]
+    xr = np.arange(len(regions))
+    ax2.bar(xr - 0.2, up, 0.4, label="region → aggregator (TLS)")
+    ax2.bar(xr + 0.2, down, 0.4, label="aggregator → region (TLS)")
+    ax2.axhline(doc["raw_update_bytes"] / 1e3, color="k", ls="--", label="raw update (float32)")
+    ax2.axhline(1.1 * doc["raw_update_bytes"] / 1e3, color="k", ls=":", label="1.1 × raw")
+    ax2.set_xticks(xr, regions)
+    ax2.set_ylabel("kB per round")
+    ax2.set_title("bytes per region per round")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_tables(doc: dict[str, Any]) -> None:
+    cols = [
+        "round",
+        "wall s",
+        "train task s",
+        "local training s",
+        "task other s",
+        "serialise s",
+        "evaluate s",
+        "aggregate s",
+        "transport+wait s",
+        "not training",
+    ]
+    rows = [
+        [
+            r["round"],
+            r["round_s"],
+            r["train_task_s"],
+            r["local_training_s"],
+            r["train_task_other_s"],
+            r["serialisation_s"],
+            r["evaluate_task_s"],
+            r["aggregation_s"],
+            r["transport_waiting_s"],
+            f"{100 * r['not_training_share']:.0f}%",
+        ]
+        for r in doc["rounds"]
+    ]
+    console.print(rich_table("round time (TLS, loopback)", cols, rows))
+    brow = [
+        [
+            r,
+            v["up_bytes_per_round"],
+            v["down_bytes_per_round"],
+            doc["raw_update_bytes"],
+            f"{v['up_vs_raw_update']:.3f}×",
+            f"{v['down_vs_raw_model']:.3f}×",
+            v["tcp_connections"],
+        ]
+        for r, v in doc["bytes"].items()
+    ]
+    console.print(
+        rich_table(
+            "bytes per region per round (counted on a TCP relay; TLS records incl. polls)",
+            [
+                "region",
+                "up B/round",
+                "down B/round",
+                "raw update B",
+                "up/raw",
+                "down/raw",
+                "TCP conns",
+            ],
+            brow,
+        )
+    )
+    s = doc["serialisation"]
+    console.print(
+        f"serialised train instruction {s['train_ins_bytes']} B, reply {s['train_reply_bytes']} B "
+        f"(raw update {doc['raw_update_bytes']} B, {doc['n_params']} float32 params); "
+        f"median non-training overhead per round {doc['overhead_s_median']:.2f} s → "
+        f"{100 * doc['projected_not_training_share_at_60s']:.1f}% of a round with 60 s of training"
+    )
+
+
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {},
+    "quick": {"vehicles": 120, "episodes": 12, "rounds": 3, "local_steps": 60},
+    "tiny": {
+        "vehicles": 6,
+        "episodes": 2,
+        "rounds": 2,
+        "local_steps": 2,
+        "vehicles_per_step": 2,
+        "regions": ["eu", "us"],
+        "round_timeout": 120.0,
+    },
+}
+
+
+def main(
+    quick: bool = typer.Option(False, help="a few minutes on 2 cores"),
+    tiny: bool = typer.Option(False, help="tiny fleets and 2 steps: a smoke test only"),
+    out: str = typer.Option(None, help="output folder (default experiments/out/federation_cost)"),
+    data: str = typer.Option(str(DATA_CACHE), help="cache of generated fleet datasets"),
+    rounds: int = typer.Option(None, help="rounds (overrides the size preset)"),
+    local_steps: int = typer.Option(None, help="local DP steps per round"),
+    reps: int = typer.Option(20, help="repetitions of the in-process timings"),
+) -> None:
+    """Run the federation, print the tables, write federation_cost.json and .png."""
+    if quick and tiny:
+        bad_option("choose one of --quick and --tiny")
+    preset = dict(SIZES["tiny" if tiny else "quick" if quick else "full"])
+    for key, val in (("rounds", rounds), ("local_steps", local_steps), ("reps", reps)):
+        if val is not None and val < 1:
+            bad_option(f"--{key.replace('_', '-')} must be ≥ 1")
+    if rounds:
+        preset["rounds"] = rounds
+    if local_steps:
+        preset["local_steps"] = local_steps
+    cfg = Cfg(**preset)
+    folder = out_dir("federation_cost", out)
+    res = run(cfg, folder, Path(data))
+    doc = {"config": asdict(cfg), "machine": machine(), **analyse(cfg, res, reps)}
+    doc["notes"] = [
+        "round wall: aggregator rounds.jsonl; task times: region executors' decisions.jsonl",
+        "local training, serialisation (Flower inflatable-object deflate) and aggregation "
+        "(verify_update + FedAvg) timed in-process with the same model/data/settings",
+        "transport + waiting = round wall − slowest train task − slowest evaluate task − "
+        "aggregation",
+        "bytes: counting TCP relay per region in front of the Fleet API (TLS payload, polls and "
+        "heartbeats included); per round = run total / rounds",
+        "shared 2-core machine, other work running: timings are noisy",
+    ]
+    write_json(folder / "federation_cost.json", doc)
+    plot(doc, folder / "federation_cost.png")
+    print_tables(doc)
+    console.print(f"wrote {folder / 'federation_cost.json'} and {folder / 'federation_cost.png'}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
