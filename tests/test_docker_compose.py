@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -75,17 +77,14 @@ def named_mounts(svc: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return out
 
 
-def host_argv(cmd: list[str], path_map: dict[str, str] | None = None) -> list[str]:
+def host_argv(cmd: list[str]) -> list[str]:
     """The container command line as it runs from this checkout's virtualenv."""
     argv = list(cmd)
     if argv[0] == "python":
         argv[0] = sys.executable
     elif argv[0] in PROGRAMS:
         argv[0] = str(VENV_BIN / argv[0])
-    argv = [str(REPO / a.removeprefix("/opt/fedfsd/")) if a == PKI_SCRIPT else a for a in argv]
-    for old, new in (path_map or {}).items():
-        argv = [a.replace(old, new) for a in argv]
-    return argv
+    return [str(REPO / a.removeprefix("/opt/fedfsd/")) if a == PKI_SCRIPT else a for a in argv]
 
 
 def parse_fully(cmd: list[str]) -> list[str]:
@@ -323,84 +322,158 @@ def _loopback(addr: str) -> bool:
     return addr in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
+def container_root(svc: dict[str, Any], root: Path, volumes: Path) -> Path:
+    """A host directory laid out like the service's container: each compose mount target under
+    ``root`` is a symlink to its volume (``volumes/<name>``) or bind-mounted file (docker/)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for spec in svc.get("volumes", []):
+        source, target = spec.split(":")[:2]
+        if source.startswith((".", "/")):
+            real = (DOCKER / source).resolve()
+        else:
+            real = volumes / source
+            real.mkdir(parents=True, exist_ok=True)
+        link = root / target.lstrip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(real)
+    return root
+
+
+def mapped(cmd: list[str], root: Path) -> list[str]:
+    """``host_argv`` with every container path under /srv/fedfsd moved under ``root``
+    (never the real /srv: a path the mounts do not cover stays inside the test directory)."""
+    return [
+        str(root) + a if a == CONTAINER_SRV or a.startswith(CONTAINER_SRV + "/") else a
+        for a in host_argv([str(x) for x in cmd])
+    ]
+
+
+class Procs:
+    """Long-lived commands of a test, each in its own session, all stopped at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[tuple[subprocess.Popen, Any]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop_all
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        self.procs.append((proc, log))
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait(self, pred, timeout: float, what: str, proc: subprocess.Popen, name: str) -> None:
+        """Poll ``pred``; fail with the process' log if it exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited {proc.returncode}" if proc.poll() is not None else "timed out"
+                pytest.fail(f"{what}: {name} {why}; log:\n{self.log(name)[-3000:]}")
+            time.sleep(0.5)
+
+    def stop_all(self) -> None:
+        for proc, log in reversed(self.procs):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+            log.close()
+
+
+@pytest.fixture
+def procs():
+    # A private directory, not tmp_path: other pytest sessions on this machine prune
+    # /tmp/pytest-of-<user>/ while these processes still use it.
+    root = Path(tempfile.mkdtemp(prefix="fedfsd-docker-"))
+    group = Procs(root)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_pki_aggregator_and_registration_commands_run(
-    compose: dict[str, Any], tmp_path: Path
-) -> None:
-    """Run the pki, aggregator and register-* commands of compose.yaml (paths under tmp_path,
-    free ports): keys land only where the volumes say, the SuperLink listens beyond loopback on
-    the Fleet API port alone, and a region key registers through the loopback Control API."""
+@pytest.mark.timeout(480)
+def test_compose_commands_run_on_loopback(compose: dict[str, Any], procs: Procs) -> None:
+    """Run the pki, aggregator, register-cn and region-cn commands of compose.yaml, each with
+    its own compose mounts mapped to host directories (free ports, loopback): keys land only
+    where the volumes say, the SuperLink listens beyond loopback on the Fleet API port alone,
+    the region key registers through the loopback Control API, and region-cn connects over
+    TLS + node auth with the key and CA its volumes hold, listening on loopback only."""
+    from fedfsd.deploy.pki import server_sans
     from fedfsd.deploy.processes import free_ports
 
     svcs = services(compose)
-    fleet, control = free_ports(2)
-    srv = tmp_path / "srv"
-    path_map = {CONTAINER_SRV: str(srv)}
+    fleet, control, runtime = free_ports(3)
+    vols = procs.logs / "volumes"
+
+    def root(name: str) -> Path:
+        return container_root(svcs[name], procs.logs / "containers" / name, vols)
+
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
 
-    pki_cmd = host_argv(svcs["pki"]["command"], path_map)
-    res = subprocess.run(pki_cmd, capture_output=True, text=True, timeout=60, env=env)
+    # pki: secrets stay in their volumes, only public files are copied out; idempotent
+    pki_cmd = mapped(svcs["pki"]["command"], root("pki"))
+    res = subprocess.run(pki_cmd, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in (srv / "trust").iterdir()) == ["ca.crt"]
-    assert sorted(p.name for p in (srv / "pubkeys").iterdir()) == [f"{r}.pub" for r in REGIONS]
+    assert sorted(p.name for p in (vols / "trust").iterdir()) == ["ca.crt"]
+    pubs = sorted(p.name for p in (vols / "aggregator-pubkeys").iterdir())
+    assert pubs == [f"{r}.pub" for r in REGIONS]
     for r in REGIONS:
-        private = srv / "keys" / r / r
-        assert private.stat().st_mode & 0o077 == 0
-        assert b"PRIVATE KEY" in private.read_bytes()
-        assert (srv / "pubkeys" / f"{r}.pub").read_bytes() == (
-            srv / "keys" / r / f"{r}.pub"
-        ).read_bytes()
-    assert {"ca.key", "server.key"} <= {p.name for p in (srv / "pki").iterdir()}
-    before = {r: (srv / "keys" / r / r).read_bytes() for r in REGIONS}
-    res = subprocess.run(pki_cmd, capture_output=True, text=True, timeout=60, env=env)
+        assert sorted(p.name for p in (vols / f"{r}-key").iterdir()) == [r, f"{r}.pub"]
+        assert (vols / f"{r}-key" / r).stat().st_mode & 0o077 == 0
+        assert b"PRIVATE KEY" in (vols / f"{r}-key" / r).read_bytes()
+    assert {"ca.key", "server.key"} <= {p.name for p in (vols / "aggregator-pki").iterdir()}
+    dialled = option_value(svcs["region-cn"]["command"], "--superlink").rpartition(":")[0]
+    assert dialled in server_sans(vols / "aggregator-pki" / "server.pem")
+    before = {r: (vols / f"{r}-key" / r).read_bytes() for r in REGIONS}
+    res = subprocess.run(pki_cmd, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
-    assert before == {r: (srv / "keys" / r / r).read_bytes() for r in REGIONS}  # never rotated
+    assert before == {r: (vols / f"{r}-key" / r).read_bytes() for r in REGIONS}  # kept
 
+    # aggregator: only the Fleet API listens beyond loopback
     agg_cmd = [str(a) for a in svcs["aggregator"]["command"]]
     agg_cmd[agg_cmd.index("--fleet-address") + 1] = f"0.0.0.0:{fleet}"
     agg_cmd[agg_cmd.index("--control-port") + 1] = str(control)
-    log = open(tmp_path / "aggregator.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        host_argv(agg_cmd, path_map),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        listeners: list[tuple[str, int]] = []
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "aggregator.log").read_text()
-            listeners = _listeners_of(_process_tree(proc.pid))
-            ports = {p for _, p in listeners}
-            if {fleet, control} <= ports:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"SuperLink did not listen on {fleet} and {control}: {listeners}")
-        exposed = {(a, p) for a, p in listeners if not _loopback(a)}
-        assert exposed and {p for _, p in exposed} == {fleet}, listeners
-        assert all(_loopback(a) for a, p in listeners if p == control), listeners
+    agg = procs.start("aggregator", mapped(agg_cmd, root("aggregator")), env)
+    listeners: list[tuple[str, int]] = []
 
-        # One region's registration (the others differ only in the key file's name).
-        reg = host_argv(svcs["register-cn"]["command"], path_map)
-        res = subprocess.run(reg, capture_output=True, text=True, timeout=120, env=env)
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert "registered cn.pub" in res.stdout
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-        log.close()
+    def superlink_up() -> bool:
+        nonlocal listeners
+        listeners = _listeners_of(_process_tree(agg.pid))
+        return {fleet, control} <= {p for _, p in listeners}
+
+    procs.wait(superlink_up, 120, "the SuperLink's ports", agg, "aggregator")
+    exposed = {(a, p) for a, p in listeners if not _loopback(a)}
+    assert exposed and {p for _, p in exposed} == {fleet}, listeners
+    assert all(_loopback(a) for a, p in listeners if p == control), listeners
+
+    # register-cn, through the Control API on loopback
+    reg = mapped(svcs["register-cn"]["command"], root("register-cn"))
+    res = subprocess.run(reg, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "registered cn.pub" in res.stdout
+
+    # region-cn: its own key, CA and policy from its mounts; a dataset stand-in (no round runs)
+    region_root = root("region-cn")
+    (vols / "cn-data" / "manifest.json").write_text('{"region": "cn", "vehicles": 30}')
+    region_cmd = [str(a) for a in svcs["region-cn"]["command"]]
+    region_cmd[region_cmd.index("--superlink") + 1] = f"127.0.0.1:{fleet}"
+    region_cmd += ["--runtime-port", str(runtime)]  # several SuperNodes share this host
+    region = procs.start("region-cn", mapped(region_cmd, region_root), env)
+    connected = lambda: "region cn connected" in procs.log("region-cn")  # noqa: E731
+    procs.wait(connected, 240, "region-cn to connect", region, "region-cn")
+    rlisten = _listeners_of(_process_tree(region.pid))
+    assert runtime in {p for _, p in rlisten}, rlisten
+    assert all(_loopback(a) for a, _ in rlisten), f"region-cn listens beyond loopback: {rlisten}"
+    assert (vols / "cn-state" / "logs" / "supernode.log").is_file()  # state volume in use
 
 
 # ---- the image itself ------------------------------------------------------------------------
