@@ -513,13 +513,15 @@ def _engine_problem() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_compose_federation_runs_one_round(tmp_path: Path) -> None:
+def test_compose_federation_runs_one_round() -> None:
     """Build the image, seed tiny fleets, bring the federation up, register the regions and run
     one round through the launcher; the aggregator's run directory gets a checkpoint and each
     region's ledger one release."""
     problem = _engine_problem()
     if problem:
         pytest.skip(problem)
+    from fedfsd.deploy.processes import free_ports
+
     project = f"fedfsd-test-{os.getpid()}"
     env = dict(
         os.environ,
@@ -528,6 +530,7 @@ def test_compose_federation_runs_one_round(tmp_path: Path) -> None:
         FEDFSD_VEHICLES="60",
         FEDFSD_EPISODES="4",
         FLEET_BIND="127.0.0.1",
+        FLEET_PORT=str(free_ports(1)[0]),
     )
     base = ["docker", "compose", "-p", project, "-f", str(COMPOSE)]
 
