@@ -10,6 +10,7 @@ engine is available.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -487,9 +488,43 @@ def test_dockerfile_is_slim_non_root_and_quiet() -> None:
     assert "FLWR_TELEMETRY_ENABLED=0" in text and "FLWR_DISABLE_UPDATE_CHECK=1" in text
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("0", "root")
-    ignored = (REPO / ".dockerignore").read_text().split()
+    ignored = [
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     for path in (".venv", ".git", "runs", "data"):
         assert path in ignored
+    # Everything the Dockerfile copies from the context exists and is not excluded from it.
+    sources = [
+        src
+        for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M)
+        for src in line.split()[:-1]
+    ]
+    assert sources, "no COPY from the build context"
+    for src in sources:
+        assert (REPO / src).exists(), src
+        for pattern in ignored:
+            assert not fnmatch.fnmatch(src, pattern.removeprefix("**/")), (src, pattern)
+            assert not src.startswith(pattern.rstrip("/") + "/"), (src, pattern)
+
+
+def test_pki_init_refuses_bad_input(tmp_path: Path) -> None:
+    """One red line and exit 2 for a bad region name or a certificate that lacks a needed SAN."""
+    base = [sys.executable, str(DOCKER / "pki_init.py")]
+    dirs = ["--pki", "p", "--trust", "t", "--pubkeys", "k", "--keys", "keys"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*base, *dirs, *extra], capture_output=True, text=True, cwd=tmp_path, timeout=60
+        )
+
+    bad = run("--region", "e u")
+    assert bad.returncode == 2 and "--region must be alphanumeric" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "p").exists()
+    assert run("--region", "eu", "--san", "agg.example").returncode == 0
+    missing = run("--region", "eu", "--san", "other.example")
+    assert missing.returncode == 2 and "lacks SANs ['other.example']" in missing.stderr
 
 
 # ---- with a container engine: build the image and run one round ------------------------------
