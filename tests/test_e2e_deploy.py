@@ -176,9 +176,10 @@ def test_two_rounds_over_tls_then_resume_after_aggregator_crash(
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(sorted(r["accepted"]) == list(REGIONS) for r in rounds)
     final = np.load(run_dir / "global_model.npz")
-    init = initial_weights(RunSettings.model_validate(cfg))
-    assert set(final.files) == set(init)
-    assert any(not np.allclose(final[k], init[k]) for k in init)  # the model changed
+    init = list(initial_weights(RunSettings.model_validate(cfg)).values())
+    got = [final[k] for k in final.files]  # state_dict order (names may be prefixed)
+    assert [a.shape for a in got] == [a.shape for a in init]
+    assert any(not np.allclose(a, b) for a, b in zip(got, init, strict=True))  # model changed
     for region in REGIONS:
         ledger = fed.regions[region].ledger_path
         released = _ledger_rounds(Path(ledger))
@@ -196,9 +197,11 @@ def test_killed_region_does_not_stall_the_run(fed: LocalFederation, tmp_path: Pa
         **RUN,
         "num-server-rounds": 1,
         "min-regions": 1,
-        "round-timeout": 30.0,  # bounds the wait for the dead region's reply
+        # Bounds the wait for the dead region's reply; generous so that the live region's DP
+        # round fits even on a heavily loaded 2-core machine.
+        "round-timeout": 90.0,
         "node-wait": 10.0,
-        "evaluate-timeout": 30.0,
+        "evaluate-timeout": 10.0,
         "run-dir": str(run_dir),
     }
     fed.run(cfg, timeout=240)  # raises if the run does not finish
