@@ -94,11 +94,16 @@ def parse_fully(cmd: list[str]) -> list[str]:
     import click
     import typer
 
-    if cmd[0] == "fedfsd":
-        from fedfsd.cli import app
+    if cmd[0] in ("flower-superlink", "flower-supernode"):
+        return [cmd[0]]  # argparse programs: the --help run checks their options
+    if cmd[0] in ("fedfsd", "flwr"):
+        if cmd[0] == "fedfsd":
+            from fedfsd.cli import app
+        else:
+            from flwr.cli.app import app
 
         group: click.Command = typer.main.get_command(app)
-        args, path = cmd[1:], ["fedfsd"]
+        args, path = cmd[1:], [cmd[0]]
     else:
         assert cmd[:2] == ["python", PKI_SCRIPT], f"not a fedfsd/Flower command line: {cmd}"
         import importlib.util
@@ -177,11 +182,13 @@ def test_parse_fully_rejects_bad_command_lines() -> None:
 
     good = ["fedfsd", "aggregator", "start", "--dir", "/x", "--control-port", "8000"]
     assert parse_fully(good) == ["fedfsd", "aggregator", "start"]
+    assert parse_fully(["flwr", "supernode", "list", "fedfsd"]) == ["flwr", "supernode", "list"]
     for bad in (
         ["fedfsd", "aggregator", "start", "--control-port", "eight"],
         ["fedfsd", "aggregator", "start", "--no-such-option"],
         ["fedfsd", "region", "start", "--superlink", "a:1"],  # --policy/--data/--ledger missing
         ["fedfsd", "region", "no-such-command"],
+        ["flwr", "supernode", "list", "--no-such-option"],
     ):
         with pytest.raises((click.UsageError, AssertionError)):
             parse_fully(bad)
