@@ -421,6 +421,7 @@ def plot(st: Study, summary: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     xs = sorted(st.epsilons)
@@ -440,6 +441,7 @@ def plot(st: Study, summary: dict[str, Any], path: Path) -> Path:
     ax1.axhline(nodp, color="tab:green", ls="--", label="federated, no DP")
     ax1.set_xscale("log")
     ax1.set_xticks(xs, [f"{e:g}" for e in xs])
+    ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax1.set_xlabel("ε per region (PRV)")
     ax1.set_ylabel("FDE@3 s on pooled held-out episodes (m)")
     ax1.legend(fontsize=8)
