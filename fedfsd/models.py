@@ -21,8 +21,14 @@ if TYPE_CHECKING:
 MODEL_NAMES: tuple[str, ...] = ("mlp", "bev_cnn")
 
 
-def _mlp(n_features: int, n_labels: int, hidden: int = 256, depth: int = 2) -> nn.Module:
-    """F → hidden × depth → L with GELU; Linear + element-wise only (see module doc)."""
+def _mlp(
+    n_features: int,
+    n_labels: int,
+    hidden: int = 256,
+    depth: int = 2,
+    prior: np.ndarray | None = None,
+) -> nn.Module:
+    """F → hidden × depth → L with GELU, plus a fixed linear physics prior (see `PriorMLP`)."""
     from torch import nn
 
     layers: list[nn.Module] = []
@@ -31,7 +37,41 @@ def _mlp(n_features: int, n_labels: int, hidden: int = 256, depth: int = 2) -> n
         layers += [nn.Linear(width, hidden), nn.GELU()]
         width = hidden
     layers.append(nn.Linear(width, n_labels))
-    return nn.Sequential(*layers)
+    return _prior_mlp_class()(nn.Sequential(*layers), n_features, n_labels, prior)
+
+
+def _prior_mlp_class() -> type:
+    import torch
+    from torch import nn
+
+    class PriorMLP(nn.Module):
+        """`net(x) + x @ prior`: the MLP learns the residual over a fixed linear prior.
+
+        Why: trajectory models predict far better as a correction to constant-velocity
+        extrapolation, and under DP noise every step saved matters. The prior is a
+        non-persistent buffer: it is not trained, not in the `state_dict`, never crosses the
+        border, and the aggregator (which never sees the data schema) builds the same weights
+        with a zero prior. Its only trainable layers are Linear, so the Gram-norm DP path holds.
+        """
+
+        def __init__(
+            self, net: nn.Module, n_features: int, n_labels: int, prior: np.ndarray | None
+        ) -> None:
+            super().__init__()
+            self.net = net
+            p = torch.zeros(n_features, n_labels)
+            if prior is not None:
+                p = torch.as_tensor(np.asarray(prior, dtype=np.float32))
+                if tuple(p.shape) != (n_features, n_labels):
+                    raise ValueError(
+                        f"prior has shape {tuple(p.shape)}, expected {(n_features, n_labels)}"
+                    )
+            self.register_buffer("prior", p, persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) + x @ self.prior
+
+    return PriorMLP
 
 
 def _bev_cnn(

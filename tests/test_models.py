@@ -38,7 +38,31 @@ def test_bad_names_and_weights_refused():
     m = build_model("mlp", 41, 7)
     w = get_weights(m)
     with pytest.raises(ValueError, match="missing"):
-        set_weights(m, {k: v for k, v in w.items() if k != "0.weight"})
-    w["0.weight"] = np.zeros((3, 3), np.float32)
+        set_weights(m, {k: v for k, v in w.items() if k != "net.0.weight"})
+    w["net.0.weight"] = np.zeros((3, 3), np.float32)
     with pytest.raises(ValueError, match="shape"):
         set_weights(m, w)
+
+
+def test_mlp_prior_is_fixed_and_never_in_the_weights():
+    """The constant-velocity prior shapes predictions but is not a weight that travels."""
+    import torch
+
+    from fedfsd.data.features import (
+        FEATURE_NAMES,
+        LABEL_NAMES,
+        LABEL_SCALES,
+        constant_velocity_labels,
+    )
+    from fedfsd.data.testing import make_synthetic_frames
+    from fedfsd.privacy.objective import model_kwargs
+
+    f, n_labels = len(FEATURE_NAMES), len(LABEL_NAMES)
+    frames = make_synthetic_frames(4, 5, seed=0, n_features=f)
+    kw = model_kwargs(frames, "mlp")
+    with_prior, plain = build_model("mlp", f, n_labels, **kw), build_model("mlp", f, n_labels)
+    assert set(get_weights(with_prior)) == set(get_weights(plain))  # same wire format
+    x = torch.from_numpy(frames.features[:16])
+    diff = (with_prior(x) - plain(x)).detach().numpy() * np.asarray(LABEL_SCALES)
+    np.testing.assert_allclose(diff, constant_velocity_labels(frames.features[:16]), atol=1e-3)
+    assert all(not b.requires_grad for b in with_prior.buffers())

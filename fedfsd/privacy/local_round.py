@@ -132,6 +132,7 @@ def run_local_round(
     from fedfsd import __version__
     from fedfsd.models import build_model, get_weights, set_weights
     from fedfsd.privacy.dpsgd import VehicleDPSGD, sample_rate
+    from fedfsd.privacy.objective import model_kwargs
 
     policy.check_dataset(frames.region, frames.n_vehicles)
     params = policy.effective(request)
@@ -182,7 +183,7 @@ def run_local_round(
                 raise BudgetExceeded(spent, projected, policy.epsilon_budget)
 
         bev = model_name == "bev_cnn"
-        kw = {"in_channels": int(frames.bev.shape[1])} if bev and frames.bev is not None else {}
+        kw = model_kwargs(frames, model_name)
         model = build_model(model_name, frames.features.shape[1], frames.labels.shape[1], **kw)
         set_weights(model, global_weights)
         trainer = VehicleDPSGD(

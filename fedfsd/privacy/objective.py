@@ -45,3 +45,27 @@ def predict_physical(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Model outputs for [N, *frame] input in physical units (metres, m/s^2)."""
     out = model(x)
     return out * label_scales(out.device)
+
+
+def model_kwargs(frames: object, model_name: str) -> dict[str, object]:
+    """Region-side build arguments that depend on the data: BEV channels, or the MLP's prior.
+
+    The object-list MLP starts from constant-velocity extrapolation of the ego
+    (`fedfsd.data.features.constant_velocity_labels`, linear in the features), expressed in the
+    model's output units (labels / LABEL_SCALES).
+    """
+    import numpy as np
+
+    if model_name == "bev_cnn":
+        bev = getattr(frames, "bev", None)
+        return {"in_channels": int(bev.shape[1])} if bev is not None else {}
+    if model_name != "mlp":
+        return {}
+    from fedfsd.data.features import FEATURE_NAMES, LABEL_SCALES, constant_velocity_labels
+
+    n_features = int(frames.features.shape[1])  # type: ignore[attr-defined]
+    if n_features != len(FEATURE_NAMES):
+        return {}  # not the object-list schema (synthetic test data): no physical prior
+    eye = np.eye(n_features, dtype=np.float32)
+    prior = constant_velocity_labels(eye) / np.asarray(LABEL_SCALES, dtype=np.float32)
+    return {"prior": prior.astype(np.float32)}

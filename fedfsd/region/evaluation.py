@@ -52,10 +52,10 @@ def evaluate_weights(
 
     from fedfsd.data.features import LABEL_SCALES
     from fedfsd.models import build_model, set_weights
-    from fedfsd.privacy.objective import predict_physical
+    from fedfsd.privacy.objective import model_kwargs, predict_physical
 
     bev = model_name == "bev_cnn"
-    kw = {"in_channels": int(frames.bev.shape[1])} if bev and frames.bev is not None else {}
+    kw = model_kwargs(frames, model_name)
     model = build_model(model_name, frames.features.shape[1], frames.labels.shape[1], **kw)
     set_weights(model, dict(weights))
     model.eval()
