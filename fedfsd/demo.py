@@ -184,8 +184,11 @@ def run_federation(cfg: DemoConfig, run_dir: Path, data: dict[str, Path], run_id
         with Live(
             progress_table(agg_dir, cfg, started), console=console, refresh_per_second=2
         ) as live:
+            seen_rounds = 0
             while time.monotonic() < deadline:
                 live.update(progress_table(agg_dir, cfg, started))
+                if not console.is_terminal:  # logs and CI: one plain line per finished round
+                    seen_rounds = _print_new_rounds(agg_dir, seen_rounds)
                 # `flwr ls` starts a Python process: ask it only when the run looks done
                 # (the ServerApp writes the final model) or every 15 s, not every second.
                 done = (agg_dir / "global_model.npz").exists()
@@ -379,3 +382,27 @@ def _initial_weights(cfg: DemoConfig) -> dict[str, np.ndarray]:
 def _last_epsilon(agg: Path, region: str) -> float:
     rows = [r for r in _read_csv(agg / "epsilon.csv") if r["region"] == region]
     return float(rows[-1]["epsilon"]) if rows else float("nan")
+
+
+def _print_new_rounds(agg: Path, seen: int) -> int:
+    """Print rounds.jsonl lines not printed yet (for output that is not a terminal)."""
+    path = agg / "rounds.jsonl"
+    if not path.exists():
+        return seen
+    lines = path.read_text().splitlines()
+    for line in lines[seen:]:
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            return seen  # a line being written; read it next time
+        metrics = d.get("metrics", {})
+        fde = ", ".join(
+            f"{k.split('/')[0]} FDE {v:.2f} m" for k, v in metrics.items() if "fde" in k
+        )
+        eps = ", ".join(f"{r} ε {e:.2f}" for r, e in d.get("epsilon", {}).items())
+        console.print(
+            f"round {d.get('round')}: {d.get('status')} in {d.get('seconds', 0):.0f}s; "
+            f"accepted {d.get('accepted')}; {eps}; {fde}"
+        )
+        seen += 1
+    return seen
