@@ -147,7 +147,7 @@ def policy_toml(policy: Any) -> str:
 # -- outputs ---------------------------------------------------------------------------------------
 def out_dir(name: str, given: str | None) -> Path:
     """`--out` or experiments/out/<name>/ (git-ignored), created."""
-    path = Path(given) if given else OUT_ROOT / name
+    path = Path(given).resolve() if given else OUT_ROOT / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -198,6 +198,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("virtual regions")
     ax2.set_ylabel("peak resident memory, whole process tree (MiB)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(n, [str(x) for x in n])
+        ax.set_ylim(bottom=0)
     fig.suptitle("Flower simulation engine: real ServerApp + ClientApp, vehicle-level DP")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
