@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from fedfsd.durable import fsync_dir as _fsync_dir
+
 CHECKPOINT = "checkpoint.npz"
 GLOBAL_MODEL = "global_model.npz"
 METRICS_CSV = "metrics.csv"
@@ -41,14 +43,6 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:

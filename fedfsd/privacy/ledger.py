@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from fedfsd.durable import fsync_dir as _fsync_dir
 from fedfsd.privacy.accounting import History, compute_epsilon, normalise_history
+from fedfsd.wire import array_digest
 
 SCHEMA = 1
 NORMALISATION = "sum of clipped vehicle gradients + noise, divided by expected vehicles per step"
@@ -46,22 +48,9 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def update_digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over the arrays in name order: name, dtype, shape and C-order bytes of each."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+    """sha256 over the arrays in name order (the same digest the update's manifest carries)."""
+    return array_digest(arrays)
 
 
 def _safe(s: str) -> str:
