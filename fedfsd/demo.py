@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -169,6 +170,9 @@ def run_federation(cfg: DemoConfig, run_dir: Path, data: dict[str, Path], run_id
         )
     agg_dir = run_dir / "aggregator"
     agg_dir.mkdir(parents=True, exist_ok=True)
+    # Three regions and the aggregator share one small machine here: one BLAS/OpenMP thread
+    # per process avoids oversubscribing the cores (a real region has its own machine).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     console.print("starting SuperLink (TLS, SuperNode auth) and one SuperNode per region …")
     with LocalFederation(run_dir / "deploy", regions, tls=True) as fed:
         fed.wait_connected()
