@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 REPEATS = 5
@@ -123,7 +124,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps and batch sizes")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument(
+        "--out",
+        default="experiments/out/bench_dp_step",
+        help="directory for dp_step.json (the table) and dp_step.png (the ratio plot)",
+    )
+    ap.add_argument("--json", help="also write the rows as JSON at this exact path")
     ap.add_argument("--child-time", help=argparse.SUPPRESS)
     ap.add_argument("--child-mem", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -169,6 +175,32 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dp_step.json").write_text(json.dumps(rows, indent=1))
+    _plot(rows, out / "dp_step.png")
+    print(f"wrote {out / 'dp_step.json'} and {out / 'dp_step.png'}")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    """Bar chart of DP ÷ non-private step time per model, method and batch (1.5× target line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dp = [r for r in rows if r["mode"] == "dp"]
+    labels = [f"{r['device']} {r['model']}\n{r['method']} B={r['b']}" for r in dp]
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(dp)), 4))
+    ax.bar(range(len(dp)), [r["ratio"] for r in dp], color="tab:blue")
+    ax.axhline(1.5, color="tab:red", linestyle="--", label="target 1.5×")
+    ax.set_xticks(range(len(dp)), labels, fontsize=7)
+    ax.set_ylabel("DP step ÷ non-private step")
+    ax.set_title("vehicle-level DP-SGD step cost")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -137,10 +137,12 @@ def test_cross_region_tiny(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_dp_step_quick(tmp_path: Path) -> None:
-    out_json = tmp_path / "bench.json"
-    rc, out = run_script([str(EXP / "bench_dp_step.py"), "--quick", "--json", str(out_json)], 900)
+    args = ["--quick", "--out", str(tmp_path / "out")]
+    rc, out = run_script([str(EXP / "bench_dp_step.py"), *args], 900)
     assert rc == 0, out[-3000:]
-    assert json.loads(out_json.read_text())
+    rows = json.loads((tmp_path / "out" / "dp_step.json").read_text())
+    assert {r["mode"] for r in rows} == {"dp", "non-private"}
+    assert (tmp_path / "out" / "dp_step.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -248,7 +248,9 @@ def run_local_round(
             "update_sha256": update_digest(update),
             "private": private,
             "code_version": __version__,
-            "rng": RNG_NOTE,
+            "rng": RNG_NOTE
+            if seed is None
+            else f"torch.Generator seeded with {seed} (reproducible; NOT for production)",
             "method": trainer.method if private else "non-private",
             "train_loss": train_loss if math.isfinite(train_loss) else None,
         }
