@@ -189,6 +189,18 @@ def test_two_rounds_over_tls_then_resume_after_aggregator_crash(
         last = json.loads(Path(ledger).read_text().splitlines()[-1])
         assert last["epsilon_prv"] > 0 and last["private"] is True
 
+    # The reviewer's path on this real TLS federation: reports from the region ledgers verify
+    # independently (Opacus + dp-accounting), and the global summary too.
+    from fedfsd.privacy.report import write_reports
+    from fedfsd.privacy.verify import verify_files
+
+    written = write_reports(
+        [fed.regions[r].ledger_path for r in REGIONS], tmp_path / "reports", formats=("json",)
+    )
+    results = verify_files(written)
+    assert len(results) == len(REGIONS) + 1
+    assert all(v.ok for v in results), [v.problems for v in results]
+
 
 def test_killed_region_does_not_stall_the_run(fed: LocalFederation, tmp_path: Path) -> None:
     run_dir = tmp_path / "agg"
