@@ -207,10 +207,10 @@ def run_federation(cfg: DemoConfig, run_dir: Path, data: dict[str, Path], run_id
             raise RunFailed(f"federation run ended {status!r}; logs in {fed.logs}")
 
 
-def local_only_baselines(
-    cfg: DemoConfig, run_dir: Path, data: dict[str, Path], init: dict[str, np.ndarray]
-) -> dict[str, dict[str, np.ndarray]]:
-    """Each region alone: the same DP mechanism, steps and budget, no federation."""
+def _local_only(
+    cfg: DemoConfig, run_dir: Path, region: str, data_dir: Path, init: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], float]:
+    """One region alone: its own policy, a separate ledger, the same rounds × steps."""
     from fedfsd.config import TrainRequest, load_policy
     from fedfsd.data.vehicles import load_vehicle_frames
     from fedfsd.privacy.local_round import run_local_round
@@ -224,22 +224,38 @@ def local_only_baselines(
         frames_per_vehicle=cfg.frames_per_vehicle,
         model=cfg.model,
     )
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for region in cfg.regions:
-        frames = load_vehicle_frames(data[region], split="train")
-        policy = load_policy(run_dir / "regions" / region / "policy.toml")
-        ledger = run_dir / "baselines" / region / "ledger.jsonl"
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-        weights = init
-        for rnd in range(1, cfg.rounds + 1):
-            res = run_local_round(
-                frames, policy, ledger, weights, request, f"local-{region}", rnd, cfg.model
-            )
-            weights = res.new_weights
-        console.print(
-            f"local-only {region}: {cfg.rounds}×{cfg.local_steps} DP steps, ε = {res.epsilon:.2f}"
+    frames = load_vehicle_frames(data_dir, split="train")
+    policy = load_policy(run_dir / "regions" / region / "policy.toml")
+    ledger = run_dir / "baselines" / region / "ledger.jsonl"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    weights, eps = init, float("nan")
+    for rnd in range(1, cfg.rounds + 1):
+        res = run_local_round(
+            frames, policy, ledger, weights, request, f"local-{region}", rnd, cfg.model
         )
-        out[region] = weights
+        weights, eps = res.new_weights, res.epsilon
+    return weights, eps
+
+
+def local_only_baselines(
+    cfg: DemoConfig, run_dir: Path, data: dict[str, Path], init: dict[str, np.ndarray]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Each region alone: the same DP mechanism, steps and budget, no federation.
+
+    The regions are independent, so they train in parallel processes (one per core).
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = max(1, min(len(cfg.regions), os.cpu_count() or 1))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {r: pool.submit(_local_only, cfg, run_dir, r, data[r], init) for r in cfg.regions}
+        for region, fut in futures.items():
+            weights, eps = fut.result()
+            console.print(
+                f"local-only {region}: {cfg.rounds}×{cfg.local_steps} DP steps, ε = {eps:.2f}"
+            )
+            out[region] = weights
     return out
 
 
