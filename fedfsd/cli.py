@@ -41,7 +41,9 @@ app.add_typer(deploy_app, name="deploy", help="A whole TLS federation on one mac
 def demo(
     rounds: int = typer.Option(None, help="Federated rounds (default: the demo's own)."),
     out: str = typer.Option("runs", help="Directory under which runs/<id>/ is written."),
-    data_cache: str = typer.Option(".fedfsd/demo-data", help="Where generated fleet data is cached."),
+    data_cache: str = typer.Option(
+        ".fedfsd/demo-data", help="Where generated fleet data is cached."
+    ),
 ) -> None:
     """Generate fleet data for cn, eu, us, run a TLS federation with vehicle-level DP, report."""
     from fedfsd.demo import run_demo

@@ -139,3 +139,19 @@ def test_policy_delta_must_fit_the_fleet(tmp_path, frames, weights):
     with pytest.raises(Exception, match="delta"):
         run_local_round(frames, pol, tmp_path / "l.jsonl", weights, REQ, "r", 0, "mlp")
     assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_ledger_digest_matches_the_egress_release_when_the_bound_clips(tmp_path, frames, weights):
+    """A clipped update must reach the border unchanged: the manifest's digest is the ledger's."""
+    from fedfsd.region.egress import guard_update
+
+    tight = parse_policy(
+        POLICY.format(budget=8.0).replace("update_norm_bound = 0.5", "update_norm_bound = 1e-3")
+    )
+    res = run_local_round(
+        frames, tight, tmp_path / "l.jsonl", weights, REQ, "run", 1, "mlp", seed=3
+    )
+    assert res.update_norm <= 1e-3
+    release = guard_update(weights, res.new_weights, tight.update_norm_bound)
+    assert not release.clipped  # the guard had nothing left to clip
+    assert release.sha256 == res.update_sha256

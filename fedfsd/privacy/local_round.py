@@ -81,10 +81,21 @@ def _clip_update(
     """Clip new − global to L2 ≤ bound; returns (new weights, exact update, its norm)."""
     upd = {k: (new_w[k] - global_w[k]).astype(np.float32) for k in global_w}
     norm = math.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in upd.values()))
-    scale = min(1.0, bound / (norm + 1e-12))
-    new = {k: (global_w[k] + upd[k] * np.float32(scale)).astype(np.float32) for k in global_w}
-    exact = {k: new[k] - global_w[k] for k in global_w}  # what `new − received` gives the peer
-    exact_norm = math.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in exact.values()))
+    # Aim a hair below the bound (as the egress guard does): `new − received` is recomputed in
+    # float32 at the border, and it must not land above the bound, or the guard would clip it
+    # again and the released bytes would no longer match this ledger line's digest.
+    scale = min(1.0, bound / (norm + 1e-12) * (1.0 - 1e-6)) if norm > bound else 1.0
+
+    def exact_of(s: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+        new = {k: (global_w[k] + upd[k] * np.float32(s)).astype(np.float32) for k in global_w}
+        exact = {k: new[k] - global_w[k] for k in global_w}  # what `new − received` gives
+        n = math.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in exact.values()))
+        return new, exact, n
+
+    new, exact, exact_norm = exact_of(scale)
+    while exact_norm > bound:  # pragma: no cover - only on pathological rounding
+        scale *= 1.0 - 1e-5
+        new, exact, exact_norm = exact_of(scale)
     return new, exact, exact_norm
 
 
