@@ -346,6 +346,7 @@ def run_demo(
         [run_dir / "regions" / r / "ledger.jsonl" for r in cfg.regions], run_dir / "reports"
     )
     rejected = agg / "rejected.jsonl"
+    rejected.touch()  # present (and empty) when the aggregator rejected nothing
     n_rejected = len(rejected.read_text().splitlines()) if rejected.exists() else 0
     eps = {r: _last_epsilon(agg, r) for r in cfg.regions}
     local = {k: v for k, v in scores.items() if k.startswith("local-only")}
