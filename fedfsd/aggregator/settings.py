@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# Feature/label widths of the object-list task. The aggregator may not import fedfsd.data, so
-# they are repeated here; tests/test_apps_server.py checks they equal fedfsd.data.features.
+# Feature/label widths of the object-list task: the aggregator builds the model's shapes without
+# touching the region side's schema module, so the two numbers are repeated here and
+# tests/test_apps_components.py checks they equal the region side's feature and label counts.
 DEFAULT_N_FEATURES = 45
 DEFAULT_N_LABELS = 7
 
