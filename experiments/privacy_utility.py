@@ -26,7 +26,6 @@ actually spent is read back from each region's ledger.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 import zlib
@@ -39,6 +38,7 @@ import typer
 from common import (
     DATA_CACHE,
     bad_option,
+    calibrate_sigma,
     console,
     ensure_dataset,
     load_region,
@@ -66,12 +66,24 @@ class Study:
     episodes: int = 40
     data_seed: int = 11
     synthetic: bool = False
+    # DP schedule (federated and local-only with DP). Vehicle-level DP at a few hundred vehicles
+    # per region favours few, large steps: σ grows slowly with q but the noise per step is
+    # divided by the expected vehicles per step (sweep: experiments/README.md).
     rounds: int = 10
-    local_steps: int = 50
-    lr: float = 0.5
-    vehicles_per_step: int = 16
+    local_steps: int = 3
+    lr: float = 0.2
+    vehicles_per_step: int = 128
     frames_per_vehicle: int = 8
     clip_norm: float = 1.0
+    server_momentum: float = 0.0
+    server_lr: float = 1.0
+    # Non-private schedule (centralised, local-only and federated without DP): without noise
+    # more steps keep helping, so these models get many more, smaller steps. The centralised
+    # model takes `len(regions)` × vehicles per step (it sees all regions' data).
+    np_rounds: int = 10
+    np_local_steps: int = 200
+    np_lr: float = 0.1
+    np_vehicles_per_step: int = 16
     update_norm_bound: float = 20.0
     epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
     local_dp_epsilon: float = 8.0
@@ -79,57 +91,47 @@ class Study:
     model: str = "mlp"
 
 
-# -- calibration -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def calibrate_sigma(target_eps: float, delta: float, q: float, steps: int) -> float:
-    """σ for `steps` steps at rate q to spend at most `target_eps` (PRV), checked with fedfsd.
-
-    The search stops within 2% below the target (each PRV evaluation costs about a CPU-second).
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    from fedfsd.privacy.accounting import compute_epsilon
-
-    sigma = float(
-        get_noise_multiplier(
-            target_epsilon=target_eps,
-            target_delta=delta,
-            sample_rate=q,
-            steps=steps,
-            accountant="prv",
-            epsilon_tolerance=0.02 * target_eps,
-        )
-    )
-    # fedfsd's ledger refines the PRV mesh for small ε: never plan a run its own budget refuses.
-    while compute_epsilon([(sigma, q, steps)], delta, "prv") > target_eps:
-        sigma *= 1.01
-    return sigma
-
-
 # -- training --------------------------------------------------------------------------------------
 def _seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
-def _request(st: Study, vehicles_per_step: int | None = None) -> Any:
+@dataclass(frozen=True)
+class Schedule:
+    """Rounds, steps and step size of one condition."""
+
+    rounds: int
+    local_steps: int
+    lr: float
+    vehicles_per_step: int
+
+
+def schedule(st: Study, private: bool, vps_factor: int = 1) -> Schedule:
+    """The DP schedule or the non-private one (see `Study`)."""
+    if private:
+        return Schedule(st.rounds, st.local_steps, st.lr, st.vehicles_per_step * vps_factor)
+    return Schedule(st.np_rounds, st.np_local_steps, st.np_lr, st.np_vehicles_per_step * vps_factor)
+
+
+def _request(st: Study, sc: Schedule) -> Any:
     from fedfsd.config import TrainRequest
 
     return TrainRequest(
-        local_steps=st.local_steps,
-        lr=st.lr,
+        local_steps=sc.local_steps,
+        lr=sc.lr,
         noise_multiplier=0.0,  # the aggregator asks for nothing: each region's policy decides σ
         clip_norm=st.clip_norm,
-        vehicles_per_step=vehicles_per_step or st.vehicles_per_step,
+        vehicles_per_step=sc.vehicles_per_step,
         frames_per_vehicle=st.frames_per_vehicle,
         model=st.model,
     )
 
 
-def _policy(st: Study, frames: Any, eps: float | None, vehicles_per_step: int | None = None) -> Any:
+def _policy(st: Study, frames: Any, eps: float | None, sc: Schedule) -> Any:
     """The region's policy for one condition; `eps=None` means non-private."""
     from fedfsd.privacy.dpsgd import sample_rate
 
-    vps = vehicles_per_step or st.vehicles_per_step
+    vps = sc.vehicles_per_step
     probe = make_policy(
         frames.region,
         n_vehicles=frames.n_vehicles,
@@ -137,14 +139,14 @@ def _policy(st: Study, frames: Any, eps: float | None, vehicles_per_step: int | 
         noise_multiplier=1.0,
         clip_norm=st.clip_norm,
         update_norm_bound=st.update_norm_bound,
-        local_steps=st.local_steps,
+        local_steps=sc.local_steps,
         vehicles_per_step=vps,
         frames_per_vehicle=st.frames_per_vehicle,
     )
     if eps is None:
         return probe.model_copy(update={"epsilon_budget": 1e9})
     q = sample_rate(vps, frames.n_vehicles)
-    sigma = calibrate_sigma(eps, probe.delta, q, st.rounds * st.local_steps)
+    sigma = calibrate_sigma(eps, probe.delta, q, sc.rounds * sc.local_steps)
     return probe.model_copy(update={"epsilon_budget": eps, "min_noise_multiplier": sigma})
 
 
@@ -165,18 +167,19 @@ def train_alone(
     work: Path,
     tag: str,
     seed: int,
-    vehicles_per_step: int | None = None,
+    vps_factor: int = 1,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """rounds × local steps of `run_local_round` on one fleet (local-only or centralised)."""
     from fedfsd.privacy.ledger import Ledger
     from fedfsd.privacy.local_round import run_local_round
 
-    policy = _policy(st, frames, eps, vehicles_per_step)
+    sc = schedule(st, eps is not None, vps_factor)
+    policy = _policy(st, frames, eps, sc)
     ledger = work / f"{tag}-s{seed}" / "ledger.jsonl"
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    request = _request(st, vehicles_per_step)
+    request = _request(st, sc)
     weights = init
-    for rnd in range(1, st.rounds + 1):
+    for rnd in range(1, sc.rounds + 1):
         res = run_local_round(
             frames,
             policy,
@@ -217,16 +220,17 @@ def federate(
     from fedfsd.privacy.local_round import run_local_round
     from fedfsd.region.egress import guard_update, make_manifest, num_examples
 
-    policies = {r: _policy(st, f, eps) for r, f in trains.items()}
+    sc = schedule(st, eps is not None)
+    policies = {r: _policy(st, f, eps, sc) for r, f in trains.items()}
     ledgers = {r: work / f"{tag}-s{seed}" / r / "ledger.jsonl" for r in trains}
     for p in ledgers.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     run_id = f"{tag}-s{seed}"
-    request = _request(st)
-    strategy = FedAvgMomentum()
+    request = _request(st, sc)
+    strategy = FedAvgMomentum(server_lr=st.server_lr, momentum=st.server_momentum)
     weights = init
     rejected: list[str] = []
-    for rnd in range(1, st.rounds + 1):
+    for rnd in range(1, sc.rounds + 1):
         exp = Expectation.from_weights(
             weights, norm_bound=st.update_norm_bound, run_id=run_id, round_idx=rnd
         )
@@ -268,7 +272,7 @@ def federate(
     for r, pol in policies.items():
         info["regions"][r] = {
             "sigma": pol.min_noise_multiplier if eps is not None else 0.0,
-            "q": st.vehicles_per_step / trains[r].n_vehicles,
+            "q": sc.vehicles_per_step / trains[r].n_vehicles,
             "delta": pol.delta,
             "vehicles": trains[r].n_vehicles,
             "epsilon_spent": (
@@ -322,7 +326,7 @@ def run_study(st: Study, work: Path, data_cache: Path) -> dict[str, Any]:
             work,
             "centralised",
             seed,
-            vehicles_per_step=st.vehicles_per_step * len(st.regions),
+            vps_factor=len(st.regions),
         )
         record("centralised (pooled, no DP)", w, t)
         for r in st.regions:
@@ -557,7 +561,14 @@ def print_tables(st: Study, doc: dict[str, Any]) -> None:
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": {},
-    "quick": {"vehicles": 120, "episodes": 12, "rounds": 6, "local_steps": 25, "seeds": [0, 1]},
+    "quick": {
+        "vehicles": 120,
+        "episodes": 12,
+        "vehicles_per_step": 48,
+        "np_rounds": 5,
+        "np_local_steps": 60,
+        "seeds": [0, 1],
+    },
     "tiny": {
         "synthetic": True,
         "vehicles": 40,
@@ -565,6 +576,9 @@ SIZES: dict[str, dict[str, Any]] = {
         "rounds": 2,
         "local_steps": 3,
         "vehicles_per_step": 8,
+        "np_rounds": 2,
+        "np_local_steps": 3,
+        "np_vehicles_per_step": 8,
         "seeds": [0, 1],
         "epsilons": [8.0],
     },
@@ -582,6 +596,12 @@ def main(
     vehicles: int = typer.Option(None, help="fleet size per region (generated data)"),
     episodes: int = typer.Option(None, help="episodes per region (generated data)"),
     lr: float = typer.Option(None, help="local SGD learning rate"),
+    vehicles_per_step: int = typer.Option(None, help="expected vehicles per DP step"),
+    clip_norm: float = typer.Option(None, help="per-vehicle clipping norm C"),
+    server_momentum: float = typer.Option(None, help="aggregator momentum (0 = FedAvg)"),
+    np_local_steps: int = typer.Option(
+        None, help="local steps per round of the non-private models (centralised, no-DP)"
+    ),
     epsilons: str = typer.Option(None, help="comma-separated ε targets, e.g. 1,3,8"),
 ) -> None:
     """Run the study, print the tables, write privacy_utility.json and privacy_utility.png."""
@@ -594,11 +614,18 @@ def main(
         ("vehicles", vehicles),
         ("episodes", episodes),
         ("lr", lr),
+        ("vehicles_per_step", vehicles_per_step),
+        ("clip_norm", clip_norm),
+        ("np_local_steps", np_local_steps),
     ):
         if val is not None:
             if val <= 0:
                 bad_option(f"--{key.replace('_', '-')} must be > 0")
             preset[key] = val
+    if server_momentum is not None:
+        if not 0 <= server_momentum < 1:
+            bad_option("--server-momentum must be in [0, 1)")
+        preset["server_momentum"] = server_momentum
     if seeds is not None:
         if seeds < 1:
             bad_option("--seeds must be ≥ 1")
@@ -633,8 +660,10 @@ def main(
             "FedAvgMomentum (FedAvg, equal weights); same algorithm as over gRPC minus transport",
             "σ per region from opacus get_noise_multiplier(accountant='prv') for q and "
             "rounds × local steps; ε spent read back from each region's ledger",
-            "centralised: non-private, pooled train splits, same rounds × steps, "
-            f"{len(st.regions)}× vehicles per step",
+            "centralised: non-private, pooled train splits, the non-private schedule "
+            f"(np_rounds × np_local_steps at np_lr) with {len(st.regions)}× vehicles per step; "
+            "local-only and federated without DP use the same non-private schedule, with DP "
+            "the DP schedule (rounds × local_steps at lr, vehicles_per_step)",
             "test sets: held-out episodes (episode-level split from each dataset's manifest); "
             "'pooled' is frame-weighted over the training regions; "
             f"{st.holdout} took no part in training",

@@ -166,6 +166,10 @@ def test_federation_cost_tiny(tmp_path: Path) -> None:
         assert b["tcp_connections"] >= 1
     for row in doc["rounds"]:
         assert row["round_s"] > 0 and row["train_task_s"] > 0
+        # DP training time comes from the regions' own ledgers and sits inside the train task.
+        assert 0 < row["local_training_s"] < row["train_task_s"] < row["round_s"]
+        assert 0 < row["not_training_share"] < 1
+        assert row["evaluate_task_s"] > 0  # evaluate-every defaults to 1
 
 
 @pytest.mark.slow

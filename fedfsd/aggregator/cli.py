@@ -107,6 +107,12 @@ def run(
     frames_per_vehicle: int = typer.Option(8, min=1, help="Frames per vehicle per step."),
     model: str = typer.Option("mlp", help="Model: mlp | bev_cnn."),
     server_momentum: float = typer.Option(0.0, min=0, max=0.999, help="0 = plain FedAvg."),
+    evaluate_every: int = typer.Option(
+        1,
+        min=1,
+        help="Score the global model on the regions' test episodes after every k-th round "
+        "(always after the last); each evaluation is an extra exchange with a model copy.",
+    ),
     update_norm_bound: float = typer.Option(5.0, min=0, help="Aggregator's L2 bound check."),
     run_dir: Path = typer.Option(None, help="Checkpoints/metrics (default: DIR/runs/<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR's last checkpoint."),
@@ -138,6 +144,7 @@ def run(
         "round-timeout": round_timeout,
         "node-wait": node_wait,
         "evaluate-timeout": round_timeout,
+        "evaluate-every": evaluate_every,
         "local-steps": local_steps,
         "lr": lr,
         "noise-multiplier": noise_multiplier,

@@ -45,6 +45,11 @@ class RunSettings(BaseModel):
     # How long a round waits for `min-regions` nodes to be connected (default: round-timeout).
     node_wait: float | None = Field(None, gt=0, alias="node-wait")
     evaluate_timeout: float | None = Field(None, gt=0, alias="evaluate-timeout")
+    # Score the global model on the regions' test episodes after every k-th round (and always
+    # after the last). Each evaluation is a second message exchange with a full copy of the
+    # model, so k > 1 trades monitoring detail for round time and downlink bytes
+    # (experiments/federation_cost.py measures both).
+    evaluate_every: int = Field(1, ge=1, alias="evaluate-every")
     run_dir: str = Field("", alias="run-dir")
     run_id: str = Field("", alias="run-id")
     resume: bool = False
@@ -66,6 +71,10 @@ class RunSettings(BaseModel):
     @property
     def evaluate_timeout_s(self) -> float:
         return self.evaluate_timeout if self.evaluate_timeout is not None else self.round_timeout
+
+    def evaluates_after(self, rnd: int) -> bool:
+        """Whether round `rnd` ends with an evaluate exchange."""
+        return rnd % self.evaluate_every == 0 or rnd >= self.num_server_rounds
 
     def train_request(self) -> dict[str, Any]:
         """What each region is asked to do (ConfigRecord "config"; the policy may tighten it)."""

@@ -41,6 +41,10 @@ def main() -> None:
             sci.time = _FastTime(cap)  # type: ignore[assignment]
     except ImportError as err:  # pragma: no cover - only on an unexpected flwr layout
         print(f"fedfsd: SuperNode poll patch skipped: {err}", file=sys.stderr)
+    from fedfsd.deploy.latency import fast_object_pulls
+
+    for site in fast_object_pulls(("flwr.supernode.start_client_internal",)):
+        print(f"fedfsd: object-pull back-off patch skipped: {site}", file=sys.stderr)
     from flwr.supernode.cli import flower_supernode
 
     from fedfsd.deploy.watchdog import start_parent_watchdog

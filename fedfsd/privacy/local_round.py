@@ -18,6 +18,7 @@ The whole round holds an exclusive lock on the ledger, so two processes cannot b
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -209,6 +210,7 @@ def run_local_round(
             device=device,
         )
         losses: list[float] = []
+        train_started = time.perf_counter()
         for s in range(params.steps):
             r = trainer.step(frames)
             if r.n_vehicles:
@@ -217,6 +219,7 @@ def run_local_round(
                 progress(s + 1, params.steps)
             if s == params.steps // 2:
                 fault_point("train")
+        train_seconds = time.perf_counter() - train_started
         if private:
             trainer.check_sample_rate()
             if trainer.history != after:
@@ -264,6 +267,9 @@ def run_local_round(
             else f"torch.Generator seeded with {seed} (reproducible; NOT for production)",
             "method": trainer.method if private else "non-private",
             "train_loss": train_loss if math.isfinite(train_loss) else None,
+            # Wall time of the DP-SGD steps alone (not accounting, not I/O): lets the region
+            # operator, and experiments/federation_cost.py, separate training from overhead.
+            "train_seconds": round(train_seconds, 4),
         }
         ledger.write_cache(run_id, round_idx, new_w)
         fault_point("cache")
