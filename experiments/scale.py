@@ -209,7 +209,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"regions": [4, 16, 64], "rounds": 3, "local_steps": 5},
+    "full": {"regions": [4, 16, 64, 256], "rounds": 3, "local_steps": 5},
     "quick": {"regions": [4, 8], "rounds": 3, "local_steps": 5},
     "tiny": {"regions": [2], "rounds": 2, "local_steps": 1},
 }

@@ -110,12 +110,32 @@ def test_privacy_utility_tiny(tmp_path: Path) -> None:
     assert "MET" in out or "MISSED" in out
 
 
+def test_dp_schedule_sweep_tiny(tmp_path: Path) -> None:
+    rc, out = run_script([str(EXP / "dp_schedule_sweep.py"), "--tiny", "--out", str(tmp_path)], 600)
+    assert rc == 0, out[-3000:]
+    doc = json.loads((tmp_path / "dp_schedule_sweep.json").read_text())
+    _png(tmp_path / "dp_schedule_sweep.png")
+    assert [r["steps"] for r in doc["rows"]] == [2, 3]
+    # σ is calibrated per schedule: 4 steps need more noise than 3 at the same q and ε.
+    first, second = doc["rows"]
+    assert all(first["sigma"][r] > second["sigma"][r] > 0 for r in ("cn", "eu", "us"))
+    for row in doc["rows"]:
+        for r in ("cn", "eu", "us"):
+            assert row[f"fed_{r}"][0] > 0 and row[f"local_{r}"][0] > 0
+            assert row["fed_beats_local_on_own_region"][r] == (
+                row[f"fed_{r}"][0] < row[f"local_{r}"][0]
+            )
+    assert set(doc["references"]) == {"untrained (prior only)", "centralised (no DP, 6 steps)"}
+
+
 def test_bad_options_fail_with_one_red_line(tmp_path: Path) -> None:
     for script, args in (
         ("privacy_utility.py", ["--seeds", "0"]),
         ("privacy_utility.py", ["--epsilons", "a,b"]),
         ("scale.py", ["--regions", "four"]),
         ("federation_cost.py", ["--rounds", "0"]),
+        ("dp_schedule_sweep.py", ["--schedules", "10x3@0.2"]),
+        ("federation_cost.py", ["--evaluate-every", "0"]),
     ):
         rc, out = run_script([str(EXP / script), *args, "--out", str(tmp_path)], 120)
         assert rc == 2, out
