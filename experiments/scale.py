@@ -32,29 +32,13 @@ from typing import Any
 import typer
 from common import bad_option, console, machine, out_dir, rich_table, write_json
 
+from fedfsd.deploy.processes import descendants, terminate
+
 HERE = Path(__file__).resolve()
 CRASHED = "Simulation Runtime crashed"  # Flower's log line when Ray or the backend failed
 
 
 # -- memory of a process tree ----------------------------------------------------------------------
-def descendants(root: int) -> set[int]:
-    """Process ids below `root` (Linux /proc)."""
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
 def rss_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -73,13 +57,7 @@ def tree_rss_mib(root: int) -> tuple[float, int]:
 
 def kill_tree(root: int) -> None:
     """SIGTERM, then SIGKILL, the child and everything below it (Ray leaves daemons behind)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in descendants(root) | {root}:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(1.0)
+    terminate(descendants(root) | {root}, grace=1.0)
 
 
 # -- one size, in a child process ------------------------------------------------------------------

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from fedfsd.deploy.processes import descendants, terminate
 
 APPS = Path(__file__).resolve().parent / "apps"
 
@@ -43,45 +43,19 @@ def _run(cfg: dict, snapshot: Path, sim: dict, n: int) -> None:
         stop.set()
 
 
-def _descendants(root: int) -> set[int]:
-    """Process ids below `root` (Linux /proc; no psutil in the venv)."""
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
 def _stop_ray(before: set[int]) -> None:
     """Shut Ray down and kill what the simulation started (processes not in `before`)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    left = _descendants(os.getpid()) - before
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 5
-        while (left := left & _descendants(os.getpid())) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    terminate(descendants(os.getpid()) - before)
 
 
 @pytest.fixture
 def stops_ray() -> Iterator[None]:
     """Stop Ray and every process the simulation started, even if Ray failed to start."""
-    before = _descendants(os.getpid())
+    before = descendants(os.getpid())
     try:
         yield
     finally:
@@ -114,7 +88,7 @@ def test_federation_rejects_bad_updates_refuses_over_budget_and_resumes(
         base = tmp_path / f"attempt{attempt}"
         run_dir, ledgers, snap = base / "run", base / "ledgers", base / "after-round-4"
         cfg, sim = _configs(run_dir, ledgers)
-        before = _descendants(os.getpid())
+        before = descendants(os.getpid())
         try:
             _run(cfg, snap, sim, 4)
             break

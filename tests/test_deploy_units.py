@@ -176,3 +176,31 @@ def test_watchdog_stops_a_child_whose_parent_was_killed() -> None:
     finally:
         if not _gone(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_descendants_and_terminate_stop_a_whole_tree_even_one_ignoring_sigterm() -> None:
+    import subprocess
+    import time
+
+    from fedfsd.deploy.processes import descendants, terminate
+
+    # bash → a sleep, and a sleep that ignores SIGTERM (SIG_IGN survives the exec)
+    script = "sleep 60 & (trap '' TERM; sleep 60) & wait"
+    proc = subprocess.Popen(["bash", "-c", script])
+    try:
+        deadline = time.monotonic() + 10
+        while len(descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = descendants(proc.pid)
+        assert len(tree) >= 2 and proc.pid not in tree
+        t0 = time.monotonic()
+        terminate(tree | {proc.pid}, grace=0.5)
+        assert time.monotonic() - t0 < 5
+        proc.wait(timeout=5)
+        assert not (descendants(proc.pid) & tree)
+        for pid in tree:  # gone, or a zombie waiting for init to reap it
+            stat = Path(f"/proc/{pid}/stat")
+            assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

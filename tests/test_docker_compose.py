@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
+from fedfsd.deploy.processes import descendants
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -308,24 +310,6 @@ def _listeners_of(pids: set[int]) -> list[tuple[str, int]]:
     return out
 
 
-def _process_tree(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rpartition(")")[2].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        out.add(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def _loopback(addr: str) -> bool:
     return addr in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
@@ -455,7 +439,7 @@ def test_compose_commands_run_on_loopback(compose: dict[str, Any], procs: Procs)
 
     def superlink_up() -> bool:
         nonlocal listeners
-        listeners = _listeners_of(_process_tree(agg.pid))
+        listeners = _listeners_of({agg.pid} | descendants(agg.pid))
         return {fleet, control} <= {p for _, p in listeners}
 
     procs.wait(superlink_up, 120, "the SuperLink's ports", agg, "aggregator")
@@ -478,7 +462,7 @@ def test_compose_commands_run_on_loopback(compose: dict[str, Any], procs: Procs)
     region = procs.start("region-cn", mapped(region_cmd, region_root), env)
     connected = lambda: "region cn connected" in procs.log("region-cn")  # noqa: E731
     procs.wait(connected, 240, "region-cn to connect", region, "region-cn")
-    rlisten = _listeners_of(_process_tree(region.pid))
+    rlisten = _listeners_of({region.pid} | descendants(region.pid))
     assert runtime in {p for _, p in rlisten}, rlisten
     assert all(_loopback(a) for a, _ in rlisten), f"region-cn listens beyond loopback: {rlisten}"
     assert (vols / "cn-state" / "logs" / "supernode.log").is_file()  # state volume in use

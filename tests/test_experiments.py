@@ -13,31 +13,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from fedfsd.deploy.processes import descendants, terminate
+
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments"
-
-
-def _descendants(root: int) -> set[int]:
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier} - found
-        found |= frontier
-    return found
 
 
 def run_script(args: Sequence[str], timeout: float, cwd: Path = ROOT) -> tuple[int, str]:
@@ -62,14 +46,7 @@ def run_script(args: Sequence[str], timeout: float, cwd: Path = ROOT) -> tuple[i
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 pass
-        left = _descendants(proc.pid) | ({proc.pid} if proc.poll() is None else set())
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
+        terminate(descendants(proc.pid) | ({proc.pid} if proc.poll() is None else set()), 0.5)
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -251,3 +251,52 @@ def wait_for_port(host: str, port: int, timeout: float, proc: ManagedProcess | N
 def wait_for_log(proc: ManagedProcess, needle: str, timeout: float) -> None:
     """Wait until ``needle`` appears in the process' log."""
     wait_until(lambda: needle in proc.log_tail(1_000_000), timeout, f"{needle!r} in log", proc)
+
+
+def _parent_pids() -> dict[int, tuple[int, str]]:
+    """pid → (parent pid, state letter) of every process (Linux /proc; no psutil here)."""
+    out: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process ended while we looked
+            out[int(entry.name)] = (int(fields[1]), fields[0])
+    return out
+
+
+def descendants(root: int) -> set[int]:
+    """Process ids below `root` (children, grandchildren, …), not `root` itself.
+
+    Needed where Flower or Ray start daemons that outlive their parent's group (Ray's GCS and
+    raylet, Flower's SuperExec): tests and experiments stop and measure whole process trees.
+    """
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in _parent_pids().items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def terminate(pids: set[int], grace: float = 5.0) -> None:
+    """SIGTERM `pids`, wait up to `grace` seconds for them to end, then SIGKILL what is left."""
+    left = set(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while left and time.monotonic() < deadline:
+            running = {p for p, (_, state) in _parent_pids().items() if state not in "ZX"}
+            left &= running  # a zombie has ended; only its parent's wait() is missing
+            if left:
+                time.sleep(0.1)
+        if not left:
+            return
