@@ -250,6 +250,21 @@ def peak_rss_mib(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
+def sized_preset(
+    sizes: dict[str, dict[str, Any]], quick: bool, tiny: bool, **overrides: float | None
+) -> dict[str, Any]:
+    """The size preset (--quick, --tiny or full) with every given override (> 0) applied."""
+    if quick and tiny:
+        bad_option("choose one of --quick and --tiny")
+    preset = dict(sizes["tiny" if tiny else "quick" if quick else "full"])
+    for key, val in overrides.items():
+        if val is not None:
+            if val <= 0:
+                bad_option(f"--{key.replace('_', '-')} must be > 0")
+            preset[key] = val
+    return preset
+
+
 def bad_option(msg: str) -> None:
     """One red line and exit code 2 (no traceback) for bad command-line input."""
     console.print(f"[red]error:[/] {msg}")

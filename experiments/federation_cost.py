@@ -50,6 +50,7 @@ from common import (
     out_dir,
     policy_toml,
     rich_table,
+    sized_preset,
     write_json,
 )
 
@@ -461,6 +462,9 @@ def analyse(cfg: Cfg, res: dict[str, Any], reps: int) -> dict[str, Any]:
     ser_s = ser["train_ins_deflate_s"] + ser["train_reply_deflate_s"]
     trains = {r: _per_round(d, "train") for r, d in res["decisions"].items()}
     evals = {r: _per_round(d, "evaluate") for r, d in res["decisions"].items()}
+    # The executor does not log an evaluate task's round, so the k-th evaluate task of a region
+    # belongs to the k-th round that evaluated (the one whose summary has metrics).
+    ev_rounds = [int(x["round"]) for x in res["rounds"] if x.get("metrics")]
     rows = []
     for rd in res["rounds"]:
         i = int(rd["round"]) - 1
@@ -470,9 +474,6 @@ def analyse(cfg: Cfg, res: dict[str, Any], reps: int) -> dict[str, Any]:
             for r, led in res["ledgers"].items()
             if len(led) > i
         }
-        # evaluate messages carry the round in group_id; the executor does not log it, so the
-        # k-th evaluate task of a region belongs to the k-th round that evaluated
-        ev_rounds = [int(x["round"]) for x in res["rounds"] if x.get("metrics")]
         k = ev_rounds.index(i + 1) if (i + 1) in ev_rounds else None
         ev = max(
             (float(v[k]["seconds"]) for v in evals.values() if k is not None and len(v) > k),
@@ -710,20 +711,16 @@ def main(
     reps: int = typer.Option(20, help="repetitions of the in-process timings"),
 ) -> None:
     """Run the federation, print the tables, write federation_cost.json and .png."""
-    if quick and tiny:
-        bad_option("choose one of --quick and --tiny")
-    preset = dict(SIZES["tiny" if tiny else "quick" if quick else "full"])
-    for key, val in (
-        ("rounds", rounds),
-        ("local_steps", local_steps),
-        ("train_seconds", train_seconds),
-        ("vehicles_per_step", vehicles_per_step),
-        ("evaluate_every", evaluate_every),
-    ):
-        if val is not None:
-            if val <= 0:
-                bad_option(f"--{key.replace('_', '-')} must be > 0")
-            preset[key] = val
+    preset = sized_preset(
+        SIZES,
+        quick,
+        tiny,
+        rounds=rounds,
+        local_steps=local_steps,
+        train_seconds=train_seconds,
+        vehicles_per_step=vehicles_per_step,
+        evaluate_every=evaluate_every,
+    )
     if reps < 1:
         bad_option("--reps must be ≥ 1")
     if local_steps is not None:

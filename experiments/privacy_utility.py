@@ -48,6 +48,7 @@ from common import (
     out_dir,
     pool_frames,
     rich_table,
+    sized_preset,
     synthetic_region,
     write_json,
 )
@@ -606,23 +607,19 @@ def main(
     epsilons: str = typer.Option(None, help="comma-separated ε targets, e.g. 1,3,8"),
 ) -> None:
     """Run the study, print the tables, write privacy_utility.json and privacy_utility.png."""
-    if quick and tiny:
-        bad_option("choose one of --quick and --tiny")
-    preset = dict(SIZES["tiny" if tiny else "quick" if quick else "full"])
-    for key, val in (
-        ("rounds", rounds),
-        ("local_steps", local_steps),
-        ("vehicles", vehicles),
-        ("episodes", episodes),
-        ("lr", lr),
-        ("vehicles_per_step", vehicles_per_step),
-        ("clip_norm", clip_norm),
-        ("np_local_steps", np_local_steps),
-    ):
-        if val is not None:
-            if val <= 0:
-                bad_option(f"--{key.replace('_', '-')} must be > 0")
-            preset[key] = val
+    preset = sized_preset(
+        SIZES,
+        quick,
+        tiny,
+        rounds=rounds,
+        local_steps=local_steps,
+        vehicles=vehicles,
+        episodes=episodes,
+        lr=lr,
+        vehicles_per_step=vehicles_per_step,
+        clip_norm=clip_norm,
+        np_local_steps=np_local_steps,
+    )
     if server_momentum is not None:
         if not 0 <= server_momentum < 1:
             bad_option("--server-momentum must be in [0, 1)")
