@@ -107,7 +107,12 @@ def test_torn_last_line_is_reported_not_counted_and_cut(tmp_path, frames, weight
     led = tmp_path / "eu.jsonl"
     run_local_round(frames, policy(), led, weights, REQ, "r", 0, "mlp", seed=0)
     good = led.read_bytes()
-    led.write_bytes(good + b'{"kind": "release", "schema": 1, "run_id": "r", "rou')
+    # A crash half-way through writing round 1's line: the head of the real next line, and no
+    # release marker (the marker is written only once the line is durable).
+    run_local_round(frames, policy(), led, weights, REQ, "r", 1, "mlp", seed=0)
+    nxt = led.read_bytes()[len(good) :]
+    led.write_bytes(good + nxt[: len(nxt) // 2])
+    Ledger(led).cache_dir.joinpath(Ledger(led).cache_path("r", 1).stem + ".released").unlink()
     lg = Ledger(led)
     assert lg.torn_tail is not None and len(lg.releases()) == 1
     assert lg.history() == [(1.0, 0.1, 5)]

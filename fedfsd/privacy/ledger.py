@@ -4,11 +4,23 @@ One ledger per region and fleet. The first line opens it (region, fleet, δ, bud
 ledger is private); every release appends one line holding the mechanism parameters and the
 cumulative accountant history *after* that release, so the last line alone reproduces ε.
 
+Tamper evidence: every line starts with `"prev"`, the sha256 of the previous line's bytes (the
+open record has `"prev": ""` and starts the chain), and ends with `"sig"`, the region's Ed25519
+signature over the rest of the line (fedfsd.privacy.signing; the open record carries the public
+key). Loading verifies both and names the first line that breaks them, so a deleted, reordered or
+edited line is found. The head (hash of the last line) is what a release's manifest carries and
+the aggregator keeps in its receipts. Ledgers written before the chain (no `"chain"` in the open
+record) are *legacy*: readable (reports, `ledger show`) but never appended to.
+
 Crash safety: every line is written with one `write`, flushed and fsync'd before the caller may
 release anything; the directory is fsync'd when the file is created. A process killed during a
-write leaves at most a torn last line (no trailing newline); loading tolerates it, reports it in
-`torn_tail`, and does not count it (the release it describes never left: release happens only
-after the fsync returned). The next append first cuts that torn fragment off.
+write leaves at most a torn last line (no trailing newline). Such a tail is dropped only when it
+provably never left the region: it must be a prefix of the line this code would have written
+(it starts with the current head), and no release marker (`<ledger>.releases/*.released`,
+written once a release's line is durable and before the update is handed to Flower) may name a
+release that is not on the ledger. Anything else (garbage without newline, lines cut after their
+release was sent) is tampering or loss: `check_integrity` raises, naming the line and release,
+and the region refuses to train.
 
 Released weights are cached next to the ledger (`<ledger>.releases/`) so that a repeated
 (run_id, round) returns the same release without new spend.
@@ -31,10 +43,12 @@ from typing import Any
 import numpy as np
 
 from fedfsd.durable import fsync_dir as _fsync_dir
+from fedfsd.privacy import signing
 from fedfsd.privacy.accounting import History, compute_epsilon, normalise_history
 from fedfsd.wire import array_digest
 
 SCHEMA = 1
+CHAIN = "sha256+ed25519"  # the open record's "chain": how lines are linked and signed
 NORMALISATION = "sum of clipped vehicle gradients + noise, divided by expected vehicles per step"
 
 
@@ -53,6 +67,15 @@ def update_digest(arrays: dict[str, np.ndarray]) -> str:
     return array_digest(arrays)
 
 
+def line_hash(raw: bytes) -> str:
+    """sha256 (hex) of one ledger line's bytes without its newline: the next line's `prev`."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+_TORN_RUN = re.compile(r'"run_id": "((?:[^"\\]|\\.)*)"')
+_TORN_ROUND = re.compile(r'"round": (\d+)[,}]')
+
+
 def _safe(s: str) -> str:
     return (
         re.sub(r"[^A-Za-z0-9_.-]", "_", s)[:64] + "-" + hashlib.sha256(s.encode()).hexdigest()[:8]
@@ -62,11 +85,14 @@ def _safe(s: str) -> str:
 class Ledger:
     """Read and append one region's ledger file (see docs/contracts.md, "Ledger records")."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, key_path: str | Path | None = None) -> None:
         self.path = Path(path)
+        # The region's signing key; by default next to the ledger (created with the ledger).
+        self.key_path = Path(key_path) if key_path else self.path.with_name(self.path.name + ".key")
         self._torn_tail: str | None = None
         self._torn_bytes = 0
         self._records: list[dict[str, Any]] | None = None
+        self._hashes: list[str] = []
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -88,7 +114,9 @@ class Ledger:
         self._torn_tail = tail.decode("utf-8", "replace") if tail else None
         self._torn_bytes = len(tail)
         records: list[dict[str, Any]] = []
+        hashes: list[str] = []
         prev: History = []
+        pub = None
         for i, raw in enumerate(lines, start=1):
             try:
                 rec = json.loads(raw)
@@ -109,11 +137,78 @@ class Ledger:
                         "release by this release's steps"
                     )
                 prev = hist
+            if i == 1 and rec.get("chain") is not None:
+                if rec["chain"] != CHAIN:
+                    raise LedgerError(f"{self.path}:1: unknown chain {rec['chain']!r}")
+                try:
+                    pub = signing.parse_public_key(str(rec.get("public_key", "")))
+                except signing.SigningKeyError:
+                    raise LedgerError(f"{self.path}:1: no valid public_key") from None
+            if pub is not None:
+                self._check_link(i, rec, hashes[-1] if hashes else "", pub)
+            hashes.append(line_hash(raw))
             records.append(rec)
         if not records:
             raise LedgerError(f"{self.path}: empty ledger (no 'open' record)")
         self._records = records
+        self._hashes = hashes
         return records
+
+    def _check_link(self, i: int, rec: dict[str, Any], prev_hash: str, pub: Any) -> None:
+        """Line i must name the previous line's hash and carry the ledger key's signature."""
+        if rec.get("prev") != prev_hash:
+            what = "the chain start" if i == 1 else f"line {i - 1}"
+            raise LedgerError(
+                f"{self.path}:{i}: hash chain broken: line {i} does not follow {what} "
+                "(a line was deleted, reordered, inserted or edited)"
+            )
+        body = {k: v for k, v in rec.items() if k != "sig"}
+        if not isinstance(rec.get("sig"), str) or not signing.verify(pub, body, rec["sig"]):
+            raise LedgerError(
+                f"{self.path}:{i}: bad signature (line edited, or signed by another key than "
+                "the ledger's public_key)"
+            )
+
+    @property
+    def legacy(self) -> bool:
+        """True for a ledger written before the hash chain (readable, never appended to)."""
+        return self.header.get("chain") is None
+
+    @property
+    def public_key(self) -> str:
+        """The ledger's Ed25519 public key (hex), or "" for a legacy ledger."""
+        return str(self.header.get("public_key", ""))
+
+    @property
+    def ledger_id(self) -> str:
+        """Hash of the open record: names this ledger (a second ledger has another id)."""
+        self._load()
+        return self._hashes[0]
+
+    @property
+    def head(self) -> str:
+        """Hash of the last complete line (what the next line's `prev` must be)."""
+        self._load()
+        return self._hashes[-1]
+
+    def line_of(self, run_id: str, round_idx: int) -> int | None:
+        """1-based line number of the release (run_id, round), or None."""
+        for i, r in enumerate(self._load(), start=1):
+            if r["kind"] == "release" and r.get("run_id") == run_id:
+                if int(r.get("round", -1)) == int(round_idx):
+                    return i
+        return None
+
+    def release_proof(self, run_id: str, round_idx: int) -> dict[str, Any]:
+        """Where the release (run_id, round) sits in the chain: ledger id, line number, hash."""
+        i = self.line_of(run_id, round_idx)
+        if i is None:
+            raise LedgerError(f"{self.path}: run {run_id!r} round {round_idx} is not on the ledger")
+        return {"ledger_id": self._hashes[0], "ledger_seq": i, "ledger_head": self._hashes[i - 1]}
+
+    def line_hashes(self) -> list[str]:
+        self._load()
+        return list(self._hashes)
 
     @property
     def torn_tail(self) -> str | None:
@@ -188,6 +283,7 @@ class Ledger:
         created: str,
     ) -> None:
         """Write the open record to a new file (refuses to overwrite) and fsync file and dir."""
+        key = signing.load_or_create_key(self.key_path)
         rec = {
             "kind": "open",
             "schema": SCHEMA,
@@ -198,6 +294,8 @@ class Ledger:
             "epsilon_budget": epsilon_budget,
             "private": private,
             "created": created,
+            "chain": CHAIN,
+            "public_key": signing.public_hex(key.public_key()),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -205,17 +303,50 @@ class Ledger:
         except FileExistsError:
             raise LedgerError(f"{self.path}: ledger already exists") from None
         try:
-            os.write(fd, (json.dumps(rec) + "\n").encode())
+            os.write(fd, self._line(rec, "", key) + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
         _fsync_dir(self.path.parent)
         self._records = None
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Append one record durably (single write, flush, fsync) after cutting a torn tail."""
+    @staticmethod
+    def _line(record: dict[str, Any], prev: str, key: Any) -> bytes:
+        """One chained, signed line (no newline): `prev` first, `sig` last."""
+        body = {"prev": prev, **{k: v for k, v in record.items() if k not in ("prev", "sig")}}
+        body["sig"] = signing.sign(key, body)
+        return json.dumps(body, allow_nan=False).encode()
+
+    def signing_key(self) -> Any:
+        """The region's private key for this ledger; refuses one that is not the ledger's key."""
+        try:
+            key = signing.load_private_key(self.key_path)
+        except signing.SigningKeyError as e:
+            raise LedgerError(f"{self.path}: {e}") from None
+        if signing.public_hex(key.public_key()) != self.public_key:
+            raise LedgerError(
+                f"{self.path}: signing key {self.key_path} is not this ledger's key "
+                f"(open record public_key {self.public_key[:16]}…)"
+            )
+        return key
+
+    def append(self, record: dict[str, Any]) -> str:
+        """Append one chained, signed record durably (single write, flush, fsync).
+
+        A torn tail is cut first, but only after `check_integrity` showed it never left.
+        Returns the new head (the hash of the appended line).
+        """
         self._load()
-        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        if self.legacy:
+            raise LedgerError(
+                f"{self.path}: legacy ledger without a hash chain; it stays readable for "
+                "reports but is never appended to (archive it, start a new ledger; "
+                "docs/privacy-report.md)"
+            )
+        self.check_integrity()
+        key = self.signing_key()
+        raw = self._line(record, self.head, key)
+        line = raw + b"\n"
         with open(self.path, "r+b") as f:
             if self._torn_tail is not None:
                 size = f.seek(0, os.SEEK_END)
@@ -233,6 +364,82 @@ class Ledger:
             f.flush()
             os.fsync(f.fileno())
         self._records = None
+        return line_hash(raw)
+
+    # ---- integrity: crash or tampering? --------------------------------------------------
+
+    def _torn_names(self) -> tuple[str | None, int | None]:
+        t = self._torn_tail or ""
+        run, rnd = _TORN_RUN.search(t), _TORN_ROUND.search(t)
+        run_id = json.loads(f'"{run.group(1)}"') if run else None
+        return run_id, int(rnd.group(1)) if rnd else None
+
+    def check_integrity(self) -> None:
+        """Refuse (LedgerError naming line and release) when the ledger lost a sent release.
+
+        A torn tail passes only as the prefix of a line this code would write next; every
+        release marker must name a release that is on the ledger, on the line it was sent from.
+        """
+        records = self._load()
+        n = len(records)
+        if self._torn_tail is not None and not self.legacy:
+            expect = '{"prev": "' + self.head + '", '
+            t = self._torn_tail
+            if not (t.startswith(expect) or expect.startswith(t)):
+                raise LedgerError(
+                    f"{self.path}:{n + 1}: {len(t)} bytes without a newline that are not a torn "
+                    "write of the next line (garbage or an edited tail): tampering; refusing to "
+                    "train until the ledger is restored"
+                )
+        hashes = self._hashes
+        for m in self.release_markers():
+            run_id, rnd = str(m.get("run_id")), int(m.get("round", -1))
+            line = self.line_of(run_id, rnd)
+            if line is None:
+                where = ""
+                if self._torn_tail is not None:
+                    t_run, t_rnd = self._torn_names()
+                    torn = "" if (t_run, t_rnd) == (run_id, rnd) else " (another release)"
+                    where = f"; line {n + 1} is torn{torn}"
+                raise LedgerError(
+                    f"{self.path}: release of run {run_id!r} round {rnd} was released (marker "
+                    f"{m['_file']}) but is not on the ledger (was line {m.get('ledger_seq')}"
+                    f"{where}): lines were cut or lost after they were sent; refusing to train"
+                )
+            if m.get("ledger_head") and hashes[line - 1] != m["ledger_head"]:
+                raise LedgerError(
+                    f"{self.path}:{line}: release of run {run_id!r} round {rnd} differs from the "
+                    "line that was released (edited or rewritten); refusing to train"
+                )
+
+    def release_markers(self) -> list[dict[str, Any]]:
+        """Every `*.released` marker next to the ledger (each names one sent release)."""
+        out = []
+        if not self.cache_dir.is_dir():
+            return out
+        for p in sorted(self.cache_dir.glob("*.released")):
+            try:
+                m = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                raise LedgerError(f"{p}: unreadable release marker") from None
+            m["_file"] = p.name
+            out.append(m)
+        return out
+
+    def mark_released(self, run_id: str, round_idx: int) -> Path:
+        """Record durably that this release's line is complete and it may now leave."""
+        proof = self.release_proof(run_id, round_idx)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        final = self.cache_dir / f"{_safe(run_id)}-r{int(round_idx)}.released"
+        tmp = final.with_name(final.name + ".tmp")
+        data = json.dumps({"run_id": run_id, "round": int(round_idx), **proof}).encode()
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.cache_dir)
+        return final
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

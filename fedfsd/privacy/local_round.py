@@ -8,9 +8,9 @@ The order is what makes the ledger trustworthy:
    aggregator `--resume` or a retried message never double-counts);
 3. vehicle-level DP-SGD, update L2-clipped to the policy's bound;
 4. cache the weights (atomically; a cache without a ledger line is never returned), append the
-   spend to the ledger and fsync, and only THEN return. A crash anywhere before the fsync
-   leaves nothing released and nothing counted; a crash after it leaves the spend counted once
-   and the release returned from the cache on retry.
+   spend to the ledger and fsync, write the release marker, and only THEN return. A crash
+   anywhere before the fsync leaves nothing released and nothing counted; a crash after it
+   leaves the spend counted once and the release returned from the cache on retry.
 
 The whole round holds an exclusive lock on the ledger, so two processes cannot both spend.
 """
@@ -167,6 +167,9 @@ def run_local_round(
         ledger.check_matches(
             region=frames.region, fleet_id=fleet_id, private=private, delta=policy.delta
         )
+        # A torn tail or missing line whose release already left is tampering or loss, not a
+        # crash: refuse before anything trains (fedfsd.privacy.ledger, "Crash safety").
+        ledger.check_integrity()
 
         done = ledger.find_release(run_id, round_idx)
         if done is not None:
@@ -183,6 +186,7 @@ def run_local_round(
                     "weights are missing or do not match the received weights; refusing to "
                     "release a second, uncounted update"
                 )
+            ledger.mark_released(run_id, round_idx)  # idempotent: a crash may have skipped it
             return _result_from_record(done, cached, params)
 
         history = ledger.history()
@@ -275,6 +279,7 @@ def run_local_round(
         fault_point("cache")
         ledger.append(record)
         fault_point("record")
+        ledger.mark_released(run_id, round_idx)  # the line is durable: the release may leave
         return LocalRoundResult(
             new_weights=new_w,
             epsilon=eps,
