@@ -8,8 +8,8 @@ outcome, every update is verified before it counts, and a round without quorum i
 failed while the run goes on.
 
 Files in `run-dir` (see fedfsd.aggregator.checkpoint): checkpoint.npz (every round),
-metrics.csv, epsilon.csv, rejected.jsonl, rounds.jsonl, and at the end global_model.npz and
-metrics.png.
+metrics.csv, epsilon.csv, rejected.jsonl, rounds.jsonl, receipts.jsonl and ledger_heads.json
+(fedfsd.aggregator.receipts), and at the end global_model.npz and metrics.png.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfsd import wire
 from fedfsd.aggregator import checkpoint as ck
+from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.aggregator.settings import RunSettings, parse_settings
 from fedfsd.aggregator.strategy import FedAvgMomentum
 from fedfsd.aggregator.verify import Expectation, verify_update
@@ -140,9 +141,17 @@ def _manifest(content: RecordDict) -> wire.UpdateManifest | None:
 
 
 def judge_train_reply(
-    reply: Message, exp: Expectation, node_regions: dict[int, str], out: RoundOutcome
+    reply: Message,
+    exp: Expectation,
+    node_regions: dict[int, str],
+    out: RoundOutcome,
+    book: ReceiptBook | None = None,
 ) -> None:
-    """Sort one train reply into accepted / rejected / refused / error."""
+    """Sort one train reply into accepted / rejected / refused / error.
+
+    With a `book`, an update also needs a valid signature and a ledger head that extends the
+    region's last one; each accepted manifest becomes a receipt.
+    """
     node = reply.metadata.src_node_id
     region = node_regions.get(node, f"node-{node}")
     if reply.has_error():
@@ -176,10 +185,15 @@ def judge_train_reply(
         return
     weight = _num_examples(content)
     reason = weight if isinstance(weight, str) else verify_update(update, manifest, exp)
+    if reason is None and book is not None:
+        assert manifest is not None
+        reason = book.check(manifest)
     if reason is not None:
         out.rejected.append((region, reason))
         return
     assert manifest is not None and not isinstance(weight, str)
+    if book is not None:
+        book.record(manifest, exp.round_idx)
     out.accepted.append((region, update, weight))
     out.epsilon_rows.append(_eps_row(exp.round_idx, region, manifest))
     train_metrics = content.metric_records[wire.METRICS]
@@ -284,6 +298,8 @@ def run_federation(
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     state, strategy = _start_state(s, run_dir)
+    book = ReceiptBook.from_settings(run_dir, s.region_keys, s.allow_unsigned)
+    book.drop_after(state.round)  # receipts of rounds after the checkpoint come again
     node_regions: dict[int, str] = {
         int(k): v for k, v in state.meta.get("node_regions", {}).items()
     }
@@ -303,7 +319,7 @@ def run_federation(
             replies = exchange(grid, msgs, s.round_timeout, stop)
             out.missing = len(nodes) - len(replies)
             for reply in replies:
-                judge_train_reply(reply, exp, node_regions, out)
+                judge_train_reply(reply, exp, node_regions, out, book)
         ok = len(out.accepted) >= s.min_regions
         if ok:
             state.weights = strategy.step(state.weights, [(u, w) for _, u, w in out.accepted])

@@ -57,11 +57,19 @@ class RunSettings(BaseModel):
     server_lr: float = Field(1.0, gt=0, alias="server-lr")
     update_norm_bound: float = Field(5.0, gt=0, alias="update-norm-bound")
     plot_metric: str = Field("loss", alias="plot-metric")
+    # Absolute path of a JSON/TOML mapping region -> Ed25519 public key (PEM, 64 hex, or a PEM
+    # file path relative to the mapping): manifests must carry that key's signature
+    # (fedfsd.aggregator.receipts). Empty: each region's first key is pinned for the run.
+    region_keys: str = Field("", alias="region-keys")
+    # Development only: accept manifests without a signature when no region-keys are set.
+    allow_unsigned: bool = Field(False, alias="allow-unsigned")
 
     @model_validator(mode="after")
     def _run_dir_absolute(self) -> RunSettings:
         if self.run_dir and not Path(self.run_dir).is_absolute():
             raise ValueError(f"run-dir must be an absolute path, got {self.run_dir!r}")
+        if self.region_keys and not Path(self.region_keys).is_absolute():
+            raise ValueError(f"region-keys must be an absolute path, got {self.region_keys!r}")
         return self
 
     @property

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,6 +297,7 @@ class Ledger:
             "created": created,
             "chain": CHAIN,
             "public_key": signing.public_hex(key.public_key()),
+            "nonce": secrets.token_hex(16),  # two ledgers never share an id (open-line hash)
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -13,6 +13,7 @@ can verify signatures without touching the data or training code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import tomllib
@@ -55,9 +56,19 @@ class SigningKeyError(ValueError):
     """A key file or key mapping that cannot be used; the message names the file."""
 
 
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)  # ε of a non-private release is ∞: "inf" in the signed bytes
+    if isinstance(v, Mapping):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
 def canonical(obj: Mapping[str, Any]) -> bytes:
     """The bytes a signature covers: sorted-key compact JSON (floats as Python's repr)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(_finite(obj), sort_keys=True, separators=(",", ":")).encode()
 
 
 def write_private_file(path: Path, data: bytes) -> None:

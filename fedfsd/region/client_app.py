@@ -36,7 +36,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfsd import wire
-from fedfsd.region.egress import guard_update, make_manifest, num_examples
+from fedfsd.region.egress import guard_update, make_manifest, num_examples, release_manifest
 
 LOG = logging.getLogger("flwr.fedfsd.region")
 
@@ -305,6 +305,20 @@ def handle_train(
             frames, policy, ledger, received, request, run_id, rnd, request.model
         )
         release = guard_update(received, res.new_weights, policy.update_norm_bound)
+        manifest = release_manifest(
+            ledger,
+            region=policy.region,
+            run_id=run_id,
+            round_idx=rnd,
+            release=release,
+            record=res.record,
+            update_norm_bound=policy.update_norm_bound,
+            epsilon=res.epsilon,
+            epsilon_rdp=res.epsilon_rdp,
+            epsilon_budget=res.budget,
+            delta=policy.delta,
+            steps=res.steps,
+        )
     except Exception as e:
         LOG.warning("region %s refused round %s of run %s: %r", region, rnd, run_id, e)
         if type(e).__name__ == "BudgetExceeded":
@@ -314,18 +328,6 @@ def handle_train(
         return _refuse_train(message, region, run_id, rnd, _refusal_category(e), policy, eps)
     if release.clipped:
         LOG.info("egress clipped the update of round %d from %.4g", rnd, release.raw_norm)
-    manifest = make_manifest(
-        region=policy.region,
-        run_id=run_id,
-        round_idx=rnd,
-        release=release,
-        update_norm_bound=policy.update_norm_bound,
-        epsilon=res.epsilon,
-        epsilon_rdp=res.epsilon_rdp,
-        epsilon_budget=res.budget,
-        delta=policy.delta,
-        steps=res.steps,
-    )
     metrics: dict[str, float | int] = {
         wire.NUM_EXAMPLES: num_examples(policy.weighting, frames.n_vehicles)
     }

@@ -3,14 +3,18 @@
 Defence in depth (DESIGN.md decision 8): whatever the training code produced, only the update
 (new − received weights) leaves, as float32 arrays with at least one dimension, L2-clipped to
 the region's own `update_norm_bound`, together with a manifest whose digest covers exactly the
-bytes sent. Anything unexpected raises `EgressError`, which the ClientApp turns into a refusal
-with nothing sent.
+bytes sent. The manifest repeats the release's mechanism parameters and its place in the
+hash-chained ledger, and is signed with the region's ledger key (`release_manifest`), so the
+aggregator can check it and keep it as a receipt. Anything unexpected raises `EgressError`, which
+the ClientApp turns into a refusal with nothing sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,6 +107,8 @@ def make_manifest(
     delta: float = 0.0,
     steps: int = 0,
     refused_reason: str = "",
+    record: Mapping[str, Any] | None = None,
+    proof: Mapping[str, Any] | None = None,
 ) -> UpdateManifest:
     """The manifest that travels with a release, or with a refusal (`refused_reason` set)."""
     if release is None and not refused_reason:
@@ -122,7 +128,76 @@ def make_manifest(
         steps=steps,
         refused_reason=refused_reason,
         code_version=__version__,
+        **_mechanism(record),
+        **{k: v for k, v in (proof or {}).items() if k in _PROOF_FIELDS},
     )
+
+
+_PROOF_FIELDS = ("ledger_id", "ledger_seq", "ledger_head")
+
+
+def _mechanism(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """σ, q, K, C and the fleet id from a release's ledger line."""
+    if not record:
+        return {}
+    return {
+        "noise_multiplier": float(record["noise_multiplier"]),
+        "sample_rate": float(record["sample_rate"]),
+        "frames_per_vehicle": int(record["frames_per_vehicle"]),
+        "clip_norm": float(record["clip_norm"]),
+        "fleet_id": str(record["fleet_id"]),
+    }
+
+
+def sign_manifest(manifest: UpdateManifest, key: Any) -> UpdateManifest:
+    """Set the region's public key and its Ed25519 signature over the signed fields."""
+    from fedfsd.privacy import signing
+
+    manifest.public_key = signing.public_hex(key.public_key())
+    manifest.signature = signing.sign(key, signing.manifest_payload(manifest))
+    return manifest
+
+
+def release_manifest(
+    ledger_path: str | Path,
+    *,
+    region: str,
+    run_id: str,
+    round_idx: int,
+    release: Release,
+    record: Mapping[str, Any],
+    update_norm_bound: float,
+    epsilon: float,
+    epsilon_rdp: float,
+    epsilon_budget: float,
+    delta: float,
+    steps: int,
+) -> UpdateManifest:
+    """The signed manifest of a release: its ledger line's parameters, head and signature.
+
+    Refuses (EgressError) when the bytes about to leave are not the ones on the ledger line.
+    """
+    from fedfsd.privacy.ledger import Ledger
+
+    if release.sha256 != record.get("update_sha256"):
+        raise EgressError("the update leaving differs from its ledger line (digest mismatch)")
+    ledger = Ledger(ledger_path)
+    proof = ledger.release_proof(run_id, round_idx)
+    manifest = make_manifest(
+        region=region,
+        run_id=run_id,
+        round_idx=round_idx,
+        release=release,
+        update_norm_bound=update_norm_bound,
+        epsilon=epsilon,
+        epsilon_rdp=epsilon_rdp,
+        epsilon_budget=epsilon_budget,
+        delta=delta,
+        steps=steps,
+        record=record,
+        proof=proof,
+    )
+    return sign_manifest(manifest, ledger.signing_key())
 
 
 def num_examples(weighting: str, n_vehicles: int) -> int:
