@@ -174,8 +174,19 @@ def report(
 @app.command("verify")
 def verify(
     reports: list[str] = typer.Argument(..., help="REPORT.json files (reports and summaries)."),
+    ledger: list[str] = typer.Option(
+        [], "--ledger", help="The region's LEDGER.jsonl (repeat for several regions)."
+    ),
+    receipts: str | None = typer.Option(
+        None, "--receipts", help="The aggregator's run directory (receipts.jsonl)."
+    ),
 ) -> None:
-    """Recompute ε with Opacus and dp-accounting and check each report's consistency."""
+    """Recompute ε and check each report; with --ledger/--receipts, against what was released.
+
+    Bare: the report alone. --ledger: hash chain, signatures, ledger_sha256, releases, σ floor,
+    no fixed seed, ε recomputed from the ledger. --receipts: every update the aggregator
+    received has a release with the same digest and parameters, signed by the ledger's key.
+    """
     from fedfsd.privacy.report_cli import run_verify
 
-    raise typer.Exit(run_verify(reports))
+    raise typer.Exit(run_verify(reports, ledger, receipts))

@@ -249,6 +249,8 @@ def run_local_round(
             "model": model_name,
             "lr": params.lr,
             "noise_multiplier": sigma if private else 0.0,
+            # The policy's noise floor in force, so a reviewer can check σ against it.
+            "min_noise_multiplier": policy.min_noise_multiplier,
             "clip_norm": params.clip_norm,
             "sample_rate": q,
             "vehicles": frames.n_vehicles,

@@ -89,22 +89,41 @@ def run_report(
     return 0
 
 
-def run_verify(paths: Sequence[str]) -> int:
-    """0 when every file verifies; 1 listing every discrepancy; 2 for an unreadable file."""
-    from fedfsd.privacy.report import ReportError
-    from fedfsd.privacy.verify import confirmation, verify_files
+def run_verify(
+    paths: Sequence[str], ledgers: Sequence[str] = (), receipts: str | None = None
+) -> int:
+    """0 when every file verifies; 1 listing every discrepancy; 2 for an unreadable file.
 
-    missing = [p for p in paths if not Path(p).is_file()]
+    With `ledgers` each region report is also held against its ledger (matched by region),
+    and with `receipts` (an aggregator run directory) against what the aggregator received.
+    """
+    from fedfsd.privacy.report import ReportError, load_json
+    from fedfsd.privacy.verify import Verification, confirmation, verify_files
+    from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
+
+    missing = [p for p in [*paths, *ledgers] if not Path(p).is_file()]
     if not paths or missing:
-        _err(f"no such report file: {', '.join(missing)}" if missing else "give a REPORT.json")
+        _err(f"no such file: {', '.join(missing)}" if missing else "give a REPORT.json")
+        return 2
+    if receipts is not None and not ledgers:
+        _err("--receipts needs --ledger (receipts are checked against the region's ledger)")
+        return 2
+    if receipts is not None and not Path(receipts).is_dir():
+        _err(f"--receipts {receipts}: not an aggregator run directory")
         return 2
     try:
         results = verify_files(paths)
+        extra = _ledger_checks(paths, ledgers, receipts, load_json, pb) if ledgers else []
     except ReportError as e:
         _err(str(e))
         return 2
+    if isinstance(extra, str):
+        _err(extra)
+        return 2
+    results = [*results, *extra]
     failed = 0
     for v in results:
+        assert isinstance(v, Verification)
         if v.ok:
             print(confirmation(v))
         else:
@@ -112,4 +131,45 @@ def run_verify(paths: Sequence[str]) -> int:
             print(f"FAILED {v.subject}: {len(v.problems)} discrepancies ({v.checks} checks)")
             for msg in v.problems:
                 print(f"  - {msg}")
+        for note in v.notes:
+            print(f"  note: {note}")
+    if not ledgers:
+        print(
+            "checked the report(s) alone: internal consistency and ε recomputed from the "
+            "report's own history; add --ledger LEDGER.jsonl --receipts RUN_DIR to hold them "
+            "against the region's ledger and the aggregator's receipts"
+        )
     return 1 if failed else 0
+
+
+def _ledger_checks(paths, ledgers, receipts, load_json, pb) -> list | str:  # type: ignore[no-untyped-def]
+    """One ledger verification per region report; the ledger is chosen by region and fleet."""
+    from fedfsd.privacy.ledger import Ledger, LedgerError
+    from fedfsd.privacy.verify import Verification
+    from fedfsd.privacy.verify_ledger import verify_with_ledger
+
+    by_region: dict[tuple[str, str], str] = {}
+    out: list = []
+    for lp in ledgers:
+        try:
+            h = Ledger(lp).header
+        except LedgerError as e:
+            v = Verification(subject=f"ledger {lp}")
+            v.check(False, str(e))
+            out.append(v)
+            continue
+        by_region[(str(h.get("region")), str(h.get("fleet_id")))] = lp
+    for p in paths:
+        doc = load_json(p)
+        if not isinstance(doc, pb.EpsilonReport):
+            continue
+        lp = by_region.get((doc.region, doc.fleet_id))
+        if lp is None:
+            v = Verification(subject=f"{p} (region {doc.region})")
+            v.check(False, f"no --ledger given for region {doc.region} fleet {doc.fleet_id}")
+            out.append(v)
+            continue
+        v = verify_with_ledger(doc, lp, receipts)
+        v.subject = f"{p} vs {lp}" + (f" and receipts in {receipts}" if receipts else "")
+        out.append(v)
+    return out

@@ -51,6 +51,7 @@ class Verification:
     problems: list[str] = field(default_factory=list)
     checks: int = 0
     recomputed: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # worth reading, not a failure
 
     @property
     def ok(self) -> bool:
