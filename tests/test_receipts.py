@@ -275,3 +275,33 @@ def test_round_loop_refuses_bad_signature_and_rolled_back_ledger(tmp_path, monke
     assert "ledger rollback" in why["sim0"] and "bad signature" in why["sim1"]
     assert [r["round"] for r in read_receipts(run_dir)] == [1, 2]
     assert np.isfinite(json.loads((run_dir / LEDGER_HEADS).read_text())["sim0"]["epsilon"])
+
+
+def test_region_keys_file_and_keygen_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedfsd.cli import app
+
+    r = CliRunner().invoke(app, ["region", "keygen", "--ledger", str(tmp_path / "eu.jsonl")])
+    assert r.exit_code == 0, r.output
+    hex_line = [x for x in r.output.splitlines() if x.startswith("public key (hex)")][0]
+    eu_hex = hex_line.split()[-1]
+    again = CliRunner().invoke(app, ["region", "keygen", "--ledger", str(tmp_path / "eu.jsonl")])
+    assert again.exit_code != 0 and "already exists" in again.output
+    us = signing.generate_key(tmp_path / "us.key")
+    jp = signing.generate_key(tmp_path / "jp.key")
+    jp_pem = signing.public_path(tmp_path / "jp.key").read_text()
+    f = tmp_path / "keys.toml"
+    f.write_text(
+        f'eu = "eu.jsonl.key.pub"\nus = "{signing.public_hex(us.public_key())}"\n'
+        f'jp = """{jp_pem}"""\n'
+    )
+    keys = signing.load_region_keys(f)
+    assert {k: signing.public_hex(v) for k, v in keys.items()} == {
+        "eu": eu_hex,
+        "us": signing.public_hex(us.public_key()),
+        "jp": signing.public_hex(jp.public_key()),
+    }
+    (tmp_path / "bad.json").write_text(json.dumps({"eu": "zz"}))
+    with pytest.raises(signing.SigningKeyError, match="region 'eu'"):
+        signing.load_region_keys(tmp_path / "bad.json")

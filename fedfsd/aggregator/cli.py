@@ -117,6 +117,9 @@ def run(
     run_dir: Path = typer.Option(None, help="Checkpoints/metrics (default: DIR/runs/<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR's last checkpoint."),
     app_dir: Path = typer.Option(None, "--app", help="Flower app dir (default: packaged app)."),
+    region_keys: Path = typer.Option(
+        None, help="JSON/TOML mapping region -> Ed25519 public key (docs/deploy.md)."
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the run to finish."),
     timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
 ) -> None:
@@ -157,6 +160,10 @@ def run(
         "run-dir": str(run_dir),
         "resume": resume,
     }
+    if region_keys is not None:
+        if not region_keys.is_file():
+            fail(f"--region-keys: {region_keys} does not exist")
+        cfg["region-keys"] = str(region_keys.resolve())
     import tomllib
 
     try:

@@ -11,6 +11,7 @@ SuperNode (local to the region, polled by the region's own executor).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class LocalFederation:
             self.server = pki.create_server_pki(self.run_dir / "pki", self.server_names)
             for name in self.regions:
                 self.node_keys[name] = pki.create_node_keys(self.run_dir / "keys", name)
+        self.write_region_keys()
         self._write_flwr_config()
         self.start_superlink()
         for name in self.regions:
@@ -258,8 +260,41 @@ class LocalFederation:
 
     # -- runs ------------------------------------------------------------------------------------
     def start_run(self, run_config: dict[str, Any], app_dir: str | Path | None = None) -> int:
-        """`flwr run` the app (default: the packaged app) with run-config overrides; run id."""
-        return self.control.start_run(run_config, Path(app_dir) if app_dir else self.app_dir)
+        """`flwr run` the app (default: the packaged app) with run-config overrides; run id.
+
+        The aggregator gets the regions' signing keys (`region-keys`) unless the run config
+        names its own or the app does not declare the key.
+        """
+        app = Path(app_dir) if app_dir else self.app_dir
+        declared = (
+            (app / "pyproject.toml").read_text() if (app / "pyproject.toml").is_file() else ""
+        )
+        if "region-keys" not in run_config and "region-keys" in declared:
+            run_config = {**run_config, "region-keys": str(self.region_keys_path)}
+        return self.control.start_run(run_config, app)
+
+    @property
+    def region_keys_path(self) -> Path:
+        return self.run_dir / "region-keys.json"
+
+    def write_region_keys(self) -> Path:
+        """Give each region its Ed25519 ledger key (next to its ledger, created if absent) and
+        write the aggregator's mapping region -> public key (the out-of-band registration)."""
+        from fedfsd.config import load_policy
+        from fedfsd.privacy import signing
+
+        keys: dict[str, str] = {}
+        for name, spec in self.regions.items():
+            region = name
+            try:
+                region = load_policy(spec.policy_path).region
+            except Exception:  # a test region without a usable policy keeps its name
+                pass
+            key = signing.load_or_create_key(signing.ledger_key_path(spec.ledger_path))
+            keys[region] = signing.public_hex(key.public_key())
+        self.region_keys_path.parent.mkdir(parents=True, exist_ok=True)
+        self.region_keys_path.write_text(json.dumps(keys, indent=1, sort_keys=True) + "\n")
+        return self.region_keys_path
 
     def run_status(self, run_id: int) -> str:
         """Status text of a run as `flwr ls` reports it, e.g. 'finished:completed'."""

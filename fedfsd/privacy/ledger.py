@@ -89,7 +89,7 @@ class Ledger:
     def __init__(self, path: str | Path, key_path: str | Path | None = None) -> None:
         self.path = Path(path)
         # The region's signing key; by default next to the ledger (created with the ledger).
-        self.key_path = Path(key_path) if key_path else self.path.with_name(self.path.name + ".key")
+        self.key_path = Path(key_path) if key_path else signing.ledger_key_path(self.path)
         self._torn_tail: str | None = None
         self._torn_bytes = 0
         self._records: list[dict[str, Any]] | None = None

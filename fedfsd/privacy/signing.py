@@ -114,6 +114,12 @@ def generate_key(path: str | Path, *, overwrite: bool = False) -> Ed25519Private
     return key
 
 
+def ledger_key_path(ledger_path: str | Path) -> Path:
+    """Where a region's signing key lives by default: next to its ledger, `<ledger>.key`."""
+    p = Path(ledger_path)
+    return p.with_name(p.name + ".key")
+
+
 def public_path(private_path: str | Path) -> Path:
     p = Path(private_path)
     return p.with_name(p.name + ".pub")

@@ -175,6 +175,29 @@ def train_local(
         )
 
 
+@app.command("keygen")
+def keygen(
+    ledger: Path = typer.Option(..., help="The region's privacy ledger (the key goes next to it)."),
+    key: Path = typer.Option(None, help="Key file (default: LEDGER.key)."),
+) -> None:
+    """Create the region's Ed25519 ledger/manifest signing key (0600) and print its public key.
+
+    Send the public key (LEDGER.key.pub, or the hex printed) to the global team out of band;
+    they list it in the aggregator's `region-keys` file (docs/deploy.md).
+    """
+    from fedfsd.privacy import signing
+    from fedfsd.privacy.cli import fail
+
+    path = key or signing.ledger_key_path(ledger)
+    try:
+        k = signing.generate_key(path)
+    except (signing.SigningKeyError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"private key {path} (mode 0600; never leaves the region)")
+    typer.echo(f"public key  {signing.public_path(path)}")
+    typer.echo(f"public key (hex) {signing.public_hex(k.public_key())}")
+
+
 # ---- deployment: a region's SuperNode + executor, and key registration (deploy engineer) ----
 
 
