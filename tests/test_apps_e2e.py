@@ -186,3 +186,23 @@ def _check(cfg: dict, run_dir: Path, ledgers: Path, snap: Path) -> None:
     assert "digest mismatch" in rejected[-1]["reason"]
     eps = [int(e["round"]) for e in read_csv(run_dir / "epsilon.csv") if e["region"] == "sim0"]
     assert eps == [1, 2, 3, 4, 5]
+
+    # Every accepted manifest is a signed receipt (the resumed round 4 once, not twice), and each
+    # region's ε report verifies against its ledger and those receipts; sim2's releases were all
+    # rejected, which verify explains from rejected.jsonl.
+    from typer.testing import CliRunner
+
+    from fedfsd.aggregator.receipts import read_receipts
+    from fedfsd.cli import app
+    from fedfsd.privacy.report import build_report, to_json
+
+    receipts = read_receipts(run_dir)
+    assert [r["round"] for r in receipts if r["region"] == "sim0"] == [1, 2, 3, 4, 5]
+    assert all(r["manifest"]["signature"] and r["public_key"] for r in receipts)
+    for region in ("sim0", "sim1", "sim2"):
+        led = ledgers / "e2e-run" / f"{region}.jsonl"
+        report = run_dir.parent / f"epsilon-{region}.json"
+        report.write_text(to_json(build_report(led)))
+        args = ["privacy", "verify", str(report), "--ledger", str(led), "--receipts", str(run_dir)]
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 0 and "FAILED" not in out.output, out.output

@@ -101,9 +101,12 @@ def run_verify(
     from fedfsd.privacy.verify import Verification, confirmation, verify_files
     from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
 
-    missing = [p for p in [*paths, *ledgers] if not Path(p).is_file()]
+    missing = [p for p in paths if not Path(p).is_file()]
     if not paths or missing:
-        _err(f"no such file: {', '.join(missing)}" if missing else "give a REPORT.json")
+        _err(f"no such report file: {', '.join(missing)}" if missing else "give a REPORT.json")
+        return 2
+    if missing := [p for p in ledgers if not Path(p).is_file()]:
+        _err(f"no such ledger file: {', '.join(missing)}")
         return 2
     if receipts is not None and not ledgers:
         _err("--receipts needs --ledger (receipts are checked against the region's ledger)")
