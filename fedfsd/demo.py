@@ -342,9 +342,15 @@ def run_demo(
     }
     scores = pooled_scores(data, models, cfg.model)
 
-    reports = write_reports(
-        [run_dir / "regions" / r / "ledger.jsonl" for r in cfg.regions], run_dir / "reports"
-    )
+    ledgers = [run_dir / "regions" / r / "ledger.jsonl" for r in cfg.regions]
+    reports = write_reports(ledgers, run_dir / "reports")
+    # What a reviewer runs: each region's report against its ledger and the aggregator's receipts.
+    from fedfsd.privacy.report_cli import run_verify
+
+    region_reports = [
+        str(p) for p in reports if p.suffix == ".json" and p.name != "epsilon-global.json"
+    ]
+    verified = run_verify(region_reports, [str(x) for x in ledgers], str(agg)) == 0
     rejected = agg / "rejected.jsonl"
     rejected.touch()  # present (and empty) when the aggregator rejected nothing
     n_rejected = len(rejected.read_text().splitlines()) if rejected.exists() else 0
@@ -370,6 +376,7 @@ def run_demo(
             "total": round(time.monotonic() - t0, 1),
         },
         "reports": [str(p) for p in reports],
+        "reports_verified_with_ledgers_and_receipts": verified,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(summary_table(scores, cfg.regions))
