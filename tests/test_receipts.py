@@ -305,3 +305,45 @@ def test_region_keys_file_and_keygen_cli(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"eu": "zz"}))
     with pytest.raises(signing.SigningKeyError, match="region 'eu'"):
         signing.load_region_keys(tmp_path / "bad.json")
+
+
+def test_hostile_manifests_never_crash_the_book(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from fedfsd import wire
+
+    key = signing.generate_key(tmp_path / "k.key")
+    books = [
+        ReceiptBook(tmp_path / "a", {"eu": key.public_key()}),
+        ReceiptBook(tmp_path / "b"),
+        ReceiptBook(tmp_path / "c", allow_unsigned=True),
+    ]
+    text = st.text(max_size=80)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        region=st.sampled_from(["eu", "us", ""]) | text,
+        signature=st.sampled_from(["", "00" * 64, "zz"]) | text,
+        public_key=st.sampled_from(["", signing.public_hex(key.public_key())]) | text,
+        seq=st.integers(0, 2**64 - 1),
+        eps=st.floats(allow_nan=True, allow_infinity=True),
+        head=text,
+    )
+    def run(region, signature, public_key, seq, eps, head):
+        m = wire.UpdateManifest(
+            region=region,
+            signature=signature,
+            public_key=public_key,
+            ledger_seq=seq,
+            ledger_id=head,
+            ledger_head=head,
+            epsilon=eps,
+        )
+        for b in books:
+            reason = b.check(m)
+            assert reason is None or isinstance(reason, str)
+            if reason is None:
+                b.record(m, 1)
+
+    run()
