@@ -191,7 +191,7 @@ def test_two_rounds_over_tls_then_resume_after_aggregator_crash(
 
     # The reviewer's path on this real TLS federation: reports from the region ledgers verify
     # independently (Opacus + dp-accounting), and the global summary too.
-    from fedfsd.privacy.report import write_reports
+    from fedfsd.privacy.report import load_json, write_reports
     from fedfsd.privacy.verify import verify_files
 
     written = write_reports(
@@ -200,6 +200,20 @@ def test_two_rounds_over_tls_then_resume_after_aggregator_crash(
     results = verify_files(written)
     assert len(results) == len(REGIONS) + 1
     assert all(v.ok for v in results), [v.problems for v in results]
+
+    # ... and each region's report against its ledger and the aggregator's signed receipts.
+    from fedfsd.aggregator.receipts import read_receipts
+    from fedfsd.privacy.verify_ledger import verify_with_ledger
+
+    receipts = read_receipts(run_dir)
+    assert sorted((r["round"], r["region"]) for r in receipts) == sorted(
+        (i, r) for i in (1, 2) for r in REGIONS
+    )
+    assert {r["key_source"] for r in receipts} == {"registered"}
+    for region in REGIONS:
+        rep = load_json(tmp_path / "reports" / f"epsilon-{region}.json")
+        v = verify_with_ledger(rep, fed.regions[region].ledger_path, run_dir)
+        assert v.ok, v.problems
 
 
 def test_killed_region_does_not_stall_the_run(fed: LocalFederation, tmp_path: Path) -> None:

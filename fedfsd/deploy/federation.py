@@ -285,13 +285,15 @@ class LocalFederation:
 
         keys: dict[str, str] = {}
         for name, spec in self.regions.items():
+            if name in self.unregistered:  # the global team registers no key for it
+                continue
             region = name
             try:
                 region = load_policy(spec.policy_path).region
             except Exception:  # a test region without a usable policy keeps its name
                 pass
             key = signing.load_or_create_key(signing.ledger_key_path(spec.ledger_path))
-            keys[region] = signing.public_hex(key.public_key())
+            keys.setdefault(region, signing.public_hex(key.public_key()))
         self.region_keys_path.parent.mkdir(parents=True, exist_ok=True)
         self.region_keys_path.write_text(json.dumps(keys, indent=1, sort_keys=True) + "\n")
         return self.region_keys_path
