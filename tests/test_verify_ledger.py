@@ -4,7 +4,9 @@ edited lines, a receipt without a release, another key) fails, naming the line."
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def rewrite(led: Path, edit, key_path: Path | None = None) -> None:
         if r["kind"] == "open":
             r["public_key"] = signing.public_hex(key.public_key())
         raw = Ledger._line(r, prev, key)
-        prev = __import__("hashlib").sha256(raw).hexdigest()
+        prev = hashlib.sha256(raw).hexdigest()
         out.append(raw + b"\n")
     led.write_bytes(b"".join(out))
 
@@ -160,7 +162,7 @@ def test_deleted_or_reordered_line_fails_naming_it(honest, tmp_path, lines, expe
     led.write_bytes(b"".join(raw[i] for i in lines))
     code, out = verify(report, "--ledger", led, "--receipts", run_dir)
     assert code == 1
-    assert __import__("re").search(expect, out), out
+    assert re.search(expect, out), out
 
 
 def test_edited_line_fails_naming_it(honest, tmp_path):
