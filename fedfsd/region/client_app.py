@@ -279,8 +279,10 @@ def _metric_release(
     frames: Any,
     weights: Mapping[str, np.ndarray],
     model: str,
+    *,
+    quiet: bool = True,
 ) -> dict[str, float]:
-    """The DP metric release of `weights` on `frames`, or {} when refused (reason logged)."""
+    """The DP metric release of `weights` on `frames`; `quiet`: {} when refused (logged)."""
     from fedfsd.privacy.metrics import MetricRefused, release_metrics
     from fedfsd.region.evaluation import per_vehicle_scores
 
@@ -295,6 +297,8 @@ def _metric_release(
             score=lambda: per_vehicle_scores(frames, weights, model),
         )
     except MetricRefused as e:
+        if not quiet:
+            raise
         LOG.info("region %s: no %s metrics for round %s: %s", policy.region, phase, rnd, e)
         return {}
     return {k: float(v) for k, v in rel.values.items() if math.isfinite(v)}
@@ -440,7 +444,15 @@ def handle_evaluate(
         test = CACHE.frames(setup, "test", deps)
         metrics: dict[str, float | int] = dict(
             _metric_release(
-                ledger, policy, run_id, rnd, "evaluate", test, weights, str(cfg.get("model", "mlp"))
+                ledger,
+                policy,
+                run_id,
+                rnd,
+                "evaluate",
+                test,
+                weights,
+                str(cfg.get("model", "mlp")),
+                quiet=False,
             )
         )
         if not metrics:
