@@ -446,3 +446,30 @@ def test_supports_ghost_accepts_only_proven_structures() -> None:
             return self.a(self.a(x))
 
     assert not supports_ghost(Twice())  # only Linear params, but a custom forward
+
+
+def test_region_ledger_opens_with_every_vehicle_id_of_all_splits(tmp_path, weights) -> None:
+    from fedfsd.data.generate import generate_dataset
+    from fedfsd.data.profiles import RegionProfile, load_region
+    from fedfsd.data.vehicles import load_vehicle_frames
+
+    d = load_region("eu").model_dump(mode="json")
+    d["traffic"]["vehicles_per_episode"] = 8
+    d["episode"].update({"duration_s": 9.0, "warmup_s": 2.0})
+    data = generate_dataset(
+        RegionProfile.model_validate(d), 24, 5, 3, tmp_path / "data", workers=1, progress=False
+    )
+    ids = {s: set(load_vehicle_frames(data, split=s).vehicle_ids) for s in ("train", "test")}
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        'region = "eu"\nepsilon_budget = 50.0\ndelta = 1e-6\nmin_noise_multiplier = 0.8\n'
+        "max_clip_norm = 1.0\nupdate_norm_bound = 5.0\n"
+    )
+    node = {"data-dir": str(data), "policy": str(policy), "ledger": str(tmp_path / "l.jsonl")}
+    app = make_client_app()
+    ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
+    reply = app(_msg("train", weights), ctx)
+    assert reply.content.array_records, _refusal(reply) if wire.REGION in reply.content else reply
+    assert Ledger(tmp_path / "l.jsonl").header["vehicles"] == len(ids["train"] | ids["test"])
+    # q still divides by the training vehicles DP-SGD samples from.
+    assert _lines(tmp_path / "l.jsonl", "release")[0]["vehicles"] == len(ids["train"])
