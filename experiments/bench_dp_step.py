@@ -78,14 +78,14 @@ def time_group(model_name: str, device: str, b: int, steps: int) -> dict[str, fl
     }
     for tr, fr, idx in setups.values():  # warm-up
         for _ in range(2):
-            tr.step(fr, idx)
+            tr.step_fixed_batch(fr, idx)
     best = {name: math.inf for name in setups}
     for _ in range(REPEATS):
         for name, (tr, fr, idx) in setups.items():
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
-                tr.step(fr, idx)
+                tr.step_fixed_batch(fr, idx)
             _sync(device)
             best[name] = min(best[name], (time.perf_counter() - t0) / steps * 1e3)
     return best
@@ -96,7 +96,7 @@ def peak_memory(model_name: str, mode: str, method: str, device: str, b: int) ->
     import torch
 
     tr, fr, idx = _setup(model_name, mode, method, device, b)
-    tr.step(fr, idx)
+    tr.step_fixed_batch(fr, idx)
     _sync(device)
     cuda = device.startswith("cuda")
     if cuda:
@@ -105,7 +105,7 @@ def peak_memory(model_name: str, mode: str, method: str, device: str, b: int) ->
     else:
         base = _rss_kib("VmRSS") * 1024
     for _ in range(3):
-        tr.step(fr, idx)
+        tr.step_fixed_batch(fr, idx)
     _sync(device)
     peak = torch.cuda.max_memory_allocated() - base if cuda else _rss_kib("VmHWM") * 1024 - base
     return max(peak, 0) / 2**20

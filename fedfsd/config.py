@@ -16,6 +16,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 KNOWN_METRICS = ("loss", "ade", "fde", "accel_mae")
+# Per-vehicle bound on each metric (the vehicle's mean over its frames is clipped to [0, bound]):
+# one vehicle can move a released metric sum by at most this (loss in scaled-label units, ade/fde
+# in metres, accel_mae in m/s²).
+DEFAULT_METRIC_CLIP: dict[str, float] = {"loss": 10.0, "ade": 10.0, "fde": 20.0, "accel_mae": 3.0}
 
 
 class PolicyError(ValueError):
@@ -64,7 +68,15 @@ class RegionPolicy(BaseModel):
     max_local_steps: int = Field(200, ge=1)
     max_vehicles_per_step: int = Field(64, ge=1)
     max_frames_per_vehicle: int = Field(16, ge=1)
-    allowed_metrics: list[str] = Field(default_factory=lambda: ["loss"])
+    # Nothing but the update and its manifest leaves by default; any metric listed here leaves
+    # only as a differentially private, ledgered release (fedfsd.privacy.metrics).
+    allowed_metrics: list[str] = Field(default_factory=list)
+    metric_clip: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_METRIC_CLIP))
+    metric_noise_multiplier: float = Field(5.0, ge=0.5)
+    # A public, rounded-down count of the vehicles DP-SGD samples from (the training vehicles):
+    # q = vehicles per step / public_fleet_size ≥ the true rate, and only this count can be
+    # inferred from what leaves. None: q uses the exact count (which the manifest's ε reveals).
+    public_fleet_size: int | None = Field(None, ge=1)
     weighting: Literal["equal", "bucket"] = "equal"
     allowed_app_digests: list[str] = Field(default_factory=list)
 
@@ -81,6 +93,24 @@ class RegionPolicy(BaseModel):
         unknown = sorted(set(v) - set(KNOWN_METRICS))
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; known: {list(KNOWN_METRICS)}")
+        return v
+
+    @field_validator("metric_clip")
+    @classmethod
+    def _metric_bounds(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(KNOWN_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {list(KNOWN_METRICS)}")
+        for k, b in v.items():
+            if not (math.isfinite(b) and b > 0):
+                raise ValueError(f"bound of {k!r} must be finite and > 0, got {b}")
+        return {**DEFAULT_METRIC_CLIP, **v}
+
+    @field_validator("metric_noise_multiplier")
+    @classmethod
+    def _finite_sigma_m(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
         return v
 
     @field_validator("allowed_app_digests")
@@ -102,6 +132,18 @@ class RegionPolicy(BaseModel):
                 f"delta: {self.delta:g} must be < 1/vehicles = 1/{n_vehicles} "
                 f"= {1.0 / n_vehicles:.3g} (a larger δ can reveal a whole vehicle)"
             )
+
+    def accounted_vehicles(self, n_train: int) -> int:
+        """The denominator of q: the public fleet size if declared (must not exceed the truth)."""
+        if self.public_fleet_size is None:
+            return n_train
+        if self.public_fleet_size > n_train:
+            raise PolicyError(
+                f"public_fleet_size: {self.public_fleet_size} exceeds the {n_train} training "
+                "vehicles; it must be rounded DOWN (q = m / N_public must not under-state the "
+                "true sampling rate)"
+            )
+        return self.public_fleet_size
 
     def effective(self, request: TrainRequest | None = None) -> DPParams:
         """Merge a request into this policy; the request can only tighten it."""

@@ -52,7 +52,7 @@ class DemoConfig:
     update_norm_bound: float = 20.0
     round_timeout: float = 90.0
     model: str = "mlp"
-    allowed_metrics: tuple[str, ...] = ("loss", "ade", "fde", "accel_mae")
+    allowed_metrics: tuple[str, ...] = ()  # nothing but updates leave (DP metrics: opt in)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def run_config(self, run_dir: Path, run_id: str) -> dict[str, Any]:

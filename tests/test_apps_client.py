@@ -156,6 +156,7 @@ def test_evaluate_sends_only_the_metrics_the_policy_allows(tmp_path, weights) ->
             "sim-allowed-metrics": "ade,fde",
         }
     )
+    app(_msg("train", weights), _ctx(SIM))  # evaluation is of a model received for training
     reply = app(_msg("evaluate", weights), _ctx(SIM))
     metrics = dict(reply.content.metric_records[wire.METRICS])
     assert set(metrics) == {"ade", "fde", wire.NUM_EXAMPLES}

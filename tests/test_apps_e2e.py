@@ -100,7 +100,12 @@ def test_federation_rejects_bad_updates_refuses_over_budget_and_resumes(
 
 
 def _configs(run_dir: Path, ledgers: Path) -> tuple[dict, dict]:
-    sim = {"sim-vehicles": 40, "sim-frames": 8, "sim-ledger-dir": str(ledgers)}
+    sim = {
+        "sim-vehicles": 40,
+        "sim-frames": 8,
+        "sim-ledger-dir": str(ledgers),
+        "sim-allowed-metrics": "loss,ade,fde",  # opted in: each a DP, ledgered release
+    }
     cfg = {
         "num-server-rounds": 4,
         "local-steps": 2,
@@ -157,9 +162,10 @@ def _check(cfg: dict, run_dir: Path, ledgers: Path, snap: Path) -> None:
     assert {(m["region"], m["metric"]) for m in metrics if m["round"] == "4"} >= {
         ("sim0", "loss"),
         ("sim1", "ade"),
-        ("sim3", "fde"),
         ("sim0", "train_loss"),
     }
+    # The over-budget region released no update, so it scores nothing either.
+    assert not any(m["region"] == "sim3" for m in metrics)
     eps = [e for e in read_csv(snap / "epsilon.csv") if e["region"] == "sim0"]
     assert [int(e["round"]) for e in eps] == [1, 2, 3, 4]
     assert all(

@@ -126,10 +126,10 @@ def test_empty_poisson_batch_still_steps_with_noise(name):
     )
     assert tr.method == ("ghost" if name == "mlp" else "vmap")
     before = [p.detach().clone() for p in model.parameters()]
-    r = tr.step(frames, idx=np.array([], dtype=np.int64))
+    r = tr.step_fixed_batch(frames, np.array([], dtype=np.int64))
     assert r.n_vehicles == 0
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
-    assert tr.history == [(1.0, 0.8, 1)]
+    assert tr.accountant.history == [(1.0, 0.8, 1)]
 
 
 def test_noise_scale_is_sigma_c_over_expected_batch():
@@ -138,7 +138,9 @@ def test_noise_scale_is_sigma_c_over_expected_batch():
     p = params(noise_multiplier=2.0, vehicles_per_step=20, lr=1.0)
     tr = VehicleDPSGD(model, p, frames.n_vehicles, seed=0)
     before = torch.cat([q.detach().flatten().clone() for q in model.parameters()])
-    tr.step(frames, idx=np.array([], dtype=np.int64))  # zero gradient: the step is pure noise
+    tr.step_fixed_batch(
+        frames, np.array([], dtype=np.int64)
+    )  # zero gradient: the step is pure noise
     after = torch.cat([q.detach().flatten() for q in model.parameters()])
     std = float((after - before).std())
     assert std == pytest.approx(2.0 * C / 20, rel=0.05)

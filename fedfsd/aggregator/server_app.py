@@ -320,6 +320,9 @@ def run_federation(
             out.missing = len(nodes) - len(replies)
             for reply in replies:
                 judge_train_reply(reply, exp, node_regions, out, book)
+        # Regions score only a global model they received for training in this run and round
+        # (fedfsd.privacy.metrics): evaluation is of the model this round started from.
+        sent = state.weights
         ok = len(out.accepted) >= s.min_regions
         if ok:
             state.weights = strategy.step(state.weights, [(u, w) for _, u, w in out.accepted])
@@ -342,9 +345,7 @@ def run_federation(
                 s.min_regions,
             )
         eval_rows = (
-            evaluate_round(
-                grid, nodes, state.weights, cfg, rnd, s.evaluate_timeout_s, node_regions, stop
-            )
+            evaluate_round(grid, nodes, sent, cfg, rnd, s.evaluate_timeout_s, node_regions, stop)
             if nodes and s.evaluates_after(rnd)
             else []
         )

@@ -95,7 +95,7 @@ def default_policy_text(data_dir: Path, region: str | None, digests: list[str]) 
     return (
         f'region = "{name}"\nepsilon_budget = 8.0\ndelta = {delta:g}\n'
         "min_noise_multiplier = 0.8\nmax_clip_norm = 1.0\nupdate_norm_bound = 5.0\n"
-        'allowed_metrics = ["loss", "ade", "fde", "accel_mae"]\nweighting = "equal"\n'
+        'allowed_metrics = []\nweighting = "equal"\n'
         f"allowed_app_digests = {json.dumps(digests)}\n"
     )
 

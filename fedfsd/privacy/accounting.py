@@ -86,6 +86,8 @@ def _epsilon(hist: tuple[tuple[float, float, int], ...], delta: float, acc_name:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in hist):
         return math.inf
+    import warnings
+
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     if acc_name == "rdp":
@@ -94,10 +96,13 @@ def _epsilon(hist: tuple[tuple[float, float, int], ...], delta: float, acc_name:
         return float(acc.get_epsilon(delta=delta))
     acc = PRVAccountant()
     acc.history = [tuple(h) for h in hist]
-    eps = float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
-    if PRV_EPS_ERROR > 0.01 * eps:
-        # Opacus' PRV error is absolute (ε upper bound ≤ ε + eps_error): refine it for small ε
-        # so the headline stays within ~0.5% of the true value (floor: PRV_MIN_EPS_ERROR).
-        fine = max(PRV_MIN_EPS_ERROR, PRV_REL_ERROR * eps)
-        eps = float(acc.get_epsilon(delta=delta, eps_error=fine))
+    with warnings.catch_warnings():  # q = 1 (a metric release): PRV takes log(1 - q) = log(0)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        eps = float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+        if PRV_EPS_ERROR > 0.01 * eps:
+            # Opacus' PRV error is absolute (ε upper bound ≤ ε + eps_error): refine it for
+            # small ε so the headline stays within ~0.5% of the true value (floor:
+            # PRV_MIN_EPS_ERROR).
+            fine = max(PRV_MIN_EPS_ERROR, PRV_REL_ERROR * eps)
+            eps = float(acc.get_epsilon(delta=delta, eps_error=fine))
     return eps

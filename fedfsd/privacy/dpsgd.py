@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 Method = Literal["auto", "ghost", "vmap"]
 
 
+class FixedBatchError(RuntimeError):
+    """A caller-chosen batch in private mode: the accountant assumes Poisson sampling."""
+
+
 class SampleRateMismatch(RuntimeError):
     """Opacus' accountant recorded a sample rate other than the one derived from vehicle counts."""
 
@@ -68,7 +72,11 @@ class VehicleDPSGD:
         modality: str = "objects",
         seed: int | None = None,
         device: str | torch.device = "cpu",
+        accounted_vehicles: int | None = None,
     ) -> None:
+        """`n_vehicles` are sampled; q divides by `accounted_vehicles` (a public, rounded-down
+        count ≤ n_vehicles) when given, so the true rate equals the accounted one and only the
+        public count can be inferred from q."""
         import torch
 
         from fedfsd.privacy.objective import label_scales, per_vehicle_loss
@@ -80,8 +88,13 @@ class VehicleDPSGD:
         self.private = private
         self.modality = modality
         self.device = torch.device(device)
-        self.q = sample_rate(params.vehicles_per_step, n_vehicles)
-        self.expected_batch = self.q * n_vehicles
+        denom = n_vehicles if accounted_vehicles is None else int(accounted_vehicles)
+        if not 1 <= denom <= n_vehicles:
+            raise ValueError(f"accounted vehicles {denom} must be in [1, {n_vehicles}]")
+        self.q = sample_rate(params.vehicles_per_step, denom)
+        # Normalise by a public number (q × the accounted count), never by the exact fleet size.
+        self.expected_batch = self.q * denom
+        self.fixed_batches = False
         # Vehicle sampling and noise must be unpredictable to an adversary: seed from the OS
         # unless a test fixes the seed.
         seed = secrets.randbits(63) if seed is None else seed
@@ -131,8 +144,26 @@ class VehicleDPSGD:
         )
 
     def step(self, frames: Any, idx: np.ndarray | None = None) -> StepResult:
-        """One step over the vehicles `idx` (default: a fresh Poisson sample)."""
-        idx = self.sample_vehicles() if idx is None else idx
+        """One step over a fresh Poisson sample (`idx`: caller's vehicles, non-private only).
+
+        In private mode a caller-chosen batch is refused: the accountant records every step as
+        Poisson sampling at rate q, which a chosen batch is not.
+        """
+        if idx is not None and self.private:
+            raise FixedBatchError(
+                "a caller-chosen batch is refused in private mode (the accountant counts "
+                "Poisson sampling); use step_fixed_batch for benchmarks"
+            )
+        return self._step(frames, self.sample_vehicles() if idx is None else idx)
+
+    def step_fixed_batch(self, frames: Any, idx: np.ndarray) -> StepResult:
+        """A step over chosen vehicles for benchmarks and tests: taints the trainer, whose
+        `history` then refuses (nothing it trained can be released as private)."""
+        if self.private:
+            self.fixed_batches = True
+        return self._step(frames, idx)
+
+    def _step(self, frames: Any, idx: np.ndarray) -> StepResult:
         x, y, mask = self._batch(frames, idx)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -174,4 +205,9 @@ class VehicleDPSGD:
     @property
     def history(self) -> list[tuple[float, float, int]]:
         """Opacus' accountant history (cumulative, including earlier rounds)."""
+        if self.fixed_batches:
+            raise FixedBatchError(
+                "this trainer took caller-chosen batches: its steps are not "
+                "Poisson-sampled and cannot be accounted"
+            )
         return [] if self.accountant is None else [tuple(h) for h in self.accountant.history]

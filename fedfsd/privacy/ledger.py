@@ -50,6 +50,8 @@ from fedfsd.wire import array_digest
 
 SCHEMA = 1
 CHAIN = "sha256+ed25519"  # the open record's "chain": how lines are linked and signed
+# Line kinds that spend privacy: each carries its (σ, q, steps) and the cumulative history after it.
+SPENDING = ("release", "metric")
 NORMALISATION = "sum of clipped vehicle gradients + noise, divided by expected vehicles per step"
 
 
@@ -123,13 +125,13 @@ class Ledger:
                 rec = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise LedgerError(f"{self.path}:{i}: corrupt record (not JSON)") from None
-            if not isinstance(rec, dict) or rec.get("kind") not in ("open", "release"):
+            if not isinstance(rec, dict) or rec.get("kind") not in ("open", *SPENDING):
                 raise LedgerError(f"{self.path}:{i}: not a ledger record")
             if (i == 1) != (rec["kind"] == "open"):
                 raise LedgerError(f"{self.path}:{i}: the first line, and only it, must be 'open'")
             if rec.get("schema") != SCHEMA:
                 raise LedgerError(f"{self.path}:{i}: unsupported schema {rec.get('schema')!r}")
-            if rec["kind"] == "release" and rec.get("private", True):
+            if rec["kind"] in SPENDING and rec.get("private", True):
                 hist = normalise_history(rec["accountant_history"])
                 step = (rec["noise_multiplier"], rec["sample_rate"], rec["steps"])
                 if hist != normalise_history([*prev, step]):
@@ -234,7 +236,7 @@ class Ledger:
 
     def history(self) -> History:
         """Cumulative (σ, q, steps) history after the last release (Opacus' form)."""
-        rel = [r for r in self.releases() if r.get("private", True)]
+        rel = [r for r in self._load() if r["kind"] in SPENDING and r.get("private", True)]
         return normalise_history(rel[-1]["accountant_history"]) if rel else []
 
     def epsilon(self, delta: float | None = None, accountant: str = "prv") -> float:
@@ -242,6 +244,10 @@ class Ledger:
         if not self.private:
             return math.inf
         return compute_epsilon(self.history(), delta or float(self.header["delta"]), accountant)
+
+    def metric_releases(self) -> list[dict[str, Any]]:
+        """Differentially private metric releases (kind "metric"), in ledger order."""
+        return [r for r in self._load() if r["kind"] == "metric"]
 
     def find_release(self, run_id: str, round_idx: int) -> dict[str, Any] | None:
         for r in self.releases():

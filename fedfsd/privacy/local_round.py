@@ -62,7 +62,9 @@ class LocalRoundResult:
     budget: float
     steps: int
     sample_rate: float
-    train_loss: float  # NOT differentially private: mean loss over the sampled vehicles
+    # Stays in the region: mean loss over the sampled vehicles, NOT differentially private (a
+    # loss that leaves is a separate release, fedfsd.privacy.metrics).
+    train_loss: float
     n_vehicles: int
     params: DPParams
     private: bool = True
@@ -137,8 +139,15 @@ def run_local_round(
     seed: int | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    fleet_vehicles: int | None = None,
 ) -> LocalRoundResult:
-    """Train one local round under the region's policy and ledger (see module doc)."""
+    """Train one local round under the region's policy and ledger (see module doc).
+
+    `fleet_vehicles`: every vehicle id in the region's dataset (train, validation and test
+    splits; default: the training vehicles). δ must be below 1/fleet_vehicles, and the ledger
+    opens with that count. DP-SGD samples the training vehicles with q = vehicles per step /
+    the policy's `public_fleet_size` (a rounded-down public count) or the exact training count.
+    """
     import torch
 
     from fedfsd import __version__
@@ -146,9 +155,11 @@ def run_local_round(
     from fedfsd.privacy.dpsgd import VehicleDPSGD, sample_rate
     from fedfsd.privacy.objective import model_kwargs
 
-    policy.check_dataset(frames.region, frames.n_vehicles)
+    all_vehicles = max(int(fleet_vehicles or 0), frames.n_vehicles)
+    policy.check_dataset(frames.region, all_vehicles)
     params = policy.effective(request)
-    q = sample_rate(params.vehicles_per_step, frames.n_vehicles)
+    accounted = policy.accounted_vehicles(frames.n_vehicles)
+    q = sample_rate(params.vehicles_per_step, accounted)
     fleet_id = frames.fleet_id or f"{frames.region}-unnamed"
     ledger = Ledger(ledger_path)
     with ledger.locked():
@@ -158,7 +169,7 @@ def run_local_round(
             ledger.create(
                 region=frames.region,
                 fleet_id=fleet_id,
-                vehicles=frames.n_vehicles,
+                vehicles=all_vehicles,
                 delta=policy.delta,
                 epsilon_budget=policy.epsilon_budget,
                 private=private,
@@ -212,6 +223,7 @@ def run_local_round(
             modality="bev" if bev else "objects",
             seed=seed,
             device=device,
+            accounted_vehicles=accounted,
         )
         losses: list[float] = []
         train_started = time.perf_counter()
@@ -253,8 +265,10 @@ def run_local_round(
             "min_noise_multiplier": policy.min_noise_multiplier,
             "clip_norm": params.clip_norm,
             "sample_rate": q,
-            "vehicles": frames.n_vehicles,
-            "expected_vehicles_per_step": min(params.vehicles_per_step, frames.n_vehicles),
+            # The denominator of q: the public fleet size when declared, else the exact count.
+            "vehicles": accounted,
+            "public_fleet_size": policy.public_fleet_size is not None,
+            "expected_vehicles_per_step": min(params.vehicles_per_step, accounted),
             "frames_per_vehicle": params.frames_per_vehicle,
             "steps": params.steps,
             "sampling": "poisson",
@@ -266,6 +280,8 @@ def run_local_round(
             "accountant_history": [list(h) for h in trainer.history],
             "update_norm": norm,
             "update_sha256": update_digest(update),
+            # The global model this round started from: evaluation answers only for it.
+            "received_sha256": update_digest(global32),
             "private": private,
             "code_version": __version__,
             "rng": RNG_NOTE
@@ -290,7 +306,7 @@ def run_local_round(
             steps=params.steps,
             sample_rate=q,
             train_loss=train_loss,
-            n_vehicles=frames.n_vehicles,
+            n_vehicles=accounted,
             params=params,
             private=private,
             cached=False,

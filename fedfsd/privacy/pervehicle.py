@@ -34,15 +34,57 @@ def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return (clip_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
-def supports_ghost(model: nn.Module) -> bool:
-    """True when every trainable parameter belongs to an nn.Linear (element-wise rest)."""
+# Parameter-free element-wise layers: the Gram trick needs every parametrised layer to be a
+# Linear applied once per frame, with nothing between them that mixes frames or features.
+ELEMENTWISE = ("GELU", "ReLU", "Tanh", "Sigmoid", "SiLU", "LeakyReLU", "ELU", "Identity")
+
+
+def _linear_chain(seq: nn.Module) -> bool:
+    """An nn.Sequential of distinct Linear layers and parameter-free element-wise layers."""
     from torch import nn
 
-    linear_params = {
-        id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()
-    }
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return bool(trainable) and all(id(p) in linear_params for p in trainable)
+    if type(seq) is not nn.Sequential:
+        return False
+    children = list(seq._modules.values())  # children() would hide a repeated layer
+    if len({id(c) for c in children}) != len(children):  # a layer applied more than once
+        return False
+    for c in children:
+        if type(c) is nn.Linear:
+            continue
+        if type(c).__name__ not in ELEMENTWISE or type(c).__module__ != nn.GELU.__module__:
+            return False
+        if list(c.parameters(recurse=True)) or list(c.children()):
+            return False
+    return any(type(c) is nn.Linear for c in children)
+
+
+def supports_ghost(model: nn.Module) -> bool:
+    """True only for structures the per-vehicle Gram-norm trick is proven for.
+
+    Accepted: an nn.Sequential of distinct nn.Linear layers and element-wise activations, or
+    fedfsd's PriorMLP wrapping one (its prior is a fixed buffer). Refused: any other
+    parametrised module, shared parameters, a Linear applied more than once, custom forwards.
+    """
+    from torch import nn
+
+    net = model
+    if type(model).__name__ == "PriorMLP" and type(model).__module__ == "fedfsd.models":
+        children = dict(model.named_children())
+        if set(children) != {"net"} or list(model.parameters(recurse=False)):
+            return False
+        net = children["net"]
+    if not _linear_chain(net):
+        return False
+    seen: set[int] = set()
+    for m in net._modules.values():
+        if isinstance(m, nn.Linear):
+            for p in m._parameters.values():  # parameters() would hide a shared tensor
+                if p is None:
+                    continue
+                if id(p) in seen:
+                    return False
+                seen.add(id(p))
+    return any(p.requires_grad for p in model.parameters())
 
 
 def ghost_clipped_sum(

@@ -49,8 +49,9 @@ PARTIES: tuple[tuple[str, bool, str], ...] = (
         "global aggregator",
         False,
         "each per-round update of this region (clipped, noised, L2-bounded), its manifest (region, "
-        "run, round, update norm, digest, ε so far), a coarse num-examples bucket, the metrics "
-        "the region's policy allows, and every global model",
+        "run, round, update norm, digest, ε so far), num-examples (1 or a power-of-two bucket of "
+        "the accounted fleet size), the differentially private metric releases the region's "
+        "policy allows (none by default), refusal reasons, and every global model",
     ),
     (
         "other regions",
@@ -66,18 +67,40 @@ PARTIES: tuple[tuple[str, bool, str], ...] = (
 )
 COVERED = (
     "every per-round model update this region released in the runs listed, on this fleet",
-    "everything derived from those updates by post-processing: the aggregated global models, "
+    "every metric release recorded in this ledger (evaluation metrics, training loss): each a "
+    "Gaussian mechanism over all scored vehicles (q = 1, one step; per-vehicle means clipped to "
+    "the policy's metric_clip), composed in the same accountant history as the DP-SGD steps",
+    "everything derived from those releases by post-processing: the aggregated global models, "
     "checkpoints, the final model and its predictions",
     "earlier runs on the same fleet's ledger (their steps are part of the accountant history)",
+    "every vehicle id in the region's logs (training, validation and test episodes; the ledger "
+    "opened with that count and δ < 1/count): training vehicles through DP-SGD and the metric "
+    "releases; vehicles seen only in held-out episodes are never sampled by DP-SGD and are "
+    "protected by the metric releases' accounting (no metric release: nothing of theirs leaves)",
+    "what leaves the region, each item accounted or argued: the clipped, noised update "
+    "(DP-SGD, accounted); its manifest (digest, norm ≤ the public bound, ε so far, δ, budget, "
+    "steps: functions of public parameters and the accounted history); num-examples (1, or a "
+    "power-of-two bucket of the accounted fleet size); metric values (accounted releases "
+    "above); refusal reasons (ε figures or fixed categories). Nothing else.",
 )
 NOT_COVERED = (
     "hyper-parameter tuning and any run not recorded in this ledger",
-    "evaluation metrics and losses sent without noise (the policy's allowed_metrics)",
-    "the num-examples bucket, the fleet size and other vehicle counts stated in this report",
+    "vehicles that appear only as neighbours (surrounding traffic) in other vehicles' frames: "
+    "they are not units of this guarantee; their tracks enter as features of the observing "
+    "vehicle's frames, bounded only through that vehicle's contribution",
     "models trained on this fleet's data before the ledger was opened",
     "data-dependent choices (of σ, C, K, steps, model, or which vehicles form the fleet)",
     "timing and size side channels of the updates",
 )
+FLEET_PUBLIC = (
+    "the public fleet size (the policy's rounded-down public_fleet_size, the denominator of q): "
+    "the exact vehicle count does not leave and is not stated in this report"
+)
+FLEET_EXACT = (
+    "the training-vehicle count: the policy declares no public_fleet_size, so q (and the ε in "
+    "each manifest) determine the exact count"
+)
+METRIC_MODEL = "metric:"  # Release.model prefix of a metric release (q = 1, no frames, no clip C)
 
 
 class ReportError(ValueError):
@@ -159,6 +182,30 @@ def _release(rec: Mapping[str, Any], cumulative: int) -> pb.Release:
     )
 
 
+def _metric_release(rec: Mapping[str, Any], cumulative: int, vehicles: int) -> pb.Release:
+    """A metric line as a report release: Gaussian at q = 1 (expected vehicles = vehicles)."""
+    return pb.Release(
+        run_id=str(rec.get("run_id", "")),
+        round=int(rec.get("round", 0)),
+        time=str(rec.get("time", "")),
+        model=f"{METRIC_MODEL}{rec.get('phase', '')}:{','.join(rec.get('metrics', []))}",
+        noise_multiplier=float(rec.get("noise_multiplier", 0.0)),
+        sample_rate=float(rec.get("sample_rate", 1.0)),
+        vehicles=vehicles,
+        expected_vehicles_per_step=vehicles,
+        steps=int(rec.get("steps", 0)),
+        sampling=POISSON,  # Poisson sampling at rate 1 is every vehicle
+        epsilon_prv=_num(rec, "epsilon_prv", math.inf),
+        epsilon_rdp=_num(rec, "epsilon_rdp", math.inf),
+        cumulative_steps=cumulative,
+    )
+
+
+def is_metric(r: pb.Release) -> bool:
+    """True for a metric release (not a DP-SGD model update)."""
+    return r.model.startswith(METRIC_MODEL)
+
+
 def _select(releases: list[dict[str, Any]], run_id: str | None, path: Path) -> list[dict]:
     """Releases up to the last one of `run_id` (earlier runs on the fleet compose with it)."""
     if run_id is None:
@@ -171,6 +218,8 @@ def _select(releases: list[dict[str, Any]], run_id: str | None, path: Path) -> l
 
 
 def _mechanism(rels: list[pb.Release], rng: str, normalisation: str) -> pb.Mechanism:
+    """The DP-SGD mechanism (metric releases are listed among the releases, not here)."""
+    rels = [r for r in rels if not is_metric(r)]
     last = rels[-1]
     samplers = sorted({r.sampling for r in rels})
     keys = {
@@ -215,12 +264,14 @@ def _statement(rep: pb.EpsilonReport) -> str:
             "privacy guarantee for any vehicle."
         )
     a, m = rep.accounting, rep.mechanism
+    n_metric = sum(1 for r in rep.releases if is_metric(r))
     return (
-        f"Every vehicle in region {rep.region}'s fleet ({m.vehicles} vehicles, fleet "
-        f"{rep.fleet_id}) is protected by ({a.epsilon:.3g}, {a.delta:.3g})-differential privacy "
-        f"at the vehicle level (add/remove one vehicle's data), against anyone who sees the "
-        f"{m.rounds} model updates this region released ({m.total_steps} DP-SGD steps) and "
-        f"everything derived from them, including the global model. Headline accountant PRV; "
+        f"Every vehicle in region {rep.region}'s logs (fleet {rep.fleet_id}; q counts "
+        f"{m.vehicles} training vehicles) is protected by ({a.epsilon:.3g}, {a.delta:.3g})-"
+        f"differential privacy at the vehicle level (add/remove one vehicle's data), against "
+        f"anyone who sees the {m.rounds} model updates this region released "
+        f"({m.total_steps} DP-SGD steps), its {n_metric} metric release(s), and everything "
+        f"derived from them, including the global model. Headline accountant PRV; "
         f"RDP cross-check ε = {a.epsilon_rdp:.3g}. Budget {rep.budget.epsilon_budget:g}, "
         f"remaining {rep.budget.epsilon_remaining:.3g}. By common practice this ε is "
         f"{tier(a.epsilon)} (≤ 1 strong, ≤ 10 reasonable, above 10 weak)."
@@ -239,13 +290,15 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
     path = Path(ledger_path)
     if not path.is_file():
         raise ReportError(f"{path}: no such ledger file")
+    from fedfsd.privacy.ledger import SPENDING
+
     led = Ledger(path)
     try:
         header = led.header
-        all_releases = led.releases()
+        all_releases = [r for r in led.records() if r["kind"] in SPENDING]
     except LedgerError as e:
         raise ReportError(str(e)) from None
-    if not all_releases:
+    if not any(r["kind"] == "release" for r in all_releases):
         raise ReportError(f"{path}: the ledger has no releases yet; nothing to report")
     chosen = _select(all_releases, run_id, path)
     notes: list[str] = []
@@ -253,11 +306,16 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
         notes.append("the ledger ends in a torn line (a crash mid-write); it was not counted")
     private = bool(header.get("private", True)) and all(r.get("private", True) for r in chosen)
 
+    updates = [r for r in chosen if r["kind"] == "release"]
+    accounted = int(updates[-1].get("vehicles", 0))
+    public_fleet = bool(updates[-1].get("public_fleet_size", False))
     rels: list[pb.Release] = []
     cum = 0
     for rec in chosen:
         cum += int(rec.get("steps", 0))
-        rels.append(_release(rec, cum))
+        rels.append(
+            _release(rec, cum) if rec["kind"] == "release" else _metric_release(rec, cum, accounted)
+        )
     last = chosen[-1]
     delta = float(header.get("delta", last.get("delta", 0.0)))
     vehicles = int(header.get("vehicles", last.get("vehicles", 0)))
@@ -272,6 +330,7 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
             adjacency=ADJACENCY,
             max_frames_per_vehicle_per_step=max(r.frames_per_vehicle for r in rels),
             clip_norm=max(r.clip_norm for r in rels),
+            # (a metric release bounds each vehicle to one clipped mean per metric; see scope)
             contribution_bound=(
                 "each sampled vehicle contributes one gradient per step: the mean loss over at "
                 "most K of its frames, its gradient clipped to L2 norm C; a vehicle not sampled "
@@ -283,6 +342,7 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
     rep.trust.parties.extend(pb.Party(name=n, trusted=t, sees=s) for n, t, s in PARTIES)
     rep.scope.covered.extend(COVERED)
     rep.scope.not_covered.extend(NOT_COVERED)
+    rep.scope.not_covered.append(FLEET_PUBLIC if public_fleet else FLEET_EXACT)
     rep.mechanism.CopyFrom(
         _mechanism(rels, str(last.get("rng", "")), str(last.get("normalisation", "")))
     )
@@ -292,7 +352,12 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
     acc.headline_accountant, acc.cross_check_accountant = "prv", "rdp"
     acc.delta = delta
     acc.delta_rule = (
-        f"δ must be below 1/vehicles: δ = {delta:g} < 1/{vehicles} = {1 / max(vehicles, 1):.3g}"
+        f"δ must be below 1/vehicles: δ = {delta:g} < 1/{accounted} (public fleet size; the "
+        "region checked δ against its exact count of every vehicle id in its logs, which is "
+        "not stated)"
+        if public_fleet
+        else f"δ must be below 1/vehicles: δ = {delta:g} < 1/{vehicles} = "
+        f"{1 / max(vehicles, 1):.3g} (every vehicle id in the region's logs)"
     )
     acc.implementation = _implementation()
     if private:

@@ -70,6 +70,16 @@ def plot_png(rep: pb.EpsilonReport | pb.GlobalSummary) -> bytes:
 Block = tuple[str, object]  # ("h", text) | ("p", text) | ("ul", [text]) | ("table", (head, rows))
 
 
+def _release_kind(r: pb.Release) -> str:
+    """ "update" for a DP-SGD release, "metrics <phase>: <names>" for a DP metric release."""
+    from fedfsd.privacy.report import METRIC_MODEL
+
+    if not r.model.startswith(METRIC_MODEL):
+        return "update"
+    phase, _, names = r.model[len(METRIC_MODEL) :].partition(":")
+    return f"metrics ({phase}): {names}"
+
+
 def _region_blocks(rep: pb.EpsilonReport) -> list[Block]:
     a, m, u, b, p = rep.accounting, rep.mechanism, rep.unit, rep.budget, rep.provenance
     blocks: list[Block] = [
@@ -159,11 +169,24 @@ def _region_blocks(rep: pb.EpsilonReport) -> list[Block]:
         (
             "table",
             (
-                ["run", "round", "σ", "C", "q", "K", "steps", "cum. steps", "ε PRV", "ε RDP"],
+                [
+                    "run",
+                    "round",
+                    "release",
+                    "σ",
+                    "C",
+                    "q",
+                    "K",
+                    "steps",
+                    "cum. steps",
+                    "ε PRV",
+                    "ε RDP",
+                ],  # fmt: skip
                 [
                     [
                         r.run_id,
                         str(r.round),
+                        _release_kind(r),
                         f"{r.noise_multiplier:g}",
                         f"{r.clip_norm:g}",
                         f"{r.sample_rate:g}",

@@ -23,6 +23,7 @@ from pathlib import Path
 from fedfsd.privacy.report import (
     POISSON,
     history_of,
+    is_metric,
     load_json,
     no_amplification_history,
 )
@@ -244,13 +245,16 @@ def _check_releases(v: Verification, rep: pb.EpsilonReport) -> None:
             f"({prev_eps:.6g}); ε can only grow",
         )
         prev_eps = r.epsilon_prv
+    # The mechanism describes DP-SGD; metric releases (q = 1) are listed but not part of it.
+    rels = [r for r in rels if not is_metric(r)]
+    sgd_steps = sum(r.steps for r in rels)
     v.check(
         m.rounds == len(rels),
         f"mechanism states {m.rounds} rounds but the report lists {len(rels)} releases",
     )
     v.check(
-        m.total_steps == cum,
-        f"mechanism states {m.total_steps} total steps but the releases add up to {cum}",
+        m.total_steps == sgd_steps,
+        f"mechanism states {m.total_steps} total steps but the releases add up to {sgd_steps}",
     )
     if not rels:
         return
@@ -287,6 +291,7 @@ def _check_releases(v: Verification, rep: pb.EpsilonReport) -> None:
         f"mechanism says parameters_constant = {m.parameters_constant}, but the releases "
         f"use {len(keys)} parameter set(s)",
     )
+    last = list(rep.releases)[-1]
     v.check(
         _close(last.epsilon_prv, rep.accounting.epsilon, 5e-3),
         f"the last release records ε = {last.epsilon_prv:.6g} but the headline ε is "

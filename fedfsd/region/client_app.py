@@ -16,6 +16,12 @@ the *run config* of that local experiment:
   built from the `sim-*` keys (SIM_DEFAULTS; `sim-allowed-metrics` is comma-separated), and
   a ledger in `sim-ledger-dir` (default: the temp dir, one sub-directory per fedfsd run id).
 
+What leaves: a train reply holds the egress-guarded update, its manifest and `num-examples` (1
+or the power-of-two bucket of the accounted fleet size); an evaluate reply holds only metrics the
+policy allows, each a differentially private, ledgered release (`fedfsd.privacy.metrics`), and
+only for the global model this region received in the same run and round. A train reply carries
+`loss` only as such a release too. Nothing else leaves.
+
 Handlers never raise into Flower: any failure becomes a refusal reply (no arrays) whose reason is
 a short category; the details stay in the region's log.
 """
@@ -49,7 +55,7 @@ SIM_DEFAULTS: dict[str, Any] = {
     "sim-max-clip-norm": 1.0,
     "sim-update-norm-bound": 5.0,
     "sim-weighting": "equal",
-    "sim-allowed-metrics": "loss,ade,fde,accel_mae",
+    "sim-allowed-metrics": "",  # nothing but the update leaves unless a policy allows it
 }
 
 
@@ -251,6 +257,53 @@ def _ledger_epsilon(ledger_path: Path, delta: float) -> float:
         return float("nan")
 
 
+def _fleet_vehicles(setup: RegionSetup, deps: RegionDeps) -> int:
+    """Every vehicle id in the region's dataset, over all its splits (the unit's population)."""
+    ids: set[str] = set()
+    for split in ("train", "val", "test"):
+        try:
+            ids.update(CACHE.frames(setup, split, deps).vehicle_ids)
+        except Exception as e:  # no such split, or an empty one: its vehicles are not there
+            if split == "train":
+                raise
+            LOG.debug("split %s not counted: %r", split, e)
+    return len(ids)
+
+
+def _metric_release(
+    ledger: Path,
+    policy: Any,
+    run_id: str,
+    rnd: int,
+    phase: str,
+    frames: Any,
+    weights: Mapping[str, np.ndarray],
+    model: str,
+    *,
+    quiet: bool = True,
+) -> dict[str, float]:
+    """The DP metric release of `weights` on `frames`; `quiet`: {} when refused (logged)."""
+    from fedfsd.privacy.metrics import MetricRefused, release_metrics
+    from fedfsd.region.evaluation import per_vehicle_scores
+
+    try:
+        rel = release_metrics(
+            ledger,
+            policy,
+            run_id=run_id,
+            round_idx=rnd,
+            phase=phase,
+            model_sha256=wire.array_digest(weights),
+            score=lambda: per_vehicle_scores(frames, weights, model),
+        )
+    except MetricRefused as e:
+        if not quiet:
+            raise
+        LOG.info("region %s: no %s metrics for round %s: %s", policy.region, phase, rnd, e)
+        return {}
+    return {k: float(v) for k, v in rel.values.items() if math.isfinite(v)}
+
+
 def _reply(message: Message, records: dict[str, Any]) -> Message:
     return Message(RecordDict(records), reply_to=message)
 
@@ -302,7 +355,15 @@ def handle_train(
         received = wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
         request = _request(cfg)
         res = deps.local_round(
-            frames, policy, ledger, received, request, run_id, rnd, request.model
+            frames,
+            policy,
+            ledger,
+            received,
+            request,
+            run_id,
+            rnd,
+            request.model,
+            fleet_vehicles=_fleet_vehicles(setup, deps),
         )
         release = guard_update(received, res.new_weights, policy.update_norm_bound)
         manifest = release_manifest(
@@ -319,6 +380,14 @@ def handle_train(
             delta=policy.delta,
             steps=res.steps,
         )
+        dp_metrics: dict[str, float] = {}
+        if "loss" in policy.allowed_metrics:
+            try:
+                dp_metrics = _metric_release(
+                    ledger, policy, run_id, rnd, "train", frames, res.new_weights, request.model
+                )
+            except Exception as e:  # the update still goes; only the loss is withheld
+                LOG.warning("region %s: train loss withheld in round %s: %r", region, rnd, e)
     except Exception as e:
         LOG.warning("region %s refused round %s of run %s: %r", region, rnd, run_id, e)
         if type(e).__name__ == "BudgetExceeded":
@@ -329,10 +398,9 @@ def handle_train(
     if release.clipped:
         LOG.info("egress clipped the update of round %d from %.4g", rnd, release.raw_norm)
     metrics: dict[str, float | int] = {
-        wire.NUM_EXAMPLES: num_examples(policy.weighting, frames.n_vehicles)
+        wire.NUM_EXAMPLES: num_examples(policy.weighting, res.n_vehicles),
+        **dp_metrics,
     }
-    if "loss" in policy.allowed_metrics and math.isfinite(res.train_loss):
-        metrics["loss"] = float(res.train_loss)
     return _reply(
         message,
         {
@@ -346,37 +414,72 @@ def handle_train(
 def handle_evaluate(
     message: Message, context: Context, deps: RegionDeps, run_config: Mapping[str, Any]
 ) -> Message:
-    """Score the received global model on the held-out episodes; send allowed metrics only."""
-    from fedfsd.region.evaluation import evaluate_weights
+    """Score the global model of this run and round on the held-out episodes, as a DP release.
+
+    Refused (no metric, a border-safe reason) when the policy allows no metric, when the weights
+    are not the global model this region received in the train message of the same run and
+    round, when that round's metrics were already released for other weights, or when the
+    release would overspend the budget. A repeated request gets the recorded values again.
+    """
+    from fedfsd.privacy.ledger import Ledger
+    from fedfsd.privacy.metrics import check_evaluable, metrics_for
 
     cfg = message.content.config_records.get(wire.CONFIG, ConfigRecord())
+    run_id, rnd = str(cfg.get("run-id", "")), cfg.get("round", 0)
     region = "unknown"
     try:
         setup = resolve_setup(context.node_config, run_config)
         region = setup.region or region
+        if not run_id or isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
+            raise KeyError("run-id/round")
         train = CACHE.frames(setup, "train", deps)
         policy = CACHE.policy(setup, deps, train.n_vehicles)
         region = policy.region
+        if not metrics_for(policy, "evaluate"):
+            raise _Refused("no metric allowed by the region's policy")
+        weights = {
+            k: np.asarray(v, np.float32)
+            for k, v in wire.record_to_arrays(message.content.array_records[wire.ARRAYS]).items()
+        }
+        ledger = setup.ledger_for(run_id)
+        check_evaluable(Ledger(ledger), run_id, rnd, wire.array_digest(weights))
         test = CACHE.frames(setup, "test", deps)
-        weights = wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
-        scores = evaluate_weights(test, weights, str(cfg.get("model", "mlp")))
+        metrics: dict[str, float | int] = dict(
+            _metric_release(
+                ledger,
+                policy,
+                run_id,
+                rnd,
+                "evaluate",
+                test,
+                weights,
+                str(cfg.get("model", "mlp")),
+                quiet=False,
+            )
+        )
+        if not metrics:
+            raise _Refused("metric release refused")
     except Exception as e:
         LOG.warning("region %s refused evaluation: %r", region, e)
+        reason = str(e) if type(e).__name__ in ("_Refused", "MetricRefused") else None
         return _reply(
             message,
             {
                 wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0}),
-                wire.REGION: ConfigRecord({"name": region, "refused_reason": _refusal_category(e)}),
+                wire.REGION: ConfigRecord(
+                    {"name": region, "refused_reason": reason or _refusal_category(e)}
+                ),
             },
         )
-    metrics: dict[str, float | int] = {
-        k: float(v) for k, v in scores.items() if k in policy.allowed_metrics and np.isfinite(v)
-    }
-    metrics[wire.NUM_EXAMPLES] = num_examples(policy.weighting, train.n_vehicles)
+    metrics[wire.NUM_EXAMPLES] = 1
     return _reply(
         message,
         {wire.METRICS: MetricRecord(metrics), wire.REGION: ConfigRecord({"name": region})},
     )
+
+
+class _Refused(RuntimeError):
+    """An evaluation this region does not answer; the message is border-safe."""
 
 
 def make_client_app(

@@ -203,8 +203,10 @@ def release_manifest(
 def num_examples(weighting: str, n_vehicles: int) -> int:
     """What the region tells the aggregator about its size: 1, or a power-of-two bucket.
 
-    "bucket" rounds the vehicle count down to a power of two (200 → 128), so the aggregator
-    learns the order of magnitude but never the exact count.
+    "bucket" rounds `n_vehicles` down to a power of two (200 → 128). The caller passes the
+    accounted count (the policy's public, rounded-down `public_fleet_size` when declared). This
+    field alone does not reveal the count, but the manifest's ε, steps and δ fix q and hence the
+    accounted count: without a public fleet size, that is the exact number of training vehicles.
     """
     if weighting == "equal" or n_vehicles < 1:
         return 1

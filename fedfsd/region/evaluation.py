@@ -1,6 +1,8 @@
 """Scores a model on a region's held-out episodes, inside the region.
 
-Only aggregate numbers come out (and the ClientApp sends only those the policy allows):
+Only aggregate numbers come out. `evaluate_weights` gives exact frame means, for use INSIDE the
+region (local baselines, experiments); what leaves goes through `per_vehicle_scores` and
+`fedfsd.privacy.metrics` (each vehicle's mean clipped, noise added, ledgered). The metrics:
 - loss: the training objective, mean squared error of scaled labels (fedfsd.privacy.objective);
 - ade: mean over the 1/2/3 s horizons of the Euclidean (dx, dy) error, metres;
 - fde: the Euclidean error at the last horizon (3 s), metres;
@@ -28,6 +30,21 @@ def _label_layout(n_labels: int) -> tuple[list[tuple[int, int]], int]:
     return pairs, col["accel"]
 
 
+def frame_errors(pred: np.ndarray, y: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-frame errors [N] of every metric (their frame means are `score_predictions`)."""
+    pairs, acc = _label_layout(y.shape[1])
+    pred64, y64 = pred.astype(np.float64), y.astype(np.float64)
+    dists = np.stack(
+        [np.hypot(pred64[:, i] - y64[:, i], pred64[:, j] - y64[:, j]) for i, j in pairs], axis=1
+    ).reshape(len(y), len(pairs))
+    return {
+        "loss": np.mean(((pred64 - y64) / scales) ** 2, axis=1),
+        "ade": dists.mean(axis=1),
+        "fde": dists[:, -1],
+        "accel_mae": np.abs(pred64[:, acc] - y64[:, acc]),
+    }
+
+
 def score_predictions(pred: np.ndarray, y: np.ndarray, scales: np.ndarray) -> dict[str, float]:
     """Metrics from physical-unit predictions and labels, both [N, L]."""
     pairs, acc = _label_layout(y.shape[1])
@@ -48,9 +65,39 @@ def evaluate_weights(
     frames: Any, weights: Mapping[str, np.ndarray], model_name: str
 ) -> dict[str, float]:
     """Load `weights` into a fresh `model_name` model and score it on every frame of `frames`."""
+    from fedfsd.data.features import LABEL_SCALES
+
+    pred, y = predict_frames(frames, weights, model_name)
+    return score_predictions(pred, y, np.asarray(LABEL_SCALES, dtype=np.float64))
+
+
+def per_vehicle_scores(
+    frames: Any, weights: Mapping[str, np.ndarray], model_name: str
+) -> dict[str, np.ndarray]:
+    """Each vehicle's mean error over its own frames, per metric: {metric: [V]}.
+
+    The vehicle, not the frame, is the unit of privacy: a vehicle's contribution to a released
+    metric is one number per metric, whatever its number of frames (vehicles without frames: 0).
+    """
+    from fedfsd.data.features import LABEL_SCALES
+
+    pred, y = predict_frames(frames, weights, model_name)
+    errs = frame_errors(pred, y, np.asarray(LABEL_SCALES, dtype=np.float64))
+    counts = np.diff(frames.offsets)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    out = {}
+    for k, e in errs.items():
+        sums = np.bincount(owner, weights=e, minlength=len(counts))
+        out[k] = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    return out
+
+
+def predict_frames(
+    frames: Any, weights: Mapping[str, np.ndarray], model_name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Physical-unit predictions and labels, both [N, L], for every frame of `frames`."""
     import torch
 
-    from fedfsd.data.features import LABEL_SCALES
     from fedfsd.models import build_model, set_weights
     from fedfsd.privacy.objective import model_kwargs, predict_physical
 
@@ -65,4 +112,4 @@ def evaluate_weights(
         for i in range(0, len(x), BATCH):
             preds.append(predict_physical(model, torch.from_numpy(np.asarray(x[i : i + BATCH]))))
     pred = torch.cat(preds).numpy() if preds else np.zeros_like(y)
-    return score_predictions(pred, y, np.asarray(LABEL_SCALES, dtype=np.float64))
+    return pred, np.asarray(y)
