@@ -283,6 +283,14 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
     rep.trust.parties.extend(pb.Party(name=n, trusted=t, sees=s) for n, t, s in PARTIES)
     rep.scope.covered.extend(COVERED)
     rep.scope.not_covered.extend(NOT_COVERED)
+    personal = [r for r in led.records() if r.get("kind") == "personalised"]
+    if personal:
+        digests = ", ".join(str(r.get("weights_sha256", ""))[:12] for r in personal[-3:])
+        rep.scope.not_covered.append(
+            f"{len(personal)} personalised model(s) (sha256 {digests}…), fine-tuned in this "
+            "region on its own fleet data WITHOUT differential privacy: trained locally, not "
+            "released, and refused by the region's egress guard"
+        )
     rep.mechanism.CopyFrom(
         _mechanism(rels, str(last.get("rng", "")), str(last.get("normalisation", "")))
     )

@@ -36,7 +36,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfsd import wire
-from fedfsd.region.egress import guard_update, make_manifest, num_examples
+from fedfsd.region.egress import (
+    guard_update,
+    make_manifest,
+    num_examples,
+    refuse_personalised,
+)
 
 LOG = logging.getLogger("flwr.fedfsd.region")
 
@@ -234,6 +239,7 @@ def _refusal_category(exc: BaseException) -> str:
         "SetupError": "region not configured",
         "LedgerError": "privacy ledger refused the release",
         "EgressError": "egress guard refused the update",
+        "EgressRefused": "egress refused: a personalised model never leaves the region",
         "ValidationError": "bad train request",
         "KeyError": "bad train request",
     }.get(name, f"internal error ({name})")
@@ -305,6 +311,7 @@ def handle_train(
             frames, policy, ledger, received, request, run_id, rnd, request.model
         )
         release = guard_update(received, res.new_weights, policy.update_norm_bound)
+        refuse_personalised(ledger, received, res.new_weights, release)
     except Exception as e:
         LOG.warning("region %s refused round %s of run %s: %r", region, rnd, run_id, e)
         if type(e).__name__ == "BudgetExceeded":
