@@ -191,7 +191,7 @@ def finetune(
     vehicles_per_step: int = typer.Option(64, min=1, help="Expected vehicles per step (Poisson)."),
     frames_per_vehicle: int = typer.Option(8, min=1, help="K: frames of one vehicle per step."),
     patience: int = typer.Option(
-        5, min=0, help="Stop after this many evaluations without improvement (0: never)."
+        0, min=0, help="Stop after this many evaluations without improvement (0: never)."
     ),
     seed: int = typer.Option(None, help="Fix the vehicle sampling seed (reproducible runs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),

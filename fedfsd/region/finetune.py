@@ -27,7 +27,9 @@ from fedfsd.modelhub.select import train_select
 
 PERSONALISED = "personalised"  # the ledger line kind
 DEFAULTS = {"max_steps": 2000, "eval_every": 100, "lr": 0.1, "vehicles_per_step": 64}
-PATIENCE = 5  # evaluations without a better validation FDE before stopping
+# Early stopping is off by default: from the prior the validation FDE first rises, then falls
+# below the start only after ~2,000 steps (measured on a 200-vehicle eu fleet).
+PATIENCE: int | None = None
 
 
 @dataclass
