@@ -113,3 +113,30 @@ def test_cli_pretrains_on_public_data_and_writes_a_model_the_aggregator_can_load
     assert {k: v.shape for k, v in w.items()} == {k: v.shape for k, v in ref.items()}
     vals = [load_vehicle_frames(d, "val") for d in datasets["public"]]
     assert evaluate_weights(pool_frames(vals), w, "mlp")["fde"] == pytest.approx(side["val_fde"])
+
+
+def test_report_states_a_pretrained_start_as_public_data_outside_epsilon(tmp_path) -> None:
+    from fedfsd.config import RegionPolicy, TrainRequest
+    from fedfsd.models import build_model, get_weights
+    from fedfsd.privacy.ledger import Ledger
+    from fedfsd.privacy.local_round import run_local_round
+    from fedfsd.privacy.report import build_report
+
+    frames = make_synthetic_frames(20, 6, seed=1, region="eu")
+    policy = RegionPolicy(
+        region="eu", epsilon_budget=20.0, delta=1e-3, min_noise_multiplier=1.0, max_clip_norm=1.0,
+        update_norm_bound=5.0, max_local_steps=2, max_vehicles_per_step=4,
+    )  # fmt: skip
+    w = get_weights(build_model("mlp", frames.features.shape[1], frames.labels.shape[1]))
+    req = TrainRequest(local_steps=2, vehicles_per_step=4, frames_per_vehicle=2)
+    path = tmp_path / "l.jsonl"
+    res = run_local_round(frames, policy, path, w, req, "run-1", 1, "mlp", seed=0)
+    assert not any("initial model" in s for s in build_report(path).scope.not_covered)
+    # A later release that records the aggregator's initial model (as run_local_round does when
+    # the train request names one): same mechanism, history extended by its steps.
+    rec = {**res.record, "round": 2, "initial_model_sha256": "ab" * 32}
+    rec["accountant_history"] = [[h[0], h[1], h[2] * 2] for h in res.record["accountant_history"]]
+    Ledger(path).append(rec)
+    said = [s for s in build_report(path).scope.not_covered if "initial model" in s]
+    assert said and "abababababab" in said[0]
+    assert "public simulated data" in said[0] and "outside this ε" in said[0]
