@@ -50,7 +50,9 @@ def ensure_dataset(cache: Path, region: str, vehicles: int, episodes: int, seed:
     out = dataset_dir(cache, region, vehicles, episodes, seed)
     if (out / "manifest.json").exists():
         try:
-            validate_dataset(out)
+            manifest = validate_dataset(out)
+            if "val_fraction" not in manifest.get("split", {}):
+                raise DatasetError("it predates validation splits")
             console.print(f"[dim]reusing fleet data {out}[/]")
             return out
         except DatasetError as err:

@@ -13,6 +13,7 @@ import typer
 from fedfsd.aggregator.cli import app as aggregator_app
 from fedfsd.data.cli import app as data_app
 from fedfsd.deploy.cli import app as deploy_app
+from fedfsd.modelhub.cli import app as model_app
 from fedfsd.privacy.cli import app as privacy_app
 from fedfsd.region.cli import app as region_app
 
@@ -35,6 +36,7 @@ app.add_typer(privacy_app, name="privacy", help="ε calculator, ledgers, reports
 app.add_typer(region_app, name="region", help="Run a region: local training and its SuperNode.")
 app.add_typer(aggregator_app, name="aggregator", help="Run the global aggregator (SuperLink).")
 app.add_typer(deploy_app, name="deploy", help="A whole TLS federation on one machine.")
+app.add_typer(model_app, name="model", help="Models made outside the federation: pretrain.")
 
 
 @app.command()

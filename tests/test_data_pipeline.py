@@ -68,11 +68,13 @@ def test_manifest_contents(datasets) -> None:
 def test_grouping_by_vehicle_and_episode_split(datasets) -> None:
     path = datasets["w1"]
     tr = load_vehicle_frames(path, "train")
+    va = load_vehicle_frames(path, "val")
     te = load_vehicle_frames(path, "test")
     al = load_vehicle_frames(path, "all")
-    assert set(tr.episodes.tolist()).isdisjoint(te.episodes.tolist())
-    assert set(tr.episodes.tolist()) | set(te.episodes.tolist()) == set(range(4))
-    assert tr.n_frames + te.n_frames == al.n_frames
+    ep_tr, ep_va, ep_te = (set(f.episodes.tolist()) for f in (tr, va, te))
+    assert ep_tr.isdisjoint(ep_te) and ep_tr.isdisjoint(ep_va) and ep_va.isdisjoint(ep_te)
+    assert ep_tr | ep_va | ep_te == set(range(4))
+    assert tr.n_frames + va.n_frames + te.n_frames == al.n_frames
     assert tr.features.shape == (tr.n_frames, len(FEATURE_NAMES))
     assert tr.labels.shape == (tr.n_frames, len(LABEL_NAMES))
     assert np.isfinite(al.features).all() and np.isfinite(al.labels).all()

@@ -459,7 +459,7 @@ def test_region_ledger_opens_with_every_vehicle_id_of_all_splits(tmp_path, weigh
     data = generate_dataset(
         RegionProfile.model_validate(d), 24, 5, 3, tmp_path / "data", workers=1, progress=False
     )
-    ids = {s: set(load_vehicle_frames(data, split=s).vehicle_ids) for s in ("train", "test")}
+    ids = {s: set(load_vehicle_frames(data, split=s).vehicle_ids) for s in ("train", "val", "test")}
     policy = tmp_path / "policy.toml"
     policy.write_text(
         'region = "eu"\nepsilon_budget = 50.0\ndelta = 1e-6\nmin_noise_multiplier = 0.8\n'
@@ -470,6 +470,6 @@ def test_region_ledger_opens_with_every_vehicle_id_of_all_splits(tmp_path, weigh
     ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
     reply = app(_msg("train", weights), ctx)
     assert reply.content.array_records, _refusal(reply) if wire.REGION in reply.content else reply
-    assert Ledger(tmp_path / "l.jsonl").header["vehicles"] == len(ids["train"] | ids["test"])
+    assert Ledger(tmp_path / "l.jsonl").header["vehicles"] == len(ids["train"] | ids["val"] | ids["test"])
     # q still divides by the training vehicles DP-SGD samples from.
     assert _lines(tmp_path / "l.jsonl", "release")[0]["vehicles"] == len(ids["train"])

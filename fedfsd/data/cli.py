@@ -81,26 +81,45 @@ def validate(path: Path = typer.Argument(..., help="Dataset directory.")) -> Non
 @app.command()
 def stats(
     path: Path = typer.Argument(..., help="Dataset directory."),
-    split: str = typer.Option("all", help="train | test | all"),
+    split: str = typer.Option("all", help="train | val | test | all (feature summary)"),
 ) -> None:
-    """Vehicles, frames, episodes, crash rate and a per-feature summary."""
+    """Episodes, frames and vehicles per split, crash rate and a per-feature summary."""
     import numpy as np
     from rich.console import Console
     from rich.table import Table
 
     from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES
+    from fedfsd.data.loader import load_with_split
+    from fedfsd.data.splits import SPLITS, NoValidationSplit
     from fedfsd.data.validate import DatasetError
-    from fedfsd.data.vehicles import load_vehicle_frames
 
-    if split not in ("train", "test", "all"):
-        _fail("--split must be train, test or all", 2)
+    if split not in SPLITS:
+        _fail(f"--split must be one of {', '.join(SPLITS)}", 2)
     try:
-        fr = load_vehicle_frames(path, split=split)
+        everything, parts = load_with_split(path, split="all")
     except DatasetError as err:
         _fail(str(err), 1)
-    m = fr.manifest
-    c = m.get("counts", {})
+    m = everything.manifest
     con = Console()
+    per_split = Table("split", "episodes", "frames", "vehicles", title="episode-level splits")
+    chosen = None
+    for name in SPLITS:
+        try:
+            eps = parts.episodes(name)
+        except NoValidationSplit:
+            per_split.add_row(name, "-", "-", "- (predates validation splits)")
+            if name == split:
+                _fail(f"{path}: dataset predates validation splits: regenerate it", 1)
+            continue
+        sub = everything.select_episodes(eps)
+        per_split.add_row(name, str(len(eps)), str(sub.n_frames), str(sub.n_vehicles))
+        if name == split:
+            chosen = sub
+    con.print(per_split)
+    fr = chosen
+    if fr is None or fr.n_frames == 0:
+        _fail(f"{path}: split {split!r} has no usable frames", 1)
+    c = m.get("counts", {})
     per_v = fr.frames_per_vehicle()
     con.print(
         f"[bold]{fr.region}[/bold] ({split}): {fr.n_vehicles} vehicles, {fr.n_frames} frames, "

@@ -20,6 +20,7 @@ from fedfsd.data.features import HORIZONS_S
 from fedfsd.data.fleet import draw_drivers, episode_members, fleet_id, vehicle_ids
 from fedfsd.data.profiles import RegionProfile, load_profile_file, load_region
 from fedfsd.data.schema import MANIFEST_NAME, SCHEMA_VERSION, TRACK_SCHEMA, TRACKS_DIR
+from fedfsd.data.splits import TEST_FRACTION, VAL_FRACTION
 
 GENERATOR = "fedfsd simulate (highway-env 1.12.1 IDM/MOBIL)"
 
@@ -174,7 +175,12 @@ def _manifest(profile, pdump, fid, vehicles, episodes, seed, with_bev, results) 
         "left_hand_traffic": profile.left_hand_traffic,
         "with_bev": bool(with_bev),
         "bev": {"channels": 2, "height": 48, "width": 128, "m_per_row": 0.5, "m_per_col": 1.0},
-        "split": {"by": "episode", "test_fraction": 0.2, "seed": seed},
+        "split": {
+            "by": "episode",
+            "val_fraction": VAL_FRACTION,
+            "test_fraction": TEST_FRACTION,
+            "seed": seed,
+        },
         "generator": GENERATOR,
         "profile": pdump,
         "counts": {

@@ -7,38 +7,46 @@ from pathlib import Path
 import numpy as np
 
 from fedfsd.data.featurize import featurize_episode
+from fedfsd.data.splits import (
+    SPLITS,
+    TEST_FRACTION,
+    EpisodeSplit,
+    NoValidationSplit,
+    split_episodes,
+)
+from fedfsd.data.splits import test_episodes as test_episodes
 from fedfsd.data.validate import DatasetError, read_validated
 from fedfsd.data.vehicles import VehicleFrames
 
-SPLITS = ("train", "test", "all")
-TEST_FRACTION = 0.2
-
-
-def test_episodes(episodes: np.ndarray, seed: int, fraction: float = TEST_FRACTION) -> np.ndarray:
-    """The episodes held out for testing: a seeded choice of whole episodes (never frames)."""
-    eps = np.unique(episodes)
-    if len(eps) < 2:
-        return np.array([], dtype=np.int64)
-    n_test = max(1, int(round(fraction * len(eps))))
-    rng = np.random.default_rng([int(seed), 4])
-    return np.sort(rng.choice(eps, size=n_test, replace=False))
+__all__ = ["SPLITS", "TEST_FRACTION", "load_frames", "load_with_split", "test_episodes"]
 
 
 def load_frames(root: Path, split: str = "train") -> VehicleFrames:
+    """Validate `root` and featurise the episodes of one split."""
+    return load_with_split(root, split)[0]
+
+
+def load_with_split(root: Path, split: str = "all") -> tuple[VehicleFrames, EpisodeSplit]:
+    """Frames of one split, plus which episodes make up every split of this dataset."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     manifest, tables = read_validated(root)
-    split_cfg = manifest.get("split", {})
-    seed = int(split_cfg.get("seed", manifest["seed"]))
-    frac = float(split_cfg.get("test_fraction", TEST_FRACTION))
     all_eps = np.concatenate([np.unique(t["episode"]) for t in tables])
-    held_out = test_episodes(all_eps, seed, frac)
+    assignment = split_episodes(manifest, all_eps)
+    try:
+        wanted = set(assignment.episodes(split).tolist())
+    except NoValidationSplit as err:
+        raise DatasetError(f"{root}: {err}") from None
+    if not wanted:
+        raise DatasetError(
+            f"{root}: split {split!r} has no episodes ({len(np.unique(all_eps))} episodes in "
+            "the dataset; a 'val' split needs at least 3)"
+        )
     with_bev = bool(manifest.get("with_bev", False))
     parts = []
     for cols in tables:
         for ep in np.unique(cols["episode"]):
-            in_test = ep in held_out
-            if (split == "train" and in_test) or (split == "test" and not in_test):
+            if int(ep) not in wanted:
                 continue
             sel = (
                 cols
@@ -71,7 +79,7 @@ def load_frames(root: Path, split: str = "train") -> VehicleFrames:
     vids = vids[order]
     uniq, starts = np.unique(vids, return_index=True)
     offsets = np.append(starts, len(vids)).astype(np.int64)
-    return VehicleFrames(
+    out = VehicleFrames(
         region=str(manifest["region"]),
         features=feats[order],
         labels=labels[order],
@@ -82,3 +90,4 @@ def load_frames(root: Path, split: str = "train") -> VehicleFrames:
         fleet_id=str(manifest["fleet_id"]),
         manifest=manifest,
     )
+    return out, assignment

@@ -109,6 +109,14 @@ def _check_types(path: Path, m: dict[str, Any]) -> None:
         _is_num(split["test_fraction"]) and 0 <= split["test_fraction"] < 1
     ):
         raise DatasetError(f"{path}: 'split.test_fraction' must be in [0, 1)")
+    if "val_fraction" in split and not (
+        _is_num(split["val_fraction"])
+        and 0 <= split["val_fraction"] < 1
+        and split["val_fraction"] + split.get("test_fraction", 0.2) < 1
+    ):
+        raise DatasetError(
+            f"{path}: 'split.val_fraction' must be in [0, 1) and leave room for training"
+        )
     prof = m.get("profile")
     if prof is not None:
         if not isinstance(prof, dict):

@@ -58,6 +58,24 @@ class VehicleFrames:
         """[V] number of frames each vehicle owns."""
         return np.diff(self.offsets)
 
+    def select_episodes(self, episodes: np.ndarray | list[int]) -> VehicleFrames:
+        """The frames of the listed episodes only (vehicles without any such frame dropped)."""
+        keep = np.isin(self.episodes, np.asarray(episodes, dtype=np.int64))
+        cum = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        counts = cum[self.offsets[1:]] - cum[self.offsets[:-1]]
+        has = counts > 0
+        return VehicleFrames(
+            region=self.region,
+            features=self.features[keep],
+            labels=self.labels[keep],
+            offsets=np.concatenate([[0], np.cumsum(counts[has])]),
+            vehicle_ids=[v for v, h in zip(self.vehicle_ids, has, strict=True) if h],
+            episodes=self.episodes[keep],
+            bev=self.bev[keep] if self.bev is not None else None,
+            fleet_id=self.fleet_id,
+            manifest=self.manifest,
+        )
+
     def _inputs(self, modality: str) -> np.ndarray:
         if modality == "objects":
             return self.features
@@ -114,8 +132,10 @@ class VehicleFrames:
 def load_vehicle_frames(path: str | Path, split: str = "train") -> VehicleFrames:
     """Validate a dataset directory, then build its per-vehicle frames for one split.
 
-    The split is by episode (seeded from the manifest), never by frame. Validation runs first
-    and raises `DatasetError`, so a bad dataset is never half-loaded.
+    `split` is "train", "val", "test" or "all"; the split is by episode (seeded from the
+    manifest), never by frame, and "train" excludes val and test. A dataset generated before
+    validation splits keeps its old train/test episodes and refuses "val" with a DatasetError.
+    Validation runs first and raises `DatasetError`, so a bad dataset is never half-loaded.
     """
     from fedfsd.data.loader import load_frames
 

@@ -125,7 +125,13 @@ class Ledger:
                 rec = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise LedgerError(f"{self.path}:{i}: corrupt record (not JSON)") from None
-            if not isinstance(rec, dict) or rec.get("kind") not in ("open", *SPENDING):
+            # "personalised": a model trained in the region without DP, never released; it is
+            # recorded so the egress guard can refuse it, and counts for no ε.
+            if not isinstance(rec, dict) or rec.get("kind") not in (
+                "open",
+                *SPENDING,
+                "personalised",
+            ):
                 raise LedgerError(f"{self.path}:{i}: not a ledger record")
             if (i == 1) != (rec["kind"] == "open"):
                 raise LedgerError(f"{self.path}:{i}: the first line, and only it, must be 'open'")

@@ -343,6 +343,24 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
     rep.scope.covered.extend(COVERED)
     rep.scope.not_covered.extend(NOT_COVERED)
     rep.scope.not_covered.append(FLEET_PUBLIC if public_fleet else FLEET_EXACT)
+    starts = sorted(
+        {str(r["initial_model_sha256"]) for r in chosen if r.get("initial_model_sha256")}
+    )
+    if starts:
+        rep.scope.not_covered.append(
+            f"the initial model the federation started from (sha256 "
+            f"{', '.join(h[:12] for h in starts)}…): pretrained by the global team on public "
+            "simulated data (`fedfsd model pretrain`), which holds no vehicle of this fleet; "
+            "outside this ε"
+        )
+    personal = [r for r in led.records() if r.get("kind") == "personalised"]
+    if personal:
+        digests = ", ".join(str(r.get("weights_sha256", ""))[:12] for r in personal[-3:])
+        rep.scope.not_covered.append(
+            f"{len(personal)} personalised model(s) (sha256 {digests}…), fine-tuned in this "
+            "region on its own fleet data WITHOUT differential privacy: trained locally, not "
+            "released, and refused by the region's egress guard"
+        )
     rep.mechanism.CopyFrom(
         _mechanism(rels, str(last.get("rng", "")), str(last.get("normalisation", "")))
     )

@@ -198,6 +198,132 @@ def keygen(
     typer.echo(f"public key (hex) {signing.public_hex(k.public_key())}")
 
 
+@app.command("finetune")
+def finetune(
+    data: Path = typer.Option(
+        ..., help="The region's fleet dataset (train split trains, val selects)."
+    ),
+    model: Path = typer.Option(..., help="The received global model (.npz of weights)."),
+    ledger: Path = typer.Option(
+        ..., help="The region's ledger: the personalised model is recorded there."
+    ),
+    out: Path = typer.Option(..., help="Where to write the personalised model (.npz, plus .json)."),
+    max_steps: int = typer.Option(2000, min=0, help="At most this many non-private steps."),
+    eval_every: int = typer.Option(100, min=1, help="Score on validation episodes every K steps."),
+    lr: float = typer.Option(0.1, min=0.0, help="Learning rate (plain SGD)."),
+    vehicles_per_step: int = typer.Option(64, min=1, help="Expected vehicles per step (Poisson)."),
+    frames_per_vehicle: int = typer.Option(8, min=1, help="K: frames of one vehicle per step."),
+    patience: int = typer.Option(
+        0, min=0, help="Stop after this many evaluations without improvement (0: never)."
+    ),
+    seed: int = typer.Option(None, help="Fix the vehicle sampling seed (reproducible runs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Personalise the global model on this region's data WITHOUT DP; it never leaves the region.
+
+    Trains on the TRAIN split, keeps the checkpoint with the best FDE@3s on the VALIDATION split
+    (the received model is candidate 0, so the result is never worse there), writes OUT (.npz)
+    and OUT.json atomically, and records the model in the region's ledger as not released: the
+    egress guard then refuses to send it. Test episodes are never read.
+    """
+    import json
+    import sys
+
+    from rich.console import Console
+
+    from fedfsd.privacy.cli import fail
+
+    try:
+        from fedfsd.data.validate import DatasetError
+        from fedfsd.data.vehicles import load_vehicle_frames
+        from fedfsd.modelhub.display import SelectionView
+        from fedfsd.modelhub.files import load_weights
+        from fedfsd.privacy.ledger import Ledger, LedgerError
+        from fedfsd.region.finetune import (
+            describe,
+            finetune_model,
+            record_personalised,
+            write_personal_model,
+        )
+    except ImportError as e:  # pragma: no cover - broken install
+        fail(f"cannot import training code: {e}")
+
+    try:
+        received = load_weights(model)
+    except (OSError, ValueError) as e:
+        fail(f"{model}: cannot read weights: {e}")
+    arch = "mlp" if any(k.startswith("net.") for k in received) else "bev_cnn"
+    lg = Ledger(ledger)
+    if not lg.exists():
+        fail(
+            f"{ledger}: no such ledger; give the region's own ledger (the one its egress path "
+            "reads) so that the personalised model is recorded and never released"
+        )
+    try:
+        frames_train = load_vehicle_frames(data, split="train")
+        frames_val = load_vehicle_frames(data, split="val")
+    except (DatasetError, OSError, ValueError) as e:
+        fail(f"{data}: {e}")
+    try:
+        head = lg.header
+    except LedgerError as e:
+        fail(str(e))
+    if (head["region"], head["fleet_id"]) != (frames_train.region, frames_train.fleet_id):
+        fail(
+            f"{ledger}: ledger is for {head['region']}/{head['fleet_id']}, the dataset is "
+            f"{frames_train.region}/{frames_train.fleet_id}"
+        )
+
+    con = Console(stderr=as_json)
+    con.print(
+        "[bold yellow]personalising WITHOUT differential privacy: the result stays in this "
+        "region (recorded in its ledger, refused by its egress guard)[/]"
+    )
+    view = SelectionView(con, max_steps, f"finetune {frames_train.region}")
+    try:
+        with view.running():
+            res = finetune_model(
+                frames_train,
+                frames_val,
+                received,
+                arch,
+                max_steps=max_steps,
+                eval_every=eval_every,
+                lr=lr,
+                vehicles_per_step=vehicles_per_step,
+                frames_per_vehicle=frames_per_vehicle,
+                patience=patience or None,
+                seed=seed,
+                on_step=view.on_step,
+                on_eval=view.on_eval,
+            )
+    except ValueError as e:
+        fail(str(e))
+    desc = describe(res, frames_train, frames_val)
+    desc["dataset"] = str(data.resolve())
+    desc["base_model_file"] = str(model.resolve())
+    try:
+        side = write_personal_model(out, res, desc)
+        rec = record_personalised(ledger, desc, out)
+    except (OSError, LedgerError) as e:
+        fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps({**desc, "sidecar": str(side), "ledger_time": rec["time"]}))
+        sys.stdout.write("\n")
+        return
+    con.print(view.table(res.steps))
+    what = (
+        f"selected step {res.steps}"
+        if res.improved
+        else "no step beat the received model on validation: kept it unchanged"
+    )
+    con.print(
+        f"val FDE@3s {res.val_fde_before:.3f} m → {res.val_fde_after:.3f} m ({what}; "
+        f"{res.steps_run} steps run{', stopped early' if res.stopped_early else ''})"
+    )
+    con.print(f"wrote {out} and {side}; recorded in {ledger} as personalised, NOT released")
+
+
 # ---- deployment: a region's SuperNode + executor, and key registration (deploy engineer) ----
 
 

@@ -42,7 +42,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfsd import wire
-from fedfsd.region.egress import guard_update, make_manifest, num_examples, release_manifest
+from fedfsd.region.egress import (
+    guard_update,
+    make_manifest,
+    num_examples,
+    refuse_personalised,
+    release_manifest,
+)
 
 LOG = logging.getLogger("flwr.fedfsd.region")
 
@@ -240,6 +246,7 @@ def _refusal_category(exc: BaseException) -> str:
         "SetupError": "region not configured",
         "LedgerError": "privacy ledger refused the release",
         "EgressError": "egress guard refused the update",
+        "EgressRefused": "egress refused: a personalised model never leaves the region",
         "ValidationError": "bad train request",
         "KeyError": "bad train request",
     }.get(name, f"internal error ({name})")
@@ -366,6 +373,7 @@ def handle_train(
             fleet_vehicles=_fleet_vehicles(setup, deps),
         )
         release = guard_update(received, res.new_weights, policy.update_norm_bound)
+        refuse_personalised(ledger, received, res.new_weights, release)
         manifest = release_manifest(
             ledger,
             region=policy.region,

@@ -213,3 +213,45 @@ def num_examples(weighting: str, n_vehicles: int) -> int:
     if weighting == "bucket":
         return 1 << (int(n_vehicles).bit_length() - 1)
     raise ValueError(f"unknown weighting {weighting!r}")
+
+
+class EgressRefused(EgressError):
+    """What would leave equals a model that must never leave the region (a personalised one)."""
+
+
+def refuse_personalised(
+    ledger_path: str | Path,
+    received: Mapping[str, np.ndarray],
+    new_weights: Mapping[str, np.ndarray],
+    release: Release | None = None,
+) -> None:
+    """Raise `EgressRefused` if the new weights, or what the release reconstructs, are personalised.
+
+    A personalised model (`fedfsd region finetune`) is trained without DP and recorded in the
+    region's ledger by digest. Before anything leaves, the guard compares the new weights, the
+    received weights plus the (clipped) update, and the unclipped update against those digests.
+    Equality is by exact bytes: this stops the personalised file being fed to the release path,
+    not a model derived from it (the release path only ever sends `run_local_round`'s output).
+    """
+    from fedfsd.region.finetune import personalised_records
+
+    records = personalised_records(ledger_path)
+    if not records:
+        return
+    f32 = {k: np.asarray(v, dtype=np.float32) for k, v in new_weights.items()}
+    weights = {array_digest(f32)}
+    updates = {array_digest(compute_update(received, f32))}
+    if release is not None:
+        rebuilt = {k: np.asarray(received[k], np.float32) + release.arrays[k] for k in received}
+        weights.add(array_digest(rebuilt))
+        updates.add(release.sha256)
+    for rec in records:
+        if rec.get("weights_sha256") == rec.get("base_model_sha256"):
+            continue  # fine-tuning kept the received model: nothing private to protect
+        if rec.get("weights_sha256") in weights or rec.get("update_sha256") in updates:
+            raise EgressRefused(
+                f"{rec.get('path', '?')}: this update is the personalised model recorded in "
+                f"{ledger_path} at {rec.get('time', '?')} (weights sha256 "
+                f"{str(rec.get('weights_sha256'))[:12]}…); it was trained without DP and never "
+                "leaves the region"
+            )

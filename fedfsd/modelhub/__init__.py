@@ -1,0 +1,1 @@
+"""Models outside the federation: public pretraining, non-private training with selection."""
