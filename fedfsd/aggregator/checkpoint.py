@@ -17,7 +17,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfsd.durable import fsync_dir as _fsync_dir
+from fedfsd.durable import atomic_file, write_atomic
 
 CHECKPOINT = "checkpoint.npz"
 GLOBAL_MODEL = "global_model.npz"
@@ -59,19 +58,8 @@ class Checkpoint:
 
 def atomic_write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write an .npz so that `path` is either the old or the complete new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path) as f:  # disk full: DiskFullError naming `path`, no temp left
+        np.savez(f, **arrays)
 
 
 def array_digest(a: np.ndarray) -> str:
@@ -249,17 +237,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomic(path, text.encode("utf-8"))
 
 
 def truncate_after_round(run_dir: Path, last_round: int) -> None:
