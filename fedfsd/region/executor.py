@@ -189,6 +189,40 @@ def pull_message_bounded(
     return message, max(inflated, pulled[0])
 
 
+def drain_and_confirm(
+    object_tree: Any,
+    pull_object_fn: Any,
+    confirm_fn: Any,
+    *,
+    initial_backoff: float = 0.05,
+    backoff_cap: float = 0.5,
+) -> None:
+    """Let the SuperNode drop a refused message: wait until each of its objects is stored, one
+    at a time, keeping none, then confirm.
+
+    Why: flwr 1.39's SuperNode offers the task before it has stored the message's objects;
+    confirming (which deletes the message) while it is still storing them makes its receive fail
+    ("not pre-registered") and the refusal reply never reaches the aggregator; never confirming
+    leaves the message in the SuperNode's memory. Memory here is one object at a time.
+    """
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    def discard(oid: str) -> bytes:
+        pull_object_fn(oid)
+        return b""
+
+    ids = list(dict.fromkeys(t.object_id for t in iterate_object_tree(object_tree)))
+    pull_objects(
+        ids,
+        discard,
+        max_concurrent_pulls=1,
+        initial_backoff=initial_backoff,
+        backoff_cap=backoff_cap,
+    )
+    confirm_fn(object_tree.object_id)
+
+
 @dataclass
 class ExecutorSettings:
     """What the region operator configures (never the aggregator)."""
@@ -333,6 +367,7 @@ class RegionExecutor:
             confirm = make_confirm_message_received_fn_protobuf(
                 client.ConfirmMessageReceived, node, context.run_id
             )
+            pull_object_fn = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
             refusal: tuple[int, str] | None = None
             if self.allowed and digest not in self.allowed:
                 refusal = (
@@ -344,7 +379,7 @@ class RegionExecutor:
                 try:
                     message, record["message_bytes"] = pull_message_bounded(
                         tree,
-                        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+                        pull_object_fn,
                         confirm,
                         self.settings.max_message_bytes,
                     )
@@ -354,8 +389,8 @@ class RegionExecutor:
             record["pull_s"] = round(time.monotonic() - started, 4)
             if refusal is not None:
                 code, reason = refusal
-                with contextlib.suppress(Exception):
-                    confirm(tree.object_id)  # let the SuperNode drop its copy
+                with contextlib.suppress(Exception):  # let the SuperNode drop its copy
+                    drain_and_confirm(tree, pull_object_fn, confirm)
                 log.warning(reason)
                 record.update(decision="refused", reason=reason)
                 reply = Message(Error(code=code, reason=reason), reply_to=message)
