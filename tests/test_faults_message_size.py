@@ -131,3 +131,14 @@ def test_the_bound_comes_from_the_region_policy(tmp_path: Path) -> None:
     pol.write_text(base + "max_message_bytes = 1000000\n")
     assert max_message_bytes_from_policy(str(pol)) == 1_000_000
     assert max_message_bytes_from_policy(None) == DEFAULT_MAX_MESSAGE_BYTES
+
+
+def test_a_malformed_object_is_refused_not_raised() -> None:
+    import hashlib
+
+    from flwr.proto.message_pb2 import ObjectTree  # pylint: disable=E0611
+
+    junk = b"not an inflatable object"
+    oid = hashlib.sha256(junk).hexdigest()
+    with pytest.raises(MessageRefused, match="malformed"):
+        pull_message_bounded(ObjectTree(object_id=oid), {oid: junk}.__getitem__, print, 1 << 20)

@@ -104,10 +104,43 @@ def pull_message_bounded(
     4. chunks are then pulled under the same running count, and the exact inflated size (each
        chunk's length times its references, which is how a few MB of repeated chunks become a
        GiB) is checked before anything is inflated.
-    Every object's sha256 must equal its id. Not bounded here: what the SuperNode itself pulled
-    from the SuperLink (its unique objects) and a single object's size before it arrives.
-    Returns (message, inflated bytes); raises MessageRefused.
+    Every object's sha256 must equal its id; a malformed object is refused too. Not bounded
+    here: what the SuperNode itself pulled from the SuperLink (its unique objects) and a single
+    object's size before it arrives. Returns (message, inflated bytes); raises MessageRefused
+    (a pull that times out raises Flower's ObjectPullError: a failure, not a refusal).
     """
+    from flwr.supercore.inflatable.inflatable_object import UnexpectedObjectContentError
+
+    try:
+        return _pull_message_bounded(
+            object_tree,
+            pull_object_fn,
+            confirm_fn,
+            max_bytes,
+            initial_backoff=initial_backoff,
+            backoff_cap=backoff_cap,
+        )
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        UnexpectedObjectContentError,
+    ) as err:
+        raise MessageRefused(f"malformed message object: {type(err).__name__}: {err}") from None
+
+
+def _pull_message_bounded(
+    object_tree: Any,
+    pull_object_fn: Any,
+    confirm_fn: Any,
+    max_bytes: int,
+    *,
+    initial_backoff: float = 0.05,
+    backoff_cap: float = 0.5,
+) -> tuple[Any, int]:
+    """`pull_message_bounded` without the mapping of malformed objects to a refusal."""
     from flwr.app import Message
     from flwr.supercore.inflatable.inflatable_object import (
         get_object_body,
