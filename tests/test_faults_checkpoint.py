@@ -228,3 +228,9 @@ def test_cli_refuses_resume_without_checkpoint_and_reuse_of_a_run_dir(tmp_path: 
     assert res.exit_code == 2 and "checkpoint.npz is missing" in res.output
     res = runner.invoke(app, base)
     assert res.exit_code == 2 and "already holds a run (rounds.jsonl)" in res.output
+
+
+def test_a_checkpoint_keeps_the_state_dict_order(tmp_path: Path) -> None:
+    w = {"z.weight": np.ones(2, np.float32), "a.bias": np.zeros(3, np.float32)}
+    ck.save_checkpoint(tmp_path, ck.Checkpoint(1, "r", w))
+    assert list(ck.load_checkpoint(tmp_path).weights) == ["z.weight", "a.bias"]

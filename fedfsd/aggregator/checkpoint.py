@@ -85,7 +85,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
         **ckpt.meta,
         "arrays": listing,
     }
-    meta_bytes = json.dumps(meta, sort_keys=True).encode("utf-8")
+    meta_bytes = json.dumps(meta).encode("utf-8")  # keeps state_dict order
     arrays["meta"] = np.frombuffer(meta_bytes, dtype=np.uint8)
     digest = hashlib.sha256(meta_bytes).hexdigest().encode("ascii")
     arrays["digest"] = np.frombuffer(digest, dtype=np.uint8)
