@@ -79,6 +79,9 @@ class RegionPolicy(BaseModel):
     public_fleet_size: int | None = Field(None, ge=1)
     weighting: Literal["equal", "bucket"] = "equal"
     allowed_app_digests: list[str] = Field(default_factory=list)
+    # Largest message the executor pulls (≈25x the largest registry model, 0.32 MB): a bigger
+    # one is refused before its arrays are pulled (fedfsd.region.executor.pull_message_bounded).
+    max_message_bytes: int = Field(8 << 20, ge=1 << 16)
 
     @field_validator("epsilon_budget", "delta", "min_noise_multiplier", "max_clip_norm")
     @classmethod

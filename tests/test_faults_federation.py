@@ -222,8 +222,10 @@ def test_region_killed_mid_round_rejoins(fed):
     f.fed.restart_region("eu")
     f.fed.wait_connected(["eu"])
     status = f.fed.wait_run(run, timeout=900, poll=3.0)
-    assert status == "finished:completed", status
     r1, r2, r3 = _rounds(run_dir)
+    # A run with a failed round ends finished:failed (issue 20); its rounds are still logged.
+    ok = all(r["status"] == "ok" for r in (r1, r2, r3))
+    assert status == ("finished:completed" if ok else "finished:failed"), status
     assert "eu" not in r1["accepted"]
     assert r1["status"] == ("ok" if len(r1["accepted"]) >= 2 else "failed"), r1
     assert r3["status"] == "ok" and r3["accepted"] == ["eu", "us"], r3  # eu is back
@@ -255,8 +257,9 @@ def test_aggregator_killed_and_resumed_over_degraded_link(fed):
         elapsed = time.monotonic() - t0
     finally:
         f.bed.clear_impairment("r1")
-    assert status == "finished:completed", status
     rounds = _rounds(run_dir)
+    ok = all(r["status"] == "ok" for r in rounds)
+    assert status == ("finished:completed" if ok else "finished:failed"), status
     nums = [r["round"] for r in rounds]
     assert nums[0] == 1 and nums[-1] == 2 and sorted(set(nums)) == [1, 2], nums
     for r in rounds:

@@ -470,6 +470,7 @@ def test_region_ledger_opens_with_every_vehicle_id_of_all_splits(tmp_path, weigh
     ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
     reply = app(_msg("train", weights), ctx)
     assert reply.content.array_records, _refusal(reply) if wire.REGION in reply.content else reply
-    assert Ledger(tmp_path / "l.jsonl").header["vehicles"] == len(ids["train"] | ids["val"] | ids["test"])
+    every = ids["train"] | ids["val"] | ids["test"]
+    assert Ledger(tmp_path / "l.jsonl").header["vehicles"] == len(every)
     # q still divides by the training vehicles DP-SGD samples from.
     assert _lines(tmp_path / "l.jsonl", "release")[0]["vehicles"] == len(ids["train"])

@@ -137,6 +137,22 @@ def run(
     run_dir = run_dir.resolve()
     if resume and not run_dir.is_dir():
         fail(f"--resume: {run_dir} does not exist")
+    from fedfsd.aggregator import checkpoint as ck
+
+    if resume:  # refuse here, before `flwr run`, what the ServerApp would refuse later
+        try:
+            if ck.load_checkpoint(run_dir) is None:
+                fail(
+                    f"--resume: {run_dir / ck.CHECKPOINT} is missing; refusing to start a new "
+                    "run there (it would spend the regions' privacy budget again)"
+                )
+        except ck.CheckpointError as err:
+            fail(f"--resume: {err}")
+    elif existing := ck.holds_a_run(run_dir):
+        fail(
+            f"{run_dir} already holds a run ({', '.join(existing)}); "
+            "use --resume or a new --run-dir"
+        )
     app_path = (app_dir or PACKAGED_APP_DIR).resolve()
     if not (app_path / "pyproject.toml").is_file():
         fail(f"--app: {app_path} has no pyproject.toml")

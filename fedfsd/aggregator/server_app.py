@@ -14,6 +14,7 @@ metrics.csv, epsilon.csv, rejected.jsonl, rounds.jsonl, receipts.jsonl and ledge
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -206,6 +207,37 @@ def _eps_row(rnd: int, region: str, m: wire.UpdateManifest) -> tuple:
     return (rnd, region, m.epsilon, m.epsilon_rdp, m.epsilon_budget, m.delta)
 
 
+def last_known_epsilon(run_dir: Path) -> dict[str, tuple]:
+    """Each region's last epsilon.csv row (ε never decreases; refusals may not know it)."""
+    known: dict[str, tuple] = {}
+    for r in ck.read_csv(run_dir / ck.EPSILON_CSV):
+        with contextlib.suppress(KeyError, ValueError):
+            known[r["region"]] = (
+                int(r["round"]),
+                r["region"],
+                float(r["epsilon"]),
+                float(r["epsilon_rdp"]),
+                float(r["epsilon_budget"]),
+                float(r["delta"]),
+            )
+    return known
+
+
+def keep_known_epsilon(
+    rows: list[tuple], refused: set[str], known: dict[str, tuple]
+) -> list[tuple]:
+    """A refusal's manifest may carry ε 0.0 (the region could not read its ledger): record the
+    region's last known ε instead of a fall to zero. Updates `known` with the rows kept."""
+    out = []
+    for row in rows:
+        prev = known.get(row[1])
+        if row[1] in refused and prev is not None and not row[2] >= prev[2]:
+            row = (row[0], row[1], prev[2], max(prev[3], row[3]), row[4], row[5])
+        known[row[1]] = row
+        out.append(row)
+    return out
+
+
 def _messages(
     nodes: list[int],
     kind: str,
@@ -269,23 +301,42 @@ def evaluate_round(
     return rows
 
 
-def _start_state(s: RunSettings, run_dir: Path) -> tuple[ck.Checkpoint, FedAvgMomentum]:
+class RunRefused(RuntimeError):
+    """The run cannot start or end safely in this run-dir (one line says why)."""
+
+
+def _start_state(
+    s: RunSettings, run_dir: Path, model: Mapping[str, np.ndarray]
+) -> tuple[ck.Checkpoint, FedAvgMomentum]:
+    """Resume only from a verified checkpoint; start fresh only in a run-dir without a run.
+
+    Starting a new run where one was (its checkpoint lost or corrupt) would send round 1 again:
+    every region would spend ε a second time on rounds it already released.
+    """
     strategy = FedAvgMomentum(server_lr=s.server_lr, momentum=s.server_momentum)
-    prev = ck.load_checkpoint(run_dir)
-    if prev is not None and not s.resume:
-        raise RuntimeError(
-            f"{run_dir} already holds a checkpoint (round {prev.round}); "
-            "pass resume=true to continue it or choose a new run-dir"
+    try:
+        prev = ck.load_checkpoint(run_dir)
+        if prev is not None:
+            ck.check_same_layout(prev.weights, model, f"{run_dir / ck.CHECKPOINT} weights")
+    except ck.CheckpointError as err:
+        raise RunRefused(str(err)) from None
+    if not s.resume:
+        if existing := ck.holds_a_run(run_dir):
+            raise RunRefused(
+                f"{run_dir} already holds a run ({', '.join(existing)}); "
+                "pass resume=true to continue it or choose a new run-dir"
+            )
+        run_id = s.run_id or uuid.uuid4().hex[:12]
+        return ck.Checkpoint(round=0, run_id=run_id, weights=dict(model)), strategy
+    if prev is None:
+        raise RunRefused(
+            f"resume=true but {run_dir / ck.CHECKPOINT} is missing: refusing to start a new run "
+            "there (its rounds would spend the regions' privacy budget again)"
         )
-    if prev is not None:
-        strategy.load_state_dict(prev.strategy_state)
-        ck.truncate_after_round(run_dir, prev.round)
-        LOG.info("resuming run %s after round %d", prev.run_id, prev.round)
-        return prev, strategy
-    if s.resume:
-        LOG.warning("resume=true but %s has no checkpoint: starting a new run", run_dir)
-    run_id = s.run_id or uuid.uuid4().hex[:12]
-    return ck.Checkpoint(round=0, run_id=run_id, weights=initial_weights(s)), strategy
+    strategy.load_state_dict(prev.strategy_state)
+    ck.truncate_after_round(run_dir, prev.round)
+    LOG.info("resuming run %s after round %d", prev.run_id, prev.round)
+    return prev, strategy
 
 
 def run_federation(
@@ -297,12 +348,15 @@ def run_federation(
     shutdown; the run can then continue with `resume=true`.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    state, strategy = _start_state(s, run_dir)
+    model = initial_weights(s)
+    state, strategy = _start_state(s, run_dir, model)
     book = ReceiptBook.from_settings(run_dir, s.region_keys, s.allow_unsigned)
     book.drop_after(state.round)  # receipts of rounds after the checkpoint come again
     node_regions: dict[int, str] = {
         int(k): v for k, v in state.meta.get("node_regions", {}).items()
     }
+    failed_list = failed_rounds(state)
+    known_eps = last_known_epsilon(run_dir)
     for rnd in range(state.round + 1, s.num_server_rounds + 1):
         if stop is not None and stop.is_set():
             LOG.warning("stop requested: ending the run after round %d", state.round)
@@ -320,6 +374,9 @@ def run_federation(
             out.missing = len(nodes) - len(replies)
             for reply in replies:
                 judge_train_reply(reply, exp, node_regions, out, book)
+        out.epsilon_rows = keep_known_epsilon(
+            out.epsilon_rows, {r for r, _ in out.refused}, known_eps
+        )
         # Regions score only a global model they received for training in this run and round
         # (fedfsd.privacy.metrics): evaluation is of the model this round started from.
         sent = state.weights
@@ -368,7 +425,12 @@ def run_federation(
         ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, summary)
         state.round = rnd
         state.strategy_state = strategy.state_dict()
-        state.meta = {"node_regions": {str(k): v for k, v in node_regions.items()}}
+        if not ok:
+            failed_list.append(rnd)
+        state.meta = {
+            "node_regions": {str(k): v for k, v in node_regions.items()},
+            "failed_rounds": failed_list,
+        }
         ck.save_checkpoint(run_dir, state)
         LOG.info(
             "round %d %s: accepted %s, rejected %s, refused %s, missing %d (%.1f s)",
@@ -380,9 +442,18 @@ def run_federation(
             out.missing,
             summary["seconds"],
         )
+    try:  # never replace the global model with one that lacks or reshapes a layer
+        ck.check_same_layout(state.weights, model, "the final global model")
+    except ck.CheckpointError as err:
+        raise RunRefused(f"{err}; {run_dir / ck.GLOBAL_MODEL} left as it was") from None
     ck.save_global_model(run_dir, state.weights)
     ck.plot_metric(run_dir, s.plot_metric)
     return state
+
+
+def failed_rounds(state: ck.Checkpoint) -> list[int]:
+    """Rounds of this run (across resumes) that did not reach quorum."""
+    return [int(r) for r in state.meta.get("failed_rounds", [])]
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
@@ -402,7 +473,13 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             LOG.warning("object-pull back-off patch skipped: %s", site)
         s = parse_settings({**base, **dict(context.run_config)})
         run_dir = Path(s.run_dir) if s.run_dir else Path.cwd() / "runs" / f"flwr-{context.run_id}"
-        run_federation(grid, s, run_dir)
+        state = run_federation(grid, s, run_dir)
+        if failed := failed_rounds(state):
+            # Flower then reports the run `finished:failed` and `fedfsd aggregator run` exits 1.
+            raise RunRefused(
+                f"{len(failed)} of {state.round} round(s) failed (no quorum): {failed}; "
+                f"see {run_dir / ck.ROUNDS_JSONL}"
+            )
 
     return server
 

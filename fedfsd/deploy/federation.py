@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from fedfsd.deploy.processes import (
     bin_path,
     free_ports,
     port_open,
+    python_safe,
     wait_for_port,
     wait_until,
 )
@@ -372,7 +372,7 @@ def supernode_argv(
     ``fast_poll`` starts it through fedfsd.deploy.supernode_launcher (idle poll 0.5 s, not 3 s).
     """
     launcher = (
-        [sys.executable, "-m", "fedfsd.deploy.supernode_launcher"]
+        [*python_safe(), "-m", "fedfsd.deploy.supernode_launcher"]
         if fast_poll
         else [bin_path("flower-supernode")]
     )
@@ -408,7 +408,7 @@ def executor_argv(
 ) -> list[str]:
     """The region's own executor (fedfsd.region.executor) for one SuperNode."""
     argv = [
-        sys.executable,
+        *python_safe(),
         "-m",
         "fedfsd.region.executor",
         "--runtime-api-address",

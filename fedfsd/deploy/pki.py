@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedfsd.durable import write_atomic, write_private
 
 _VALIDITY = dt.timedelta(days=30)
 
@@ -41,11 +42,9 @@ class NodeKeys:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write key material readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    """Key material: a new 0600 file renamed over `path` (an old file's mode or a symlink there
+    never decides who can read the key or where it lands)."""
+    write_private(path, data)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -131,9 +130,9 @@ def create_server_pki(out_dir: Path, names: list[str] | None = None) -> ServerPK
         server_cert=out_dir / "server.pem",
         server_key=out_dir / "server.key",
     )
-    paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(paths.ca_key, _pem_key(ca_key))
-    paths.server_cert.write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(paths.server_cert, srv_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(paths.server_key, _pem_key(srv_key))
     return paths
 
@@ -152,11 +151,12 @@ def create_node_keys(out_dir: Path, name: str) -> NodeKeys:
             serialization.NoEncryption(),
         ),
     )
-    keys.public_key.write_bytes(
+    write_atomic(
+        keys.public_key,
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
-        + f" fedfsd-{name}\n".encode()
+        + f" fedfsd-{name}\n".encode(),
     )
     return keys
 

@@ -31,6 +31,9 @@ QUIET_FLOWER_ENV = {
     # SuperExec (SuperLink side) polls for ServerApp tasks every 1 s by default.
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
     "PYTHONUNBUFFERED": "1",
+    # Never import from the working directory: a `fedfsd/` (or `flwr/`) folder there would
+    # replace the installed package in every Python process fedfsd starts (issue 20).
+    "PYTHONSAFEPATH": "1",
 }
 
 
@@ -49,6 +52,12 @@ def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def python_safe() -> list[str]:
+    """This interpreter with `-P`: `python -m ...` does not put the working directory first on
+    sys.path, so a `fedfsd/` folder where the operator happens to stand cannot shadow fedfsd."""
+    return [sys.executable, "-P"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from fedfsd.durable import atomic_file
 from fedfsd.durable import fsync_dir as _fsync_dir
 from fedfsd.privacy import signing
 from fedfsd.privacy.accounting import History, compute_epsilon, normalise_history
@@ -480,13 +481,8 @@ class Ledger:
         """Atomically store the weights a release returns (tmp file, fsync, rename, fsync dir)."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         final = self.cache_path(run_id, round_idx)
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(final) as f:  # disk full: one line naming the file, no .tmp left
             np.savez(f, **{f"w:{k}": v for k, v in weights.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.cache_dir)
         return final
 
     def read_cache(self, run_id: str, round_idx: int) -> dict[str, np.ndarray] | None:

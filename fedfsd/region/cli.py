@@ -401,6 +401,10 @@ def start(
         ca_path = key_path = None
     else:
         ca_path, key_path = need_file(ca, "--ca"), need_file(key, "--key")
+        from fedfsd.deploy.tlsprobe import tls_problem
+
+        if problem := tls_problem(superlink, ca_path):  # not a silent 120 s timeout later
+            fail(f"region {pol.region}: {problem}", code=1)
     ledger = ledger.resolve()
     logs = (log_dir or ledger.parent / "logs").resolve()
     try:
