@@ -30,8 +30,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfsd import wire
 from fedfsd.aggregator import checkpoint as ck
+from fedfsd.aggregator.initial_model import load_initial_model
 from fedfsd.aggregator.settings import RunSettings, parse_settings
-from fedfsd.aggregator.strategy import FedAvgMomentum
+from fedfsd.aggregator.strategy import ServerOptimizer, make_server_optimizer
 from fedfsd.aggregator.verify import Expectation, verify_update
 
 LOG = logging.getLogger("flwr.fedfsd.aggregator")
@@ -43,14 +44,27 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def initial_weights(s: RunSettings) -> dict[str, np.ndarray]:
-    """The round-0 global model, built from the model registry with a fixed seed."""
+def registry_weights(s: RunSettings) -> dict[str, np.ndarray]:
+    """The registry model's weights with a fixed seed (the MLP's residual starts at zero)."""
     from fedfsd.models import build_model, get_weights
 
     kw: dict[str, Any] = {"seed": s.model_seed}
     if s.model == "bev_cnn":
         kw["in_channels"] = s.bev_channels
     return get_weights(build_model(s.model, s.n_features, s.n_labels, **kw))
+
+
+def initial_model(s: RunSettings) -> tuple[dict[str, np.ndarray], str]:
+    """(round-0 weights, sha256 of the initial-model file or "" when built from the registry)."""
+    reference = registry_weights(s)
+    if not s.initial_model:
+        return reference, ""
+    return load_initial_model(s.initial_model, reference, f"model {s.model!r}")
+
+
+def initial_weights(s: RunSettings) -> dict[str, np.ndarray]:
+    """The round-0 global model: `initial-model`'s weights, or the registry model's."""
+    return initial_model(s)[0]
 
 
 def wait_for_nodes(
@@ -255,8 +269,19 @@ def evaluate_round(
     return rows
 
 
-def _start_state(s: RunSettings, run_dir: Path) -> tuple[ck.Checkpoint, FedAvgMomentum]:
-    strategy = FedAvgMomentum(server_lr=s.server_lr, momentum=s.server_momentum)
+def _server_optimizer(s: RunSettings) -> ServerOptimizer:
+    return make_server_optimizer(
+        s.server_optimizer,
+        server_lr=s.server_lr,
+        momentum=s.server_momentum,
+        beta1=s.server_beta1,
+        beta2=s.server_beta2,
+        tau=s.server_tau,
+    )
+
+
+def _start_state(s: RunSettings, run_dir: Path) -> tuple[ck.Checkpoint, ServerOptimizer]:
+    strategy = _server_optimizer(s)
     prev = ck.load_checkpoint(run_dir)
     if prev is not None and not s.resume:
         raise RuntimeError(
@@ -264,6 +289,12 @@ def _start_state(s: RunSettings, run_dir: Path) -> tuple[ck.Checkpoint, FedAvgMo
             "pass resume=true to continue it or choose a new run-dir"
         )
     if prev is not None:
+        was = prev.meta.get("server_optimizer", "fedavg")
+        if was != s.server_optimizer:
+            raise RuntimeError(
+                f"{run_dir}: the run used server-optimizer {was!r}, not "
+                f"{s.server_optimizer!r}; resume with the same optimiser"
+            )
         strategy.load_state_dict(prev.strategy_state)
         ck.truncate_after_round(run_dir, prev.round)
         LOG.info("resuming run %s after round %d", prev.run_id, prev.round)
@@ -271,7 +302,11 @@ def _start_state(s: RunSettings, run_dir: Path) -> tuple[ck.Checkpoint, FedAvgMo
     if s.resume:
         LOG.warning("resume=true but %s has no checkpoint: starting a new run", run_dir)
     run_id = s.run_id or uuid.uuid4().hex[:12]
-    return ck.Checkpoint(round=0, run_id=run_id, weights=initial_weights(s)), strategy
+    weights, sha = initial_model(s)
+    if sha:
+        LOG.info("round-0 model from %s (sha256 %s)", s.initial_model, sha)
+    meta = {"server_optimizer": s.server_optimizer, "initial_model_sha256": sha}
+    return ck.Checkpoint(round=0, run_id=run_id, weights=weights, meta=meta), strategy
 
 
 def run_federation(
@@ -287,12 +322,18 @@ def run_federation(
     node_regions: dict[int, str] = {
         int(k): v for k, v in state.meta.get("node_regions", {}).items()
     }
+    run_meta = {
+        "server_optimizer": s.server_optimizer,
+        "initial_model_sha256": str(state.meta.get("initial_model_sha256", "")),
+    }
     for rnd in range(state.round + 1, s.num_server_rounds + 1):
         if stop is not None and stop.is_set():
             LOG.warning("stop requested: ending the run after round %d", state.round)
             break
         t0 = time.monotonic()
         cfg = {**s.train_request(), "run-id": state.run_id, "round": rnd}
+        if run_meta["initial_model_sha256"]:  # sent only when set: older regions ignore no key
+            cfg["initial-model-sha256"] = run_meta["initial_model_sha256"]
         nodes = wait_for_nodes(grid, s.min_regions, s.node_wait_s, stop=stop)
         out = RoundOutcome()
         if len(nodes) >= s.min_regions:
@@ -348,10 +389,13 @@ def run_federation(
             "seconds": round(time.monotonic() - t0, 3),
             "time": _now(),
         }
+        if run_meta["initial_model_sha256"]:
+            summary["initial_model_sha256"] = run_meta["initial_model_sha256"]
         ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, summary)
         state.round = rnd
         state.strategy_state = strategy.state_dict()
         state.meta = {"node_regions": {str(k): v for k, v in node_regions.items()}}
+        state.meta.update(run_meta)
         ck.save_checkpoint(run_dir, state)
         LOG.info(
             "round %d %s: accepted %s, rejected %s, refused %s, missing %d (%.1f s)",
