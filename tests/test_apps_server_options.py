@@ -170,3 +170,25 @@ def test_region_records_the_round0_model_digest_in_its_ledger(tmp_path: Path) ->
     assert rel[0]["initial_model_sha256"] == sha and "initial_model_sha256" not in rel[1]
     with pytest.raises(ValueError):
         _request({"initial-model-sha256": "not-a-digest"})
+
+
+def test_aggregator_run_takes_the_plan_and_explicit_flags_win(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedfsd.aggregator.cli import schedule_config
+    from fedfsd.cli import app
+
+    plan = tmp_path / "plan.json"
+    cfg = {"num-server-rounds": 12, "local-steps": 40, "vehicles-per-step": 256, "lr": 0.2}
+    plan.write_text(json.dumps({"vehicles": 9000, "run_config": cfg}))
+    explicit = {"lr": 0.1, "local-steps": None, "clip-norm": None}
+    assert schedule_config(plan, explicit) == {**cfg, "lr": 0.1}
+    assert schedule_config(None, explicit) == {"lr": 0.1}  # the rest: run-config defaults
+    s = parse_settings({**schedule_config(plan, explicit), "plan": ""})
+    assert (s.num_server_rounds, s.local_steps, s.vehicles_per_step, s.lr) == (12, 40, 256, 0.1)
+    plan.write_text(json.dumps({"run_config": {"min-regions": 1}}))
+    res = CliRunner().invoke(
+        app, ["aggregator", "run", "--dir", "/nonexistent", "--plan", str(plan)]
+    )
+    assert res.exit_code == 2 and "--plan" in res.output and "min-regions" in res.output
+    assert "Traceback" not in res.output

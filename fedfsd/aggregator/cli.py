@@ -95,6 +95,23 @@ def start(
 _SCHEDULE_NOTE = "Default: from --plan, else the run config's default"
 
 
+def schedule_config(plan: Path | None, explicit: dict[str, object]) -> dict[str, object]:
+    """The schedule keys to send: the plan file's, overridden by flags given explicitly (not None).
+
+    Keys neither sets are left out, so the app's run-config defaults apply.
+    """
+    from fedfsd.aggregator.settings import SettingsError, read_plan
+
+    schedule: dict[str, object] = {}
+    if plan is not None:
+        try:
+            schedule = read_plan(plan.resolve())
+        except SettingsError as err:
+            raise SettingsError(str(err).replace("run config plan", "--plan")) from None
+    schedule.update({k: v for k, v in explicit.items() if v is not None})
+    return schedule
+
+
 @app.command("run")
 def run(
     dir: Path = typer.Option(Path(".fedfsd/aggregator"), "--dir", help=_DIR_HELP),
@@ -152,21 +169,11 @@ def run(
     timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
 ) -> None:
     """Start a federation run on the running SuperLink (`flwr run` underneath)."""
-    from fedfsd.aggregator.settings import SettingsError, read_plan
+    from fedfsd.aggregator.settings import SettingsError
     from fedfsd.deploy.admin import AggregatorDir, fail, warn
     from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
     from fedfsd.deploy.control import ControlClient, RunFailed
 
-    d = AggregatorDir(dir.resolve())
-    d.require_started()
-    if resume and run_dir is None:
-        fail("--resume needs the --run-dir of the interrupted run")
-    schedule: dict = {}
-    if plan is not None:
-        try:
-            schedule = read_plan(plan.resolve())
-        except SettingsError as err:
-            fail(str(err).replace("run config plan", "--plan"))
     explicit = {
         "num-server-rounds": rounds,
         "local-steps": local_steps,
@@ -176,9 +183,16 @@ def run(
         "vehicles-per-step": vehicles_per_step,
         "frames-per-vehicle": frames_per_vehicle,
     }
-    schedule.update({k: v for k, v in explicit.items() if v is not None})
+    try:
+        schedule = schedule_config(plan, explicit)
+    except SettingsError as err:
+        fail(str(err))
     if initial_model is not None and not initial_model.is_file():
         fail(f"--initial-model: {initial_model} is not a file")
+    d = AggregatorDir(dir.resolve())
+    d.require_started()
+    if resume and run_dir is None:
+        fail("--resume needs the --run-dir of the interrupted run")
     if run_dir is None:
         run_dir = d.runs / time.strftime("%Y%m%d-%H%M%S")
     run_dir = run_dir.resolve()
