@@ -270,6 +270,12 @@ def evaluate_round(
 
 
 def _server_optimizer(s: RunSettings) -> ServerOptimizer:
+    if s.server_optimizer == "fedadam" and s.server_lr >= 0.5:
+        LOG.warning(
+            "fedadam with server-lr %g: FedAdam moves each coordinate by up to about server-lr "
+            "per round (m/√v is O(1)); a much smaller server-lr (e.g. 0.01-0.1) is usual",
+            s.server_lr,
+        )
     return make_server_optimizer(
         s.server_optimizer,
         server_lr=s.server_lr,

@@ -23,7 +23,8 @@ The rule, for N vehicles, target (ε, δ) and R rounds:
 (c) σ = the smallest noise multiplier whose PRV ε (fedfsd.privacy.accounting.compute_epsilon,
     the ledger's own accountant) is ≤ the target for those T steps at rate q;
 (d) when a step cap binds in (b), σ/m is below the limit and σ may fall under SIGMA_FLOOR: m is
-    then doubled (within the caps) until σ ≥ SIGMA_FLOOR, which keeps σ/m at its large-σ value.
+    then doubled (within the caps) until the RDP-calibrated σ (cheap, ≥ the PRV one) is
+    ≥ SIGMA_FLOOR, which keeps σ/m near its large-σ value.
 
 The default `noise_ratio` (NOISE_RATIO) is the sweep's best measured point: N ≈ 300 vehicles,
 ε = 8, δ = 1e-5, T = 60 steps of m = 128 vehicles, σ = 2.23 → σ/m ≈ 0.017 (2.19 m FDE@3s pooled;
@@ -95,7 +96,7 @@ class Plan(BaseModel):
     noise_ratio_limit: float
     limited_by: str  # which constraint set T: "noise ratio", "max total steps", ...
     rule: str = RULE
-    plan_seconds: float = 0.0
+    plan_seconds: float = 0.0  # wall time of plan_schedule, first-use imports included
 
     def run_config(self) -> dict[str, Any]:
         """The aggregator's run-config keys this plan sets (fedfsd aggregator run --plan)."""
