@@ -152,26 +152,12 @@ def policy_toml(policy: Any) -> str:
 def calibrate_sigma(target_eps: float, delta: float, q: float, steps: int) -> float:
     """σ for `steps` steps at rate q to spend at most `target_eps` (PRV), checked with fedfsd.
 
-    The search stops within 2% below the target (each PRV evaluation costs about a CPU-second).
+    The search lives in the planner (fedfsd.privacy.planner.calibrate_sigma): within 0.5% of
+    the smallest σ whose ledger ε (fedfsd's compute_epsilon) is ≤ the target.
     """
-    from opacus.accountants.utils import get_noise_multiplier
+    from fedfsd.privacy.planner import calibrate_sigma as plan_sigma
 
-    from fedfsd.privacy.accounting import compute_epsilon
-
-    sigma = float(
-        get_noise_multiplier(
-            target_epsilon=target_eps,
-            target_delta=delta,
-            sample_rate=q,
-            steps=steps,
-            accountant="prv",
-            epsilon_tolerance=0.02 * target_eps,
-        )
-    )
-    # fedfsd's ledger refines the PRV mesh for small ε: never plan a run its own budget refuses.
-    while compute_epsilon([(sigma, q, steps)], delta, "prv") > target_eps:
-        sigma *= 1.01
-    return sigma
+    return plan_sigma(target_eps, delta, q, steps)
 
 
 # -- outputs ---------------------------------------------------------------------------------------

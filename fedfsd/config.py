@@ -41,17 +41,24 @@ class DPParams(BaseModel):
 
 
 class TrainRequest(BaseModel):
-    """What the aggregator (or an operator running `train-local`) asks a region to do."""
+    """What the aggregator (or an operator running `train-local`) asks a region to do.
+
+    The defaults equal the aggregator's (fedfsd.aggregator.settings.RunSettings: the planner's
+    schedule for a nominal 1,000-vehicle fleet, ε = 8, 10 rounds; tests/test_planner.py).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    local_steps: int = Field(20, ge=1)
-    lr: float = Field(0.05, gt=0)
-    noise_multiplier: float = Field(1.0, ge=0)
+    local_steps: int = Field(69, ge=1)
+    lr: float = Field(0.2, gt=0)
+    noise_multiplier: float = Field(2.176, ge=0)
     clip_norm: float = Field(1.0, gt=0)
-    vehicles_per_step: int = Field(16, ge=1)
+    vehicles_per_step: int = Field(128, ge=1)
     frames_per_vehicle: int = Field(8, ge=1)
     model: str = "mlp"
+    # sha256 of the aggregator's round-0 model file when it started from one (public
+    # pretraining); the region records it in its ledger. "" = built from the model registry.
+    initial_model_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
 
 
 class RegionPolicy(BaseModel):
@@ -66,7 +73,10 @@ class RegionPolicy(BaseModel):
     max_clip_norm: float = Field(gt=0)
     update_norm_bound: float = Field(gt=0)
     max_local_steps: int = Field(200, ge=1)
-    max_vehicles_per_step: int = Field(64, ge=1)
+    # Compute cap on expected vehicles per step. The default equals the planner's own cap
+    # (fedfsd.privacy.planner.MAX_VEHICLES_PER_STEP) so a plan is not silently capped; a tighter
+    # policy still caps, and the ledger records the vehicles per step actually used.
+    max_vehicles_per_step: int = Field(1024, ge=1)
     max_frames_per_vehicle: int = Field(16, ge=1)
     # Nothing but the update and its manifest leaves by default; any metric listed here leaves
     # only as a differentially private, ledgered release (fedfsd.privacy.metrics).

@@ -47,3 +47,44 @@ def test_bad_run_config_names_the_key() -> None:
         parse_settings({"min-regions": 0})
     with pytest.raises(SettingsError, match="absolute"):
         parse_settings({"run-dir": "relative/dir"})
+
+
+def _table(path: Path) -> dict:
+    return tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_both_run_config_tables_have_runsettings_keys_and_defaults() -> None:
+    """`flwr run` only accepts declared keys: both tables must declare every RunSettings key,
+    with RunSettings' defaults (None = "same as round-timeout" is written as that value)."""
+    from fedfsd.aggregator.settings import RunSettings
+
+    defaults = RunSettings()
+    expected = {}
+    for name, f in RunSettings.model_fields.items():
+        value = getattr(defaults, name)
+        expected[f.alias or name] = defaults.round_timeout if value is None else value
+    root = _table(ROOT / "pyproject.toml")
+    packaged = _table(ROOT / "fedfsd" / "flwr_app" / "pyproject.toml")
+    sim_only = {k: v for k, v in root.items() if k.startswith("sim-")}  # ClientApp simulation
+    assert {k: v for k, v in root.items() if k not in sim_only} == expected
+    assert packaged == expected
+
+
+def test_train_request_defaults_equal_the_aggregators() -> None:
+    """A region asked nothing explicit trains the aggregator's default schedule."""
+    from fedfsd.aggregator.settings import RunSettings
+    from fedfsd.config import TrainRequest
+
+    req = RunSettings().train_request()
+    t = TrainRequest()
+    assert (t.local_steps, t.lr, t.noise_multiplier, t.clip_norm) == (
+        req["local-steps"],
+        req["lr"],
+        req["noise-multiplier"],
+        req["clip-norm"],
+    )
+    assert (t.vehicles_per_step, t.frames_per_vehicle, t.model) == (
+        req["vehicles-per-step"],
+        req["frames-per-vehicle"],
+        req["model"],
+    )

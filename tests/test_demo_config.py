@@ -3,9 +3,10 @@
 from pathlib import Path
 
 from fedfsd.aggregator.settings import RunSettings
-from fedfsd.config import TrainRequest, parse_policy
+from fedfsd.config import parse_policy
 from fedfsd.demo import DemoConfig, _print_new_rounds, policy_toml
 from fedfsd.privacy.accounting import compute_epsilon
+from fedfsd.region.client_app import _request
 
 
 def test_demo_policy_and_run_config_validate():
@@ -13,9 +14,12 @@ def test_demo_policy_and_run_config_validate():
     for region in cfg.regions:
         policy = parse_policy(policy_toml(cfg, region), f"{region}.toml")
         assert policy.region == region
-        params = policy.effective(TrainRequest(local_steps=cfg.local_steps, lr=cfg.lr))
-        assert params.noise_multiplier == cfg.noise_multiplier
     s = RunSettings.model_validate(cfg.run_config(Path("/tmp/x"), "r1"))
+    for region in cfg.regions:  # what each region receives: the run config's train request
+        policy = parse_policy(policy_toml(cfg, region), f"{region}.toml")
+        params = policy.effective(_request(s.train_request()))
+        assert params.noise_multiplier == cfg.noise_multiplier
+        assert params.steps == cfg.local_steps and params.lr == cfg.lr
     assert s.num_server_rounds == cfg.rounds and s.min_regions == len(cfg.regions)
 
 

@@ -46,9 +46,21 @@ def ghost_sum(model, x, y, m, clip=C):
     return {n: p.grad.clone() for n, p in model.named_parameters()}, norms
 
 
+def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """A non-zero residual output layer, so every layer (not only the output) has a gradient.
+
+    A fresh MLP's output layer is zero (it starts at the prior): its hidden layers would get a
+    zero gradient and the comparison below would cover only the output layer.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model.net[-1].reset_parameters()  # PyTorch's default (random) Linear init
+    return model
+
+
 def test_ghost_and_vmap_agree_on_the_mlp():
     frames = make_synthetic_frames(30, 12, seed=0)
-    model = build_model("mlp", frames.features.shape[1], frames.labels.shape[1])
+    model = _trained_like(build_model("mlp", frames.features.shape[1], frames.labels.shape[1]))
     assert supports_ghost(model)
     assert not supports_ghost(build_model("bev_cnn", 0, 7, in_channels=2))
     x, y, m = tensors(frames, range(20))
@@ -59,6 +71,7 @@ def test_ghost_and_vmap_agree_on_the_mlp():
     assert (v_norms > 0.17).any() and (v_norms < 0.17).any()  # some clipped, some not
     for n in v_sum:
         torch.testing.assert_close(g_sum[n], v_sum[n], rtol=1e-4, atol=1e-7)
+    assert float(g_sum["net.0.weight"].abs().max()) > 0  # hidden layers were compared too
 
 
 def _fleet_with_heavy_vehicle(heavy_frames: int, light: int = 12) -> VehicleFrames:
@@ -83,7 +96,7 @@ def _fleet_with_heavy_vehicle(heavy_frames: int, light: int = 12) -> VehicleFram
 @pytest.mark.parametrize("method", ["ghost", "vmap"])
 def test_one_vehicle_changes_the_clipped_sum_by_at_most_c(heavy_frames, method):
     frames = _fleet_with_heavy_vehicle(heavy_frames)
-    model = build_model("mlp", frames.features.shape[1], frames.labels.shape[1])
+    model = _trained_like(build_model("mlp", frames.features.shape[1], frames.labels.shape[1]))
     others = list(range(12))
     with_v = tensors(frames, [*others, 12], k=16)
     without = tuple(t[:12] for t in with_v)  # identical frames for the other vehicles
@@ -156,10 +169,13 @@ def test_dp_training_reduces_loss_and_nonprivate_baseline_too():
 
     for private in (True, False):
         model = build_model("mlp", frames.features.shape[1], frames.labels.shape[1], hidden=32)
-        p = params(clip_norm=1.0, vehicles_per_step=96, lr=0.3)
+        # The residual starts at zero (here the prior is zero too, so the start predicts 0):
+        # the first step moves only the output layer, the hidden layers follow from the second.
+        p = params(clip_norm=1.0, vehicles_per_step=96, lr=1.0)
         tr = VehicleDPSGD(model, p, frames.n_vehicles, private=private, seed=0)
         assert (tr.accountant is None) == (not private)
         start = loss(model)
-        for _ in range(50):
+        assert start == pytest.approx(float(((y / label_scales()) ** 2).mean()))
+        for _ in range(100):
             tr.step(frames)
         assert loss(model) < 0.8 * start

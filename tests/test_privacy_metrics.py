@@ -293,7 +293,9 @@ def _policy(**kw) -> RegionPolicy:
 def _round(tmp_path: Path, policy: RegionPolicy, n: int = 40, **kw):
     frames = make_synthetic_frames(n, 6, seed=0)
     w = initial_weights(SETTINGS)
-    req = TrainRequest(local_steps=3, vehicles_per_step=8, frames_per_vehicle=4)
+    req = TrainRequest(
+        local_steps=3, noise_multiplier=1.0, vehicles_per_step=8, frames_per_vehicle=4
+    )
     res = run_local_round(frames, policy, tmp_path / "l.jsonl", w, req, "r", 1, "mlp", seed=0, **kw)
     return frames, res
 

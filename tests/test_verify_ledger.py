@@ -35,7 +35,9 @@ max_clip_norm = 1.0
 update_norm_bound = 0.5
 """
 )
-REQ = TrainRequest(local_steps=2, lr=0.05, vehicles_per_step=10, frames_per_vehicle=4)
+REQ = TrainRequest(
+    local_steps=2, lr=0.05, noise_multiplier=1.0, vehicles_per_step=10, frames_per_vehicle=4
+)
 RUN = "run-v"
 
 

@@ -92,21 +92,69 @@ def start(
     raise typer.Exit(code)
 
 
+_SCHEDULE_NOTE = "Default: from --plan, else the run config's default"
+
+
+def schedule_config(plan: Path | None, explicit: dict[str, object]) -> dict[str, object]:
+    """The schedule keys to send: the plan file's, overridden by flags given explicitly (not None).
+
+    Keys neither sets are left out, so the app's run-config defaults apply.
+    """
+    from fedfsd.aggregator.settings import SettingsError, read_plan
+
+    schedule: dict[str, object] = {}
+    if plan is not None:
+        try:
+            schedule = read_plan(plan.resolve())
+        except SettingsError as err:
+            raise SettingsError(str(err).replace("run config plan", "--plan")) from None
+    schedule.update({k: v for k, v in explicit.items() if v is not None})
+    return schedule
+
+
 @app.command("run")
 def run(
     dir: Path = typer.Option(Path(".fedfsd/aggregator"), "--dir", help=_DIR_HELP),
-    rounds: int = typer.Option(3, min=1, help="Federated rounds."),
+    plan: Path = typer.Option(
+        None,
+        "--plan",
+        help="A `fedfsd privacy plan --json` file: sets rounds, local steps, vehicles per step, "
+        "σ, lr, clip norm and frames per vehicle. Explicit flags below override the plan.",
+    ),
+    rounds: int = typer.Option(None, min=1, help=f"Federated rounds. {_SCHEDULE_NOTE} (10)."),
     min_regions: int = typer.Option(2, min=1, help="Quorum: accepted updates per round."),
     round_timeout: float = typer.Option(120.0, min=1, help="Seconds to wait for replies."),
     node_wait: float = typer.Option(60.0, min=1, help="Seconds to wait for regions to connect."),
-    local_steps: int = typer.Option(20, min=1, help="Local DP steps asked per round."),
-    lr: float = typer.Option(0.05, min=0, help="Learning rate asked."),
-    noise_multiplier: float = typer.Option(1.0, min=0, help="σ asked (policies may raise it)."),
-    clip_norm: float = typer.Option(1.0, min=0, help="C asked (policies may lower it)."),
-    vehicles_per_step: int = typer.Option(16, min=1, help="Expected vehicles per step asked."),
-    frames_per_vehicle: int = typer.Option(8, min=1, help="Frames per vehicle per step."),
+    local_steps: int = typer.Option(
+        None, min=1, help=f"Local DP steps asked per round. {_SCHEDULE_NOTE} (69)."
+    ),
+    lr: float = typer.Option(None, min=0, help=f"Learning rate asked. {_SCHEDULE_NOTE} (0.2)."),
+    noise_multiplier: float = typer.Option(
+        None, min=0, help=f"σ asked (policies may raise it). {_SCHEDULE_NOTE} (2.176)."
+    ),
+    clip_norm: float = typer.Option(
+        None, min=0, help=f"C asked (policies may lower it). {_SCHEDULE_NOTE} (1.0)."
+    ),
+    vehicles_per_step: int = typer.Option(
+        None, min=1, help=f"Expected vehicles per step asked. {_SCHEDULE_NOTE} (128)."
+    ),
+    frames_per_vehicle: int = typer.Option(
+        None, min=1, help=f"Frames per vehicle per step. {_SCHEDULE_NOTE} (8)."
+    ),
     model: str = typer.Option("mlp", help="Model: mlp | bev_cnn."),
+    initial_model: Path = typer.Option(
+        None,
+        "--initial-model",
+        help="Round-0 weights (.npz, state_dict names; e.g. pretrained on public data). Its "
+        "sha256 is recorded in the checkpoint, rounds.jsonl and every region's ledger.",
+    ),
+    server_optimizer: str = typer.Option(
+        "fedavg", help="fedavg | fedavgm (needs --server-momentum) | fedadam."
+    ),
     server_momentum: float = typer.Option(0.0, min=0, max=0.999, help="0 = plain FedAvg."),
+    server_lr: float = typer.Option(
+        1.0, min=0, help="Server learning rate η (FedAdam: try 0.01-0.1)."
+    ),
     evaluate_every: int = typer.Option(
         1,
         min=1,
@@ -124,10 +172,26 @@ def run(
     timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
 ) -> None:
     """Start a federation run on the running SuperLink (`flwr run` underneath)."""
+    from fedfsd.aggregator.settings import SettingsError
     from fedfsd.deploy.admin import AggregatorDir, fail, warn
     from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
     from fedfsd.deploy.control import ControlClient, RunFailed
 
+    explicit = {
+        "num-server-rounds": rounds,
+        "local-steps": local_steps,
+        "lr": lr,
+        "noise-multiplier": noise_multiplier,
+        "clip-norm": clip_norm,
+        "vehicles-per-step": vehicles_per_step,
+        "frames-per-vehicle": frames_per_vehicle,
+    }
+    try:
+        schedule = schedule_config(plan, explicit)
+    except SettingsError as err:
+        fail(str(err))
+    if initial_model is not None and not initial_model.is_file():
+        fail(f"--initial-model: {initial_model} is not a file")
     d = AggregatorDir(dir.resolve())
     d.require_started()
     if resume and run_dir is None:
@@ -158,20 +222,16 @@ def run(
         fail(f"--app: {app_path} has no pyproject.toml")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = {
-        "num-server-rounds": rounds,
         "min-regions": min_regions,
         "round-timeout": round_timeout,
         "node-wait": node_wait,
         "evaluate-timeout": round_timeout,
         "evaluate-every": evaluate_every,
-        "local-steps": local_steps,
-        "lr": lr,
-        "noise-multiplier": noise_multiplier,
-        "clip-norm": clip_norm,
-        "vehicles-per-step": vehicles_per_step,
-        "frames-per-vehicle": frames_per_vehicle,
+        **schedule,
         "model": model,
+        "server-optimizer": server_optimizer,
         "server-momentum": server_momentum,
+        "server-lr": server_lr,
         "update-norm-bound": update_norm_bound,
         "run-dir": str(run_dir),
         "resume": resume,
@@ -180,6 +240,23 @@ def run(
         if not region_keys.is_file():
             fail(f"--region-keys: {region_keys} does not exist")
         cfg["region-keys"] = str(region_keys.resolve())
+    if initial_model is not None:
+        cfg["initial-model"] = str(initial_model.resolve())
+    from fedfsd.aggregator.settings import parse_settings
+
+    try:  # refuse here, with one line, what the ServerApp would refuse later
+        settings = parse_settings(cfg)
+    except SettingsError as err:
+        fail(str(err))
+    if settings.initial_model:
+        from fedfsd.aggregator.initial_model import InitialModelError
+        from fedfsd.aggregator.server_app import initial_model as load_round0
+
+        try:
+            _, sha = load_round0(settings)
+        except InitialModelError as err:
+            fail(str(err))
+        typer.echo(f"round-0 model {settings.initial_model} (sha256 {sha})")
     import tomllib
 
     try:

@@ -31,9 +31,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfsd import wire
 from fedfsd.aggregator import checkpoint as ck
+from fedfsd.aggregator.initial_model import load_initial_model
 from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.aggregator.settings import RunSettings, parse_settings
-from fedfsd.aggregator.strategy import FedAvgMomentum
+from fedfsd.aggregator.strategy import ServerOptimizer, make_server_optimizer
 from fedfsd.aggregator.verify import Expectation, verify_update
 
 LOG = logging.getLogger("flwr.fedfsd.aggregator")
@@ -45,14 +46,27 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def initial_weights(s: RunSettings) -> dict[str, np.ndarray]:
-    """The round-0 global model, built from the model registry with a fixed seed."""
+def registry_weights(s: RunSettings) -> dict[str, np.ndarray]:
+    """The registry model's weights with a fixed seed (the MLP's residual starts at zero)."""
     from fedfsd.models import build_model, get_weights
 
     kw: dict[str, Any] = {"seed": s.model_seed}
     if s.model == "bev_cnn":
         kw["in_channels"] = s.bev_channels
     return get_weights(build_model(s.model, s.n_features, s.n_labels, **kw))
+
+
+def initial_model(s: RunSettings) -> tuple[dict[str, np.ndarray], str]:
+    """(round-0 weights, sha256 of the initial-model file or "" when built from the registry)."""
+    reference = registry_weights(s)
+    if not s.initial_model:
+        return reference, ""
+    return load_initial_model(s.initial_model, reference, f"model {s.model!r}")
+
+
+def initial_weights(s: RunSettings) -> dict[str, np.ndarray]:
+    """The round-0 global model: `initial-model`'s weights, or the registry model's."""
+    return initial_model(s)[0]
 
 
 def wait_for_nodes(
@@ -305,15 +319,32 @@ class RunRefused(RuntimeError):
     """The run cannot start or end safely in this run-dir (one line says why)."""
 
 
+def _server_optimizer(s: RunSettings) -> ServerOptimizer:
+    if s.server_optimizer == "fedadam" and s.server_lr >= 0.5:
+        LOG.warning(
+            "fedadam with server-lr %g: FedAdam moves each coordinate by up to about server-lr "
+            "per round (m/√v is O(1)); a much smaller server-lr (e.g. 0.01-0.1) is usual",
+            s.server_lr,
+        )
+    return make_server_optimizer(
+        s.server_optimizer,
+        server_lr=s.server_lr,
+        momentum=s.server_momentum,
+        beta1=s.server_beta1,
+        beta2=s.server_beta2,
+        tau=s.server_tau,
+    )
+
+
 def _start_state(
     s: RunSettings, run_dir: Path, model: Mapping[str, np.ndarray]
-) -> tuple[ck.Checkpoint, FedAvgMomentum]:
+) -> tuple[ck.Checkpoint, ServerOptimizer]:
     """Resume only from a verified checkpoint; start fresh only in a run-dir without a run.
 
     Starting a new run where one was (its checkpoint lost or corrupt) would send round 1 again:
     every region would spend ε a second time on rounds it already released.
     """
-    strategy = FedAvgMomentum(server_lr=s.server_lr, momentum=s.server_momentum)
+    strategy = _server_optimizer(s)
     try:
         prev = ck.load_checkpoint(run_dir)
         if prev is not None:
@@ -327,11 +358,21 @@ def _start_state(
                 "pass resume=true to continue it or choose a new run-dir"
             )
         run_id = s.run_id or uuid.uuid4().hex[:12]
-        return ck.Checkpoint(round=0, run_id=run_id, weights=dict(model)), strategy
+        weights, sha = initial_model(s)
+        if sha:
+            LOG.info("round-0 model from %s (sha256 %s)", s.initial_model, sha)
+        meta = {"server_optimizer": s.server_optimizer, "initial_model_sha256": sha}
+        return ck.Checkpoint(round=0, run_id=run_id, weights=weights, meta=meta), strategy
     if prev is None:
         raise RunRefused(
             f"resume=true but {run_dir / ck.CHECKPOINT} is missing: refusing to start a new run "
             "there (its rounds would spend the regions' privacy budget again)"
+        )
+    was = prev.meta.get("server_optimizer", "fedavg")
+    if was != s.server_optimizer:
+        raise RunRefused(
+            f"{run_dir}: the run used server-optimizer {was!r}, not "
+            f"{s.server_optimizer!r}; resume with the same optimiser"
         )
     strategy.load_state_dict(prev.strategy_state)
     ck.truncate_after_round(run_dir, prev.round)
@@ -357,12 +398,18 @@ def run_federation(
     }
     failed_list = failed_rounds(state)
     known_eps = last_known_epsilon(run_dir)
+    run_meta = {
+        "server_optimizer": s.server_optimizer,
+        "initial_model_sha256": str(state.meta.get("initial_model_sha256", "")),
+    }
     for rnd in range(state.round + 1, s.num_server_rounds + 1):
         if stop is not None and stop.is_set():
             LOG.warning("stop requested: ending the run after round %d", state.round)
             break
         t0 = time.monotonic()
         cfg = {**s.train_request(), "run-id": state.run_id, "round": rnd}
+        if run_meta["initial_model_sha256"]:  # sent only when set: older regions ignore no key
+            cfg["initial-model-sha256"] = run_meta["initial_model_sha256"]
         nodes = wait_for_nodes(grid, s.min_regions, s.node_wait_s, stop=stop)
         out = RoundOutcome()
         if len(nodes) >= s.min_regions:
@@ -422,6 +469,8 @@ def run_federation(
             "seconds": round(time.monotonic() - t0, 3),
             "time": _now(),
         }
+        if run_meta["initial_model_sha256"]:
+            summary["initial_model_sha256"] = run_meta["initial_model_sha256"]
         ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, summary)
         state.round = rnd
         state.strategy_state = strategy.state_dict()
@@ -431,6 +480,7 @@ def run_federation(
             "node_regions": {str(k): v for k, v in node_regions.items()},
             "failed_rounds": failed_list,
         }
+        state.meta.update(run_meta)
         ck.save_checkpoint(run_dir, state)
         LOG.info(
             "round %d %s: accepted %s, rejected %s, refused %s, missing %d (%.1f s)",

@@ -1,10 +1,12 @@
-"""FedAvg (optionally with server momentum) over the verified updates of one round.
+"""Server optimisers over the verified updates of one round: FedAvg, FedAvgM, FedAdam.
 
 Regions send updates (new − received), not weights, so averaging is done on updates directly:
 Δ = Σ wᵢ Δᵢ / Σ wᵢ with wᵢ the reply's `num-examples` (1 or a coarse bucket, never an exact
 count). With momentum β > 0 this is FedAvgM (Hsu et al. 2019) in the same convention as
 `flwr.serverapp.strategy.FedAvgM`: v ← β v + Δ (v ← Δ in the first round), w ← w + η v.
-Averaging already-private updates is post-processing and costs no privacy.
+FedAdam follows Reddi et al. 2021 ("Adaptive Federated Optimization", Algorithm 2) on the same
+averaged update Δ. Averaging and any server optimiser over already-private updates are
+post-processing and cost no privacy.
 """
 
 from __future__ import annotations
@@ -75,4 +77,114 @@ class FedAvgMomentum:
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore the momentum buffer from a checkpoint."""
+        if foreign := sorted(k for k in state if k.startswith(ADAM_PREFIXES)):
+            raise ValueError(
+                f"checkpoint holds FedAdam state ({foreign[0]}, ...): resume with "
+                "server-optimizer fedadam"
+            )
         self.buffer = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()} or None
+
+
+ADAM_PREFIXES = ("adam_m/", "adam_v/")
+
+
+@dataclass
+class FedAdam:
+    """FedAdam (Reddi et al. 2021, Algorithm 2) on the averaged update Δ of each round.
+
+    m ← β1·m + (1 − β1)·Δ;  v ← β2·v + (1 − β2)·Δ²;  w ← w + η·m / (√v + τ), with m₀ = 0 and
+    v₀ = τ² (the paper's v₋₁ ≥ τ²), element-wise, no bias correction (as in the paper; Flower's
+    FedAdam adds Adam's). τ bounds the adaptivity: a coordinate whose updates are pure noise of
+    std s moves by about η·(1 − β1)·Δ/(s + τ) per round. State (m, v) goes to the checkpoint.
+    """
+
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    m: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    v: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.server_lr > 0:
+            raise ValueError(f"server learning rate must be > 0, got {self.server_lr}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+
+    average = staticmethod(FedAvgMomentum.average)
+
+    def step(
+        self,
+        global_weights: Mapping[str, np.ndarray],
+        updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    ) -> dict[str, np.ndarray]:
+        """New global weights from the accepted updates of one round."""
+        delta = {k: v.astype(np.float64) for k, v in self.average(updates).items()}
+        if self.m is None or self.v is None:
+            self.m = {k: np.zeros_like(d) for k, d in delta.items()}
+            self.v = {k: np.full_like(d, self.tau**2) for k, d in delta.items()}
+        b1, b2 = self.beta1, self.beta2
+        self.m = {
+            k: b1 * np.asarray(self.m[k], np.float64) + (1 - b1) * d for k, d in delta.items()
+        }
+        self.v = {
+            k: b2 * np.asarray(self.v[k], np.float64) + (1 - b2) * d * d for k, d in delta.items()
+        }
+        return {
+            k: (
+                np.asarray(global_weights[k], np.float64)
+                + self.server_lr * self.m[k] / (np.sqrt(self.v[k]) + self.tau)
+            ).astype(np.float32)
+            for k in global_weights
+        }
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """First and second moments, keyed `adam_m/<name>` and `adam_v/<name>`."""
+        if self.m is None or self.v is None:
+            return {}
+        out = {f"adam_m/{k}": np.asarray(v, np.float64) for k, v in self.m.items()}
+        out.update({f"adam_v/{k}": np.asarray(v, np.float64) for k, v in self.v.items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore the moments from a checkpoint (refuses a FedAvgM momentum buffer)."""
+        if not state:
+            self.m = self.v = None
+            return
+        if other := sorted(k for k in state if not k.startswith(ADAM_PREFIXES)):
+            raise ValueError(
+                f"checkpoint holds server momentum state ({other[0]}, ...), not FedAdam's: "
+                "resume with the run's own server-optimizer"
+            )
+        self.m = {
+            k[len("adam_m/") :]: np.asarray(v) for k, v in state.items() if k.startswith("adam_m/")
+        }
+        self.v = {
+            k[len("adam_v/") :]: np.asarray(v) for k, v in state.items() if k.startswith("adam_v/")
+        }
+        if set(self.m) != set(self.v):
+            raise ValueError("checkpoint's FedAdam state has mismatched first and second moments")
+
+
+ServerOptimizer = FedAvgMomentum | FedAdam
+
+
+def make_server_optimizer(
+    name: str,
+    *,
+    server_lr: float = 1.0,
+    momentum: float = 0.0,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+) -> ServerOptimizer:
+    """The server optimiser a run config names ("fedavg", "fedavgm" or "fedadam")."""
+    if name in ("fedavg", "fedavgm"):
+        if name == "fedavgm" and momentum <= 0:
+            raise ValueError("fedavgm needs a server momentum > 0")
+        return FedAvgMomentum(server_lr=server_lr, momentum=momentum)
+    if name == "fedadam":
+        return FedAdam(server_lr=server_lr, beta1=beta1, beta2=beta2, tau=tau)
+    raise ValueError(f"unknown server optimizer {name!r}; choose fedavg, fedavgm or fedadam")

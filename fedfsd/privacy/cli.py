@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from fedfsd.privacy.planner import Plan
 
 app = typer.Typer(no_args_is_help=True)
 ledger_app = typer.Typer(no_args_is_help=True, help="Inspect a region's privacy ledger.")
@@ -60,6 +63,98 @@ def epsilon(
             f"ε = {eps:.4f} at δ = {delta:g} ({acc.upper()}; σ = {noise_multiplier:g}, "
             f"q = {sample_rate:g}, steps = {steps})"
         )
+
+
+_PLAN_HELP = """Plan a vehicle-level DP schedule: vehicles per step, σ, steps per round, ε.
+
+The rule (docs/privacy.md, "Planning a schedule"): few large steps; the number of steps grows
+with the fleet. The region's fleet size is private: the global team plans with the public,
+ROUNDED-DOWN fleet size each region declares (rounding down is conservative: the planned
+q = m/N is at least the true one, so the true ε is at most the planned ε).
+"""
+
+
+@app.command("plan", help=_PLAN_HELP)
+def plan(
+    vehicles: int = typer.Option(
+        ..., help="Fleet size N: the region's declared, rounded-down public vehicle count."
+    ),
+    epsilon: float = typer.Option(..., help="ε budget for the whole run (PRV)."),
+    delta: float = typer.Option(..., help="δ; must be < 1/N (well below)."),
+    rounds: int = typer.Option(..., help="Federated rounds."),
+    json_path: str = typer.Option(
+        None, "--json", help="Write the plan as JSON to FILE ('-' prints it to stdout)."
+    ),
+    frames_per_vehicle: int = typer.Option(8, help="K: frames of one vehicle per step."),
+    max_vehicles_per_step: int = typer.Option(
+        None, help="Compute cap on expected vehicles per step (default 1024)."
+    ),
+    max_total_steps: int = typer.Option(
+        None, help="Cap on DP steps over all rounds (default 2000)."
+    ),
+    noise_ratio: float = typer.Option(
+        None, help="Largest σ/m: noise std on the averaged gradient, in units of C (0.017)."
+    ),
+    clip_norm: float = typer.Option(1.0, help="C: per-vehicle clip norm."),
+) -> None:
+    from fedfsd.privacy import planner as pl
+
+    kw: dict = {"frames_per_vehicle": frames_per_vehicle, "clip_norm": clip_norm}
+    if max_vehicles_per_step is not None:
+        kw["max_vehicles_per_step"] = max_vehicles_per_step
+    if max_total_steps is not None:
+        kw["max_total_steps"] = max_total_steps
+    if noise_ratio is not None:
+        kw["noise_ratio"] = noise_ratio
+    try:
+        p = pl.plan_schedule(vehicles, epsilon, delta, rounds, **kw)
+    except pl.PlanError as e:
+        fail(str(e))
+    text = json.dumps(p.to_json_dict(), indent=2)
+    if json_path == "-":
+        typer.echo(text)
+        return
+    if json_path:
+        try:
+            Path(json_path).write_text(text + "\n", encoding="utf-8")
+        except OSError as e:
+            fail(f"{json_path}: cannot write the plan: {e.strerror}")
+    _print_plan(p, json_path)
+
+
+def _print_plan(p: Plan, json_path: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"DP schedule for {p.vehicles:,} vehicles, ε = {p.epsilon_target:g}")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    rows = [
+        ("rounds", f"{p.rounds}"),
+        ("local steps per round", f"{p.steps_per_round}"),
+        ("total steps T", f"{p.total_steps}"),
+        ("expected vehicles per step m", f"{p.vehicles_per_step}"),
+        ("sample rate q = m/N", f"{p.sample_rate:.4g}"),
+        ("noise multiplier σ", f"{p.noise_multiplier:.4g}"),
+        (
+            "σ/m (noise on the mean, units of C)",
+            f"{p.noise_ratio:.4g} (limit {p.noise_ratio_limit:g})",
+        ),
+        ("lr", f"{p.lr:g}"),
+        ("clip norm C", f"{p.clip_norm:g}"),
+        ("frames per vehicle K", f"{p.frames_per_vehicle}"),
+        ("predicted ε (PRV)", f"{p.epsilon_prv:.3f}"),
+        ("cross-check ε (RDP)", f"{p.epsilon_rdp:.3f}"),
+        ("δ", f"{p.delta:g}"),
+        ("steps limited by", p.limited_by),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    con = Console()
+    con.print(t)
+    con.print(f"planned in {p.plan_seconds:.1f} s; rule {p.rule}")
+    if json_path:
+        con.print(f"plan written to {json_path} (use: fedfsd aggregator run --plan {json_path})")
 
 
 def _fmt_eps(v: float | None) -> str:

@@ -293,6 +293,8 @@ def run_local_round(
             # operator, and experiments/federation_cost.py, separate training from overhead.
             "train_seconds": round(train_seconds, 4),
         }
+        if request.initial_model_sha256:  # the aggregator started from a pretrained model
+            record["initial_model_sha256"] = request.initial_model_sha256
         ledger.write_cache(run_id, round_idx, new_w)
         fault_point("cache")
         ledger.append(record)

@@ -231,6 +231,7 @@ def _request(cfg: Mapping[str, Any]) -> Any:
         "vehicles-per-step": "vehicles_per_step",
         "frames-per-vehicle": "frames_per_vehicle",
         "model": "model",
+        "initial-model-sha256": "initial_model_sha256",
     }
     return TrainRequest(**{v: cfg[k] for k, v in keys.items() if k in cfg})
 

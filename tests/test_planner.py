@@ -1,0 +1,111 @@
+"""The DP schedule planner: follows the sweep, grows with the fleet, refuses the impossible.
+
+PRV evaluations are slow (0.1-6 s): plans are computed once per module and compute_epsilon
+caches its results, so the tests share them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedfsd.aggregator.settings import NOMINAL_PLAN, RunSettings, parse_settings
+from fedfsd.cli import app
+from fedfsd.config import RegionPolicy
+from fedfsd.privacy.accounting import compute_epsilon
+from fedfsd.privacy.planner import (
+    MAX_VEHICLES_PER_STEP,
+    NOISE_RATIO,
+    SIGMA_FLOOR,
+    Plan,
+    PlanError,
+    calibrate_sigma,
+    plan_schedule,
+)
+
+
+@pytest.fixture(scope="module")
+def sweep_plan() -> Plan:
+    return plan_schedule(300, 8.0, 1e-5, 10)
+
+
+@pytest.fixture(scope="module")
+def nominal_plan() -> Plan:
+    return plan_schedule(**NOMINAL_PLAN)
+
+
+def test_reproduces_the_sweeps_best_point(sweep_plan: Plan) -> None:
+    """N = 300, ε = 8, 10 rounds → the sweep's best schedule: 128 vehicles, 60 steps, σ ≈ 2.2."""
+    p = sweep_plan
+    assert (p.vehicles_per_step, p.total_steps, p.steps_per_round) == (128, 60, 6)
+    assert p.noise_ratio <= NOISE_RATIO and p.noise_multiplier == pytest.approx(2.16, abs=0.05)
+    hist = [(p.noise_multiplier, p.sample_rate, p.total_steps)]
+    assert p.epsilon_prv == compute_epsilon(hist, 1e-5) and 7.9 <= p.epsilon_prv <= 8.0
+    assert p.epsilon_rdp == compute_epsilon(hist, 1e-5, "rdp") >= p.epsilon_prv
+    # the most steps: one more round's steps at the limit σ/m = 0.017 overspends ε
+    assert compute_epsilon([(NOISE_RATIO * 128, p.sample_rate, 70)], 1e-5) > 8.0
+    assert p.limited_by == "noise ratio"
+
+
+def test_schedule_grows_with_the_fleet(sweep_plan: Plan, nominal_plan: Plan) -> None:
+    assert nominal_plan.vehicles == 1000
+    assert nominal_plan.total_steps > 5 * sweep_plan.total_steps  # ~ (N ε)² until a cap
+    big = plan_schedule(10_000, 3.0, 1e-5, 10)
+    assert big.limited_by == "max total steps" and big.total_steps == 2000
+    # the step cap binds, so m grows until σ is back in the large-σ regime (rule d)
+    assert big.vehicles_per_step > 128 and big.noise_multiplier >= SIGMA_FLOOR
+    assert big.noise_ratio < NOISE_RATIO and big.epsilon_prv <= 3.0
+    assert big.vehicles_per_step <= RegionPolicy.model_fields["max_vehicles_per_step"].default
+
+
+def test_aggregator_defaults_are_the_nominal_plan(nominal_plan: Plan) -> None:
+    s = RunSettings()
+    got = {k: getattr(s, k.replace("-", "_")) for k in nominal_plan.run_config()}
+    assert got == nominal_plan.run_config()
+
+
+def test_policy_cap_does_not_silently_cap_a_plan() -> None:
+    assert RegionPolicy.model_fields["max_vehicles_per_step"].default == MAX_VEHICLES_PER_STEP
+
+
+def test_calibrated_sigma_is_tight_and_admissible() -> None:
+    sigma = calibrate_sigma(3.0, 1e-5, 0.01, 1000)
+    assert compute_epsilon([(sigma, 0.01, 1000)], 1e-5) <= 3.0
+    assert compute_epsilon([(sigma * 0.99, 0.01, 1000)], 1e-5) > 3.0
+
+
+def test_refuses_large_delta_and_unreachable_targets() -> None:
+    with pytest.raises(PlanError, match="1/vehicles"):
+        plan_schedule(300, 8.0, 1 / 300, 10)
+    with pytest.raises(PlanError, match="not even one step fits"):
+        plan_schedule(300, 1.0, 1e-5, 10)
+    with pytest.raises(PlanError, match="rounds must be"):
+        plan_schedule(300, 8.0, 1e-5, 0)
+    with pytest.raises(PlanError, match="epsilon"):
+        plan_schedule(300, math.inf, 1e-5, 10)
+
+
+def test_cli_prints_writes_and_the_aggregator_reads_the_plan(
+    tmp_path: Path, nominal_plan: Plan
+) -> None:
+    runner = CliRunner()
+    base = ["privacy", "plan", "--vehicles", "1000", "--epsilon", "8", "--delta", "1e-5"]
+    out = runner.invoke(app, [*base, "--rounds", "10", "--json", "-"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["run_config"] == nominal_plan.run_config()
+    assert Plan.model_validate({k: v for k, v in doc.items() if k != "run_config"}).total_steps == (
+        nominal_plan.total_steps
+    )
+    path = tmp_path / "plan.json"
+    table = runner.invoke(app, [*base, "--rounds", "10", "--json", str(path)])
+    assert table.exit_code == 0 and "noise multiplier σ" in table.output
+    s = parse_settings({"plan": str(path), "local-steps": 3, "num-server-rounds": 1})
+    assert s.local_steps == 69 and s.num_server_rounds == 10  # the plan wins in the run config
+    assert s.noise_multiplier == nominal_plan.noise_multiplier and s.vehicles_per_step == 128
+    bad = runner.invoke(app, [*base[:-1], "0.01", "--rounds", "10"])
+    assert bad.exit_code == 1 and "delta" in bad.output and bad.output.count("\n") <= 2
