@@ -2,37 +2,57 @@
 
 from pathlib import Path
 
+import pytest
+
 from fedfsd.aggregator.settings import RunSettings
 from fedfsd.config import parse_policy
-from fedfsd.demo import DemoConfig, _print_new_rounds, policy_toml
+from fedfsd.demo import DemoConfig, _print_new_rounds, policy_toml, public_fleet_size
 from fedfsd.privacy.accounting import compute_epsilon
 from fedfsd.region.client_app import _request
 
+PLAN_FLEET = 1900  # a declared (rounded-down) fleet like the demo's 2,000-vehicle regions
 
-def test_demo_policy_and_run_config_validate():
+
+@pytest.fixture(scope="module")
+def plan():
+    return DemoConfig().plan(PLAN_FLEET)
+
+
+def test_demo_policy_and_run_config_validate(plan):
     cfg = DemoConfig()
-    for region in cfg.regions:
-        policy = parse_policy(policy_toml(cfg, region), f"{region}.toml")
-        assert policy.region == region
-    s = RunSettings.model_validate(cfg.run_config(Path("/tmp/x"), "r1"))
+    s = RunSettings.model_validate(cfg.run_config(Path("/tmp/x"), "r1", plan))
     for region in cfg.regions:  # what each region receives: the run config's train request
-        policy = parse_policy(policy_toml(cfg, region), f"{region}.toml")
+        policy = parse_policy(policy_toml(cfg, region, plan, PLAN_FLEET), f"{region}.toml")
+        assert policy.region == region and policy.public_fleet_size == PLAN_FLEET
+        assert policy.allowed_metrics == []  # nothing but the update leaves
         params = policy.effective(_request(s.train_request()))
-        assert params.noise_multiplier == cfg.noise_multiplier
-        assert params.steps == cfg.local_steps and params.lr == cfg.lr
+        # The region's own floor is below the plan's σ, so the plan is what runs, uncapped.
+        assert params.noise_multiplier == plan.noise_multiplier > cfg.min_noise_multiplier
+        assert params.steps == plan.steps_per_round and params.lr == plan.lr
+        assert params.vehicles_per_step == plan.vehicles_per_step
     assert s.num_server_rounds == cfg.rounds and s.min_regions == len(cfg.regions)
 
 
-def test_demo_defaults_stay_within_budget_for_the_fleet_size():
-    """All rounds at the smallest train fleet the demo's seeded data gives (eu: 222 vehicles)."""
+def test_demo_plan_stays_within_budget(plan):
+    """Every round at the declared fleet size: the ledger's ε is the plan's, below the budget."""
     cfg = DemoConfig()
-    vehicles_in_train = 222
-    q = cfg.vehicles_per_step / vehicles_in_train
+    q = plan.vehicles_per_step / PLAN_FLEET
     eps = compute_epsilon(
-        [(cfg.noise_multiplier, q, cfg.rounds * cfg.local_steps)], cfg.delta, "prv"
+        [(plan.noise_multiplier, q, cfg.rounds * plan.steps_per_round)], cfg.delta, "prv"
     )
-    assert eps < cfg.epsilon_budget
-    assert cfg.delta < 1 / vehicles_in_train
+    assert eps == pytest.approx(plan.epsilon_prv, rel=1e-6)
+    assert eps <= cfg.plan_epsilon < cfg.epsilon_budget
+    assert cfg.delta < 1 / PLAN_FLEET
+
+
+def test_public_fleet_size_rounds_down():
+    assert [public_fleet_size(n) for n in (42, 222, 1987, 2000, 123456)] == [
+        42,
+        220,
+        1900,
+        2000,
+        120000,
+    ]
 
 
 def test_round_lines_are_printed_once(tmp_path, capsys):

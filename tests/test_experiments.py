@@ -180,3 +180,41 @@ def test_scale_tiny(tmp_path: Path) -> None:
     assert row["accepted_per_round"] == [2, 2]
     assert row["rounds_per_minute"] > 0
     assert row["peak_rss_mib"] > 100  # a Python + torch process tree, at least
+
+
+def test_fleet_scale_tiny(tmp_path: Path) -> None:
+    rc, out = run_script([str(EXP / "fleet_scale.py"), "--tiny", "--out", str(tmp_path)], 900)
+    assert rc == 0, out[-3000:]
+    doc = json.loads((tmp_path / "fleet_scale.json").read_text())
+    _png(tmp_path / "fleet_scale.png")
+    sizes = doc["study"]["sizes"]
+    assert set(doc["table"]) == {str(n) for n in sizes}
+    for n in sizes:
+        t = doc["table"][str(n)]
+        names = set(t)
+        assert {"constant-velocity prior", "centralised (pooled, no DP)"} <= names
+        for r in ("cn", "eu", "us"):
+            assert {
+                f"local-only (no DP) {r}",
+                f"personalised {r}",
+                f"local-only (DP ε=3) {r}",
+            } <= names
+        assert "federated DP ε=3 + public pretraining + FedAdam" in names
+        assert "federated DP ε=8 (selected on val)" in names
+        for per_test in t.values():
+            assert set(per_test) == {"cn", "eu", "us", "jp", "pooled"}
+    # The prior has no learned parameter: its score cannot depend on the fleet size.
+    p0, p1 = (doc["table"][str(n)]["constant-velocity prior"]["pooled"]["fde"][0] for n in sizes)
+    assert p0 == pytest.approx(p1, rel=1e-9)
+    for cell in doc["cells"]:
+        ch = cell["chosen"]
+        # Early stopping starts from the prior: the chosen model is never worse on validation.
+        curve = ch["centralised (pooled, no DP)"]["val_curve"]
+        assert ch["centralised (pooled, no DP)"]["best_val_fde"] <= curve[0][1]
+        for name, spent in ch["epsilon_spent"].items():
+            target = 3.0 if "ε=3" in name else 8.0
+            vals = spent.values() if isinstance(spent, dict) else [spent]
+            assert all(0 < v <= target for v in vals), (name, spent)
+        assert ch["federated DP ε=3 selected"] in ch["federated DP ε=3 val"]
+    for tgt in doc["targets"].values():
+        assert isinstance(tgt["met"], bool)
