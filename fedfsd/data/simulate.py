@@ -340,6 +340,32 @@ def _spawn_positions(profile: RegionProfile, scenario: str, n: int, rng: np.rand
     return out
 
 
+def _episode_road(profile: RegionProfile, seed: int, episode: int) -> RegionProfile:
+    """The profile with this episode's lane count and speed limit (profiles that vary them).
+
+    Drawn from its own seeded stream, so profiles without variation simulate exactly as before.
+    """
+    road = profile.road
+    if road.lanes_mix is None and road.speed_limits_kmh is None:
+        return profile
+    rng = np.random.default_rng([seed, 6, episode])
+    lanes, limit = road.lanes, road.speed_limit_kmh
+    if road.lanes_mix is not None:
+        mix = sorted(road.lanes_mix.items())
+        lanes = int(mix[int(rng.choice(len(mix), p=[p for _, p in mix]))][0])
+    if road.speed_limits_kmh is not None:
+        limit = float(road.speed_limits_kmh[int(rng.integers(len(road.speed_limits_kmh)))])
+    fixed = road.model_copy(
+        update={
+            "lanes": lanes,
+            "speed_limit_kmh": limit,
+            "lanes_mix": None,
+            "speed_limits_kmh": None,
+        }
+    )
+    return profile.model_copy(update={"road": fixed})
+
+
 def simulate_episode(
     profile: RegionProfile,
     episode: int,
@@ -357,6 +383,7 @@ def simulate_episode(
     mix = sorted(profile.road.scenario_mix.items())
     scenario = mix[int(rng.choice(len(mix), p=[p for _, p in mix]))][0]
     rain = bool(rng.random() < profile.weather.rain_probability)
+    profile = _episode_road(profile, seed, episode)
     n_fleet = len(fleet_ids)
     n_total = max(profile.traffic.vehicles_per_episode, n_fleet)
     road = _make_road(scenario, profile.road.lanes, int(rng.integers(2**31)))

@@ -117,6 +117,8 @@ def _check_types(path: Path, m: dict[str, Any]) -> None:
         raise DatasetError(
             f"{path}: 'split.val_fraction' must be in [0, 1) and leave room for training"
         )
+    if "fleet_scale" in m and not isinstance(m["fleet_scale"], dict):
+        raise DatasetError(f"{path}: 'fleet_scale' must be an object")
     prof = m.get("profile")
     if prof is not None:
         if not isinstance(prof, dict):
