@@ -2,6 +2,14 @@
 
     .venv/bin/python experiments/bench_generate.py --quick     # the demo's sizes (cn, eu, us)
     .venv/bin/python experiments/bench_generate.py           # cn eu us jp, 200 vehicles, 20 ep
+    .venv/bin/python experiments/bench_generate.py --fleet-scale   # eu, 1,000 and 10,000 vehicles
+    .venv/bin/python experiments/bench_generate.py --fleet-scale --sizes 1000 --regions cn eu
+
+With --fleet-scale: one row per (region, size) with vehicles, episodes, wall s, CPU s,
+vehicles per wall-second and per CPU-second, usable train frames per vehicle, the share of
+vehicles with train frames, train-split load time and peak memory, then a 100,000-vehicle row
+projected from the largest measured size's CPU-s per vehicle (labelled as a projection). The
+load average before and after is printed: wall times on a shared machine are inflated by it.
 
 "frames/CPU-s" is the per-core throughput. "frames" are usable training frames (fleet vehicle,
 after warm-up, with 3 s of future), the number a DP trainer sees; rows are all logged vehicle
@@ -38,7 +46,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bev", action="store_true", help="also time loading with BEV rasters")
+    ap.add_argument("--fleet-scale", action="store_true", help="fleet-scale mode (see above)")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[1000, 10_000])
+    ap.add_argument("--appearances", type=float, default=3.0)
+    ap.add_argument("--keep", default=None, help="--fleet-scale: keep datasets under this dir")
+    ap.add_argument("--json", default=None, help="--fleet-scale: also write the rows here")
     a = ap.parse_args()
+    if a.fleet_scale:
+        fleet_scale_bench(a)
+        return
     regions = a.regions or (["cn", "eu", "us"] if a.quick else ["cn", "eu", "us", "jp"])
     vehicles = a.vehicles or (60 if a.quick else 200)
     episodes = a.episodes or (4 if a.quick else 20)
@@ -112,6 +128,154 @@ def main() -> None:
         f"(generate + load; CPU-s counts this process and its workers, so it does not depend on "
         f"other load on the machine)"
     )
+
+
+def fleet_scale_bench(a: argparse.Namespace) -> None:
+    """Generate and load fleet-scale regions of each size; print the table and a projection."""
+    import json
+
+    import numpy as np
+
+    from fedfsd.data.generate import generate_dataset
+    from fedfsd.data.validate import validate_dataset
+    from fedfsd.data.vehicles import load_vehicle_frames
+
+    con = Console(width=170)
+    regions = a.regions or ["eu"]
+    root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="fedfsd-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()
+    rows = []
+    try:
+        for r in regions:
+            for v in sorted(a.sizes):
+                out = root / f"{r}-fs-v{v}-s{a.seed}"
+                cpu0, t0 = _cpu(), time.perf_counter()
+                generate_dataset(
+                    r,
+                    v,
+                    None,
+                    a.seed,
+                    out,
+                    workers=a.workers,
+                    progress=False,
+                    overwrite=True,
+                    fleet_scale=True,
+                    appearances=a.appearances,
+                )
+                gen_wall, gen_cpu = time.perf_counter() - t0, _cpu() - cpu0
+                t0 = time.perf_counter()
+                m = validate_dataset(out)
+                val_wall = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                train = load_vehicle_frames(out, "train")
+                load_wall = time.perf_counter() - t0
+                per_v = np.zeros(v)
+                per_v[: train.n_vehicles] = train.frames_per_vehicle()
+                rows.append(
+                    {
+                        "region": r,
+                        "vehicles": v,
+                        "episodes": m["episodes"],
+                        "generate_wall_s": gen_wall,
+                        "generate_cpu_s": gen_cpu,
+                        "vehicles_per_wall_s": v / gen_wall,
+                        "vehicles_per_cpu_s": v / gen_cpu,
+                        "train_frames_per_vehicle": float(per_v.mean()),
+                        "vehicles_with_train_frames": train.n_vehicles / v,
+                        "validate_wall_s": val_wall,
+                        "load_train_wall_s": load_wall,
+                        "train_frames": train.n_frames,
+                        "train_mb": (train.features.nbytes + train.labels.nbytes) / 2**20,
+                        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                        "crash_rate": m["counts"]["crash_rate"],
+                        "measured": True,
+                    }
+                )
+                del train
+                if not a.keep:
+                    shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    load1 = os.getloadavg()
+    for r in regions:
+        big = max((x for x in rows if x["region"] == r), key=lambda x: x["vehicles"])
+        if big["vehicles"] < 100_000:
+            k = 100_000 / big["vehicles"]
+            cpu = big["generate_cpu_s"] * k
+            rows.append(
+                {
+                    **{key: None for key in big},
+                    "region": r,
+                    "vehicles": 100_000,
+                    "episodes": int(np.ceil(100_000 * a.appearances / 60)),
+                    "generate_cpu_s": cpu,
+                    "generate_wall_s": cpu / a.workers,
+                    "vehicles_per_cpu_s": big["vehicles_per_cpu_s"],
+                    "vehicles_per_wall_s": 100_000 / (cpu / a.workers),
+                    "train_frames_per_vehicle": big["train_frames_per_vehicle"],
+                    "load_train_wall_s": big["load_train_wall_s"] * k,
+                    "train_mb": big["train_mb"] * k,
+                    "measured": False,
+                }
+            )
+    table = Table(
+        "region",
+        "vehicles",
+        "episodes",
+        "wall s",
+        "CPU s",
+        "vehicles/s",
+        "vehicles/CPU-s",
+        "train frames/vehicle",
+        "vehicles w/ train",
+        "load s (train)",
+        "train MB",
+        "peak RSS GB",
+        "",
+        title=f"fleet-scale generation ({a.workers} workers, appearances {a.appearances}, "
+        f"{os.cpu_count()} CPUs visible)",
+    )
+
+    def f(x: float | None, nd: int = 1) -> str:
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    for x in rows:
+        table.add_row(
+            x["region"],
+            f"{x['vehicles']:,}",
+            str(x["episodes"]),
+            f(x["generate_wall_s"]),
+            f(x["generate_cpu_s"]),
+            f(x["vehicles_per_wall_s"]),
+            f(x["vehicles_per_cpu_s"]),
+            f(x["train_frames_per_vehicle"]),
+            "-"
+            if x["vehicles_with_train_frames"] is None
+            else f"{x['vehicles_with_train_frames']:.1%}",
+            f(x["load_train_wall_s"]),
+            f(x["train_mb"], 0),
+            f(x["peak_rss_gb"], 2),
+            "measured"
+            if x["measured"]
+            else "PROJECTION (CPU-s/vehicle × size; wall = CPU / workers)",
+        )
+    con.print(table)
+    con.print(
+        "PROJECTED rows are not measured: CPU s = the largest measured size's CPU-s per vehicle "
+        "x 100,000; wall s = CPU s / workers on otherwise idle cores; load and MB scale linearly."
+    )
+    con.print(
+        f"load average (1/5/15 min) before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, after "
+        f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} on {os.cpu_count()} CPUs: wall times are "
+        "inflated by other work when the load exceeds the CPU count; CPU s (this process and "
+        "its workers) are not."
+    )
+    if a.json:
+        Path(a.json).write_text(
+            json.dumps({"load_before": load0, "load_after": load1, "rows": rows}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

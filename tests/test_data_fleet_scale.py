@@ -146,7 +146,7 @@ def test_public_profile_mixes_roads_and_belongs_to_no_region(tmp_path) -> None:
 def test_region_profiles_without_variation_are_unchanged() -> None:
     for r in BUILTIN_REGIONS:
         road = load_region(r).road
-        assert road.lanes_mix is None and road.speed_limits_kmh is None
+        assert not road.lanes_mix and not road.speed_limits_kmh
 
 
 def test_bad_lanes_mix_is_refused(tmp_path) -> None:

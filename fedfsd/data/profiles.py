@@ -47,24 +47,22 @@ class Road(_Strict):
     # Share of episodes on each scenario; must sum to 1.
     scenario_mix: dict[str, float]
     # Optional per-episode variation (a generic, region-less profile mixes road types): share
-    # of episodes with each lane count, and speed limits drawn uniformly per episode. Absent:
+    # of episodes with each lane count, and speed limits drawn uniformly per episode. Empty:
     # every episode has `lanes` and `speed_limit_kmh`.
-    lanes_mix: dict[int, float] | None = None
-    speed_limits_kmh: list[float] | None = None
+    lanes_mix: dict[int, float] = Field(default_factory=dict)
+    speed_limits_kmh: list[float] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _variation(self) -> Road:
-        if self.lanes_mix is not None:
-            if not self.lanes_mix or any(not 1 <= k <= 5 for k in self.lanes_mix):
+        if self.lanes_mix:
+            if any(not 1 <= k <= 5 for k in self.lanes_mix):
                 raise ValueError("lanes_mix keys must be lane counts in 1..5")
             if any(v < 0 for v in self.lanes_mix.values()):
                 raise ValueError("lanes_mix shares must be >= 0")
             if abs(sum(self.lanes_mix.values()) - 1.0) > 1e-6:
                 raise ValueError("lanes_mix shares must sum to 1")
-        if self.speed_limits_kmh is not None and (
-            not self.speed_limits_kmh or any(not 0 < v <= 200 for v in self.speed_limits_kmh)
-        ):
-            raise ValueError("speed_limits_kmh must be a non-empty list of limits in (0, 200]")
+        if any(not 0 < v <= 200 for v in self.speed_limits_kmh):
+            raise ValueError("speed_limits_kmh must be limits in (0, 200]")
         return self
 
     @model_validator(mode="after")

@@ -346,21 +346,21 @@ def _episode_road(profile: RegionProfile, seed: int, episode: int) -> RegionProf
     Drawn from its own seeded stream, so profiles without variation simulate exactly as before.
     """
     road = profile.road
-    if road.lanes_mix is None and road.speed_limits_kmh is None:
+    if not road.lanes_mix and not road.speed_limits_kmh:
         return profile
     rng = np.random.default_rng([seed, 6, episode])
     lanes, limit = road.lanes, road.speed_limit_kmh
-    if road.lanes_mix is not None:
+    if road.lanes_mix:
         mix = sorted(road.lanes_mix.items())
         lanes = int(mix[int(rng.choice(len(mix), p=[p for _, p in mix]))][0])
-    if road.speed_limits_kmh is not None:
+    if road.speed_limits_kmh:
         limit = float(road.speed_limits_kmh[int(rng.integers(len(road.speed_limits_kmh)))])
     fixed = road.model_copy(
         update={
             "lanes": lanes,
             "speed_limit_kmh": limit,
-            "lanes_mix": None,
-            "speed_limits_kmh": None,
+            "lanes_mix": {},
+            "speed_limits_kmh": [],
         }
     )
     return profile.model_copy(update={"road": fixed})
