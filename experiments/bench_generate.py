@@ -4,6 +4,7 @@
     .venv/bin/python experiments/bench_generate.py           # cn eu us jp, 200 vehicles, 20 ep
     .venv/bin/python experiments/bench_generate.py --fleet-scale   # eu, 1,000 and 10,000 vehicles
     .venv/bin/python experiments/bench_generate.py --fleet-scale --sizes 1000 --regions cn eu
+    .venv/bin/python experiments/bench_generate.py --realism DIR [DIR ...]   # compare datasets
 
 With --fleet-scale: one row per (region, size) with vehicles, episodes, wall s, CPU s,
 vehicles per wall-second and per CPU-second, usable train frames per vehicle, the share of
@@ -51,7 +52,11 @@ def main() -> None:
     ap.add_argument("--appearances", type=float, default=3.0)
     ap.add_argument("--keep", default=None, help="--fleet-scale: keep datasets under this dir")
     ap.add_argument("--json", default=None, help="--fleet-scale: also write the rows here")
+    ap.add_argument("--realism", nargs="+", default=None, help="datasets to compare (see docs)")
     a = ap.parse_args()
+    if a.realism:
+        realism(a.realism)
+        return
     if a.fleet_scale:
         fleet_scale_bench(a)
         return
@@ -130,6 +135,64 @@ def main() -> None:
     )
 
 
+def realism(paths: list[str]) -> None:
+    """Statistics that show what a sampling mode does to the data (docs/data-format.md)."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES
+    from fedfsd.data.vehicles import load_vehicle_frames
+
+    table = Table(
+        "dataset",
+        "frames",
+        "vehicles",
+        "mean |accel|",
+        "CV FDE@3s m",
+        "lane-change frames",
+        "median headway s",
+        "speed m/s",
+        "near merge",
+        "crash rate",
+        title="what the data look like (all splits)",
+    )
+    for path in paths:
+        fr = load_vehicle_frames(path, "all")
+        f = {n: fr.features[:, i] for i, n in enumerate(FEATURE_NAMES)}
+        y = {n: fr.labels[:, i] for i, n in enumerate(LABEL_NAMES)}
+        speed = f["ego_speed"] * 30.0
+        ahead = f["front_present"] > 0
+        headway = f["front_dx"][ahead] * 100.0 / np.maximum(speed[ahead], 1.0)
+        cv = np.hypot(y["dx_3s"] - 3 * speed, y["dy_3s"] - 3 * f["ego_vy"] * 5.0)
+        m = json.loads((Path(path) / "manifest.json").read_text())
+        table.add_row(
+            str(path),
+            str(fr.n_frames),
+            str(fr.n_vehicles),
+            f"{np.abs(y['accel']).mean():.2f}",
+            f"{cv.mean():.2f}",
+            f"{(f['turn_signal'] != 0).mean():.2%}",
+            f"{np.median(headway):.2f}",
+            f"{speed.mean():.1f} ± {speed.std():.1f}",
+            f"{(f['merge_distance'] < 1).mean():.1%}",
+            f"{m['counts']['crash_rate']:.1%}",
+        )
+        t, acc = [], []
+        for entry in m["files"][:40]:
+            cols = pq.read_table(Path(path) / entry["path"], columns=["t", "accel"]).to_pydict()
+            t += cols["t"]
+            acc += cols["accel"]
+        t, acc = np.asarray(t), np.abs(np.asarray(acc))
+        secs = [s for s in range(int(t.max()) + 1) if ((t >= s) & (t < s + 1)).any()]
+        Console(width=170).print(
+            f"{path}: mean |accel| of all logged vehicles by second since spawn: "
+            + " ".join(f"{s}s {acc[(t >= s) & (t < s + 1)].mean():.2f}" for s in secs)
+        )
+    Console(width=170).print(table)
+
+
 def fleet_scale_bench(a: argparse.Namespace) -> None:
     """Generate and load fleet-scale regions of each size; print the table and a projection."""
     import json
@@ -193,6 +256,7 @@ def fleet_scale_bench(a: argparse.Namespace) -> None:
                     }
                 )
                 del train
+                con.print(f"[dim]measured: {rows[-1]}[/]")  # survives an interrupted run
                 if not a.keep:
                     shutil.rmtree(out, ignore_errors=True)
     finally:

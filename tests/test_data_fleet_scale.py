@@ -111,11 +111,16 @@ def test_episodes_required_without_fleet_scale(tmp_path) -> None:
 def test_cli_fleet_scale_without_episodes(tmp_path) -> None:
     out = tmp_path / "us"
     args = ["data", "generate", "--region", "us", "--vehicles", "60", "--fleet-scale"]
-    res = runner.invoke(app, [*args, "--appearances", "1", "--workers", "1", "--out", str(out)])
+    more = ["--appearances", "1", "--fleet-warmup", "3", "--workers", "1", "--out", str(out)]
+    res = runner.invoke(app, [*args, *more])
     assert res.exit_code == 0, res.output
     assert "fleet-scale" in res.output
     m = validate_dataset(out)
     assert m["episodes"] == 1 and m["fleet_scale"]["enabled"] is True
+    assert (m["fleet_scale"]["warmup_s"], m["fleet_scale"]["duration_s"]) == (3.0, 9.0)
+    assert m["warmup_s"] == 3.0
+    fr = load_vehicle_frames(out, "all")
+    assert np.median(fr.frames_per_vehicle()) == 16  # t in [3 s, 6 s]
 
 
 def test_public_profile_mixes_roads_and_belongs_to_no_region(tmp_path) -> None:

@@ -38,12 +38,18 @@ def generate(
     appearances: float = typer.Option(
         3.0, min=0.1, help="With --fleet-scale and no --episodes: episodes per vehicle."
     ),
+    fleet_warmup: float = typer.Option(
+        2.0,
+        min=1.0,
+        help="With --fleet-scale: warm-up seconds dropped after spawn (episode = warm-up + 6 s).",
+    ),
 ) -> None:
     """Simulate a region's fleet and write Parquet tracks + manifest.json to --out."""
     if (region is None) == (profile is None):
         _fail("give exactly one of --region or --profile", 2)
     if episodes is None and not fleet_scale:
         episodes = 40
+    from fedfsd.data.fleet_scale import FleetScale
     from fedfsd.data.generate import generate_dataset
     from fedfsd.data.profiles import ProfileError
 
@@ -58,8 +64,11 @@ def generate(
             with_bev=with_bev,
             progress=True,
             overwrite=overwrite,
-            fleet_scale=fleet_scale,
-            appearances=appearances,
+            fleet_scale=FleetScale(
+                appearances=appearances, warmup_s=fleet_warmup, duration_s=fleet_warmup + 6.0
+            )
+            if fleet_scale
+            else False,
         )
     except (ProfileError, FileExistsError, ValueError) as err:
         _fail(str(err), 2)

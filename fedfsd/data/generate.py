@@ -83,7 +83,7 @@ def generate_dataset(
     with_bev: bool = False,
     progress: bool = True,
     overwrite: bool = False,
-    fleet_scale: bool = False,
+    fleet_scale: bool | FleetScale = False,
     appearances: float = DEFAULT_APPEARANCES,
 ) -> Path:
     """Simulate `episodes` episodes of a `vehicles`-vehicle fleet and write the dataset to `out`.
@@ -92,11 +92,15 @@ def generate_dataset(
     `with_bev` records that BEV rasters are to be rendered (from the tracks, at load time).
     `fleet_scale` samples the fleet into short, all-fleet episodes (see `fleet_scale.py`);
     `episodes` may then be None: chosen so every vehicle drives in about `appearances` episodes.
+    A `FleetScale` instead of True sets the mode's episode shape too (its `appearances` wins).
     Returns the dataset directory. Raises FileExistsError if `out` is non-empty (unless
     `overwrite`), ProfileError for a bad profile, ValueError for bad sizes.
     """
     profile = resolve_profile(region)
-    scale = FleetScale(appearances=appearances) if fleet_scale else None
+    if isinstance(fleet_scale, FleetScale):
+        scale: FleetScale | None = fleet_scale
+    else:
+        scale = FleetScale(appearances=appearances) if fleet_scale else None
     if scale is not None:
         profile = fleet_scale_profile(profile, scale)
         if episodes is None and vehicles >= 1:
