@@ -5,6 +5,7 @@
     .venv/bin/python experiments/bench_generate.py --fleet-scale   # eu, 1,000 and 10,000 vehicles
     .venv/bin/python experiments/bench_generate.py --fleet-scale --sizes 1000 --regions cn eu
     .venv/bin/python experiments/bench_generate.py --realism DIR [DIR ...]   # compare datasets
+    .venv/bin/python experiments/bench_generate.py --load-replicas DIR 10    # load at 10x scale
 
 With --fleet-scale: one row per (region, size) with vehicles, episodes, wall s, CPU s,
 vehicles per wall-second and per CPU-second, usable train frames per vehicle, the share of
@@ -53,9 +54,19 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="--fleet-scale: keep datasets under this dir")
     ap.add_argument("--json", default=None, help="--fleet-scale: also write the rows here")
     ap.add_argument("--realism", nargs="+", default=None, help="datasets to compare (see docs)")
+    ap.add_argument(
+        "--load-replicas",
+        nargs=2,
+        metavar=("DIR", "N"),
+        default=None,
+        help="time loading N copies of DIR's tracks as one region (N x the vehicles)",
+    )
     a = ap.parse_args()
     if a.realism:
         realism(a.realism)
+        return
+    if a.load_replicas:
+        load_replicas(Path(a.load_replicas[0]), int(a.load_replicas[1]))
         return
     if a.fleet_scale:
         fleet_scale_bench(a)
@@ -133,6 +144,70 @@ def main() -> None:
         f"(generate + load; CPU-s counts this process and its workers, so it does not depend on "
         f"other load on the machine)"
     )
+
+
+def gb(fr: object) -> float:
+    """GB held by a VehicleFrames' feature and label arrays."""
+    return (fr.features.nbytes + fr.labels.nbytes) / 2**30
+
+
+def load_replicas(src: Path, n: int) -> None:
+    """Loading time and memory at n x the size of a generated region, without simulating it.
+
+    Copies the tracks n times (vehicle ids suffixed per copy, episodes renumbered), so the loader
+    sees a region of n x the vehicles and files; the frames repeat, the cost does not.
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fedfsd.data.validate import sha256_file
+    from fedfsd.data.vehicles import load_vehicle_frames
+
+    m = json.loads((src / "manifest.json").read_text())
+    dst = Path(tempfile.mkdtemp(prefix="fedfsd-replicas-"))
+    try:
+        (dst / "tracks").mkdir()
+        files = []
+        n_eps = m["episodes"]
+        for k in range(n):
+            for entry in m["files"]:
+                t = pq.read_table(src / entry["path"])
+                ids = [f"{v}-r{k}" for v in t.column("vehicle_id").to_pylist()]
+                ep = pa.array(t.column("episode").to_numpy() + k * n_eps, pa.int32())
+                t = t.set_column(
+                    t.schema.get_field_index("vehicle_id"),
+                    t.schema.field("vehicle_id"),
+                    pa.array(ids),
+                )
+                t = t.set_column(t.schema.get_field_index("episode"), t.schema.field("episode"), ep)
+                rel = f"tracks/r{k}_{Path(entry['path']).name}"
+                pq.write_table(t, dst / rel, compression="zstd", write_statistics=False)
+                files.append(
+                    {
+                        "path": rel,
+                        "episode": entry["episode"] + k * n_eps,
+                        "rows": t.num_rows,
+                        "sha256": sha256_file(dst / rel),
+                    }
+                )
+        m.update(files=files, episodes=n_eps * n, vehicles=m["vehicles"] * n)
+        (dst / "manifest.json").write_text(json.dumps(m))
+        for split in ("train",):
+            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            cpu0, t0 = _cpu(), time.perf_counter()
+            fr = load_vehicle_frames(dst, split)
+            wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            Console(width=170).print(
+                f"{n} replicas of {src.name}: {m['vehicles']:,} vehicles, {len(files)} files; "
+                f"load {split}: {wall:.1f} s wall, {cpu:.1f} CPU-s, {fr.n_vehicles:,} vehicles, "
+                f"{fr.n_frames:,} frames, arrays {gb(fr):.2f} GB, peak RSS {rss:.2f} GB "
+                f"(before {rss0:.2f} GB); load average {os.getloadavg()[0]:.1f}"
+            )
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
 
 
 def realism(paths: list[str]) -> None:
