@@ -35,19 +35,48 @@ console = Console(width=160)
 
 
 # -- fleets ----------------------------------------------------------------------------------------
-def dataset_dir(cache: Path, region: str, vehicles: int, episodes: int, seed: int) -> Path:
-    """Where a generated fleet of these sizes lives in the cache (one directory per setting)."""
+def dataset_dir(
+    cache: Path,
+    region: str,
+    vehicles: int,
+    episodes: int | None,
+    seed: int,
+    *,
+    fleet_scale: bool = False,
+) -> Path:
+    """Where a generated fleet of these sizes lives in the cache (one directory per setting).
+
+    Fleet-scale datasets (short all-fleet episodes) get their own names: same sizes, other data.
+    """
+    if fleet_scale:
+        eps = "auto" if episodes is None else str(episodes)
+        return Path(cache) / f"{region}-fs-v{vehicles}-e{eps}-s{seed}"
+    if episodes is None:
+        raise ValueError("episodes is required unless fleet_scale is on")
     return Path(cache) / f"{region}-v{vehicles}-e{episodes}-s{seed}"
 
 
-def ensure_dataset(cache: Path, region: str, vehicles: int, episodes: int, seed: int) -> Path:
-    """Generate a region's fleet logs once; reuse a cached copy only if it still validates."""
+def ensure_dataset(
+    cache: Path,
+    region: str,
+    vehicles: int,
+    episodes: int | None,
+    seed: int,
+    *,
+    fleet_scale: bool = False,
+    workers: int | None = None,
+) -> Path:
+    """Generate a region's fleet logs once; reuse a cached copy only if it still validates.
+
+    A cached copy that predates validation splits is regenerated (it has no "val" split).
+    With `fleet_scale`, `episodes` may be None (every vehicle in about 3 episodes).
+    """
     import shutil
 
     from fedfsd.data.generate import generate_dataset
     from fedfsd.data.validate import DatasetError, validate_dataset
 
-    out = dataset_dir(cache, region, vehicles, episodes, seed)
+    out = dataset_dir(cache, region, vehicles, episodes, seed, fleet_scale=fleet_scale)
     if (out / "manifest.json").exists():
         try:
             manifest = validate_dataset(out)
@@ -58,9 +87,22 @@ def ensure_dataset(cache: Path, region: str, vehicles: int, episodes: int, seed:
         except DatasetError as err:
             console.print(f"[yellow]cached {out} invalid ({err}); regenerating[/]")
             shutil.rmtree(out)
-    console.print(f"generating {region}: {vehicles} vehicles × {episodes} episodes → {out}")
+    mode = " (fleet-scale)" if fleet_scale else ""
+    console.print(
+        f"generating {region}{mode}: {vehicles} vehicles × {episodes or 'auto'} episodes → {out}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    return generate_dataset(region, vehicles, episodes, seed, out, progress=False, overwrite=True)
+    return generate_dataset(
+        region,
+        vehicles,
+        episodes,
+        seed,
+        out,
+        workers=workers,
+        progress=False,
+        overwrite=True,
+        fleet_scale=fleet_scale,
+    )
 
 
 def load_region(path: Path, split: str) -> Any:

@@ -164,3 +164,30 @@ def test_val_split_needs_three_episodes(tmp_path: Path) -> None:
     assert load_vehicle_frames(ds, "train").n_frames > 0
     with pytest.raises(DatasetError, match="split 'val' has no episodes"):
         load_vehicle_frames(ds, "val")
+
+
+def test_large_datasets_stream_and_load_the_same_frames(dataset: Path, monkeypatch) -> None:
+    """Above KEEP_ROWS the loader re-reads (and re-checks) files instead of keeping them."""
+    from fedfsd.data import loader
+
+    kept = {s: load_vehicle_frames(dataset, s) for s in ("train", "val", "all")}
+    monkeypatch.setattr(loader, "KEEP_ROWS", 0)
+    for s, a in kept.items():
+        b = load_vehicle_frames(dataset, s)
+        assert a.vehicle_ids == b.vehicle_ids
+        for k in ("features", "labels", "offsets", "episodes"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+    # A file changed between the passes is caught by the second pass's checksum.
+    m = json.loads((dataset / "manifest.json").read_text())
+    real = loader._read_checked
+
+    def tamper(root, entry):  # noqa: ANN001
+        p = root / entry["path"]
+        p.write_bytes(p.read_bytes()[:-10])
+        return real(root, entry)
+
+    copy = dataset.parent / "tamper"
+    shutil.copytree(dataset, copy)
+    monkeypatch.setattr(loader, "_read_checked", tamper)
+    with pytest.raises(DatasetError, match=m["files"][0]["path"].split("/")[-1]):
+        load_vehicle_frames(copy, "all")

@@ -39,7 +39,11 @@ def draw_drivers(profile: RegionProfile, n: int, rng: np.random.Generator) -> di
 
 def fleet_id(profile: RegionProfile, vehicles: int, seed: int) -> str:
     """A stable identifier of (profile, size, seed): ledgers are keyed by it."""
-    blob = json.dumps([profile.model_dump(mode="json"), vehicles, seed], sort_keys=True)
+    dump = profile.model_dump(mode="json")
+    for key in ("lanes_mix", "speed_limits_kmh"):  # unused variation: ids as before it existed
+        if not dump["road"][key]:
+            del dump["road"][key]
+    blob = json.dumps([dump, vehicles, seed], sort_keys=True)
     return f"{profile.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 

@@ -18,6 +18,12 @@ import numpy as np
 
 from fedfsd.data.features import HORIZONS_S
 from fedfsd.data.fleet import draw_drivers, episode_members, fleet_id, vehicle_ids
+from fedfsd.data.fleet_scale import (
+    DEFAULT_APPEARANCES,
+    FleetScale,
+    auto_episodes,
+    fleet_scale_profile,
+)
 from fedfsd.data.profiles import RegionProfile, load_profile_file, load_region
 from fedfsd.data.schema import MANIFEST_NAME, SCHEMA_VERSION, TRACK_SCHEMA, TRACKS_DIR
 from fedfsd.data.splits import TEST_FRACTION, VAL_FRACTION
@@ -70,22 +76,37 @@ def _episode_task(task: dict[str, Any]) -> dict[str, Any]:
 def generate_dataset(
     region: str | Path | RegionProfile,
     vehicles: int,
-    episodes: int,
+    episodes: int | None,
     seed: int,
     out: str | Path,
     workers: int | None = None,
     with_bev: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    fleet_scale: bool | FleetScale = False,
+    appearances: float = DEFAULT_APPEARANCES,
 ) -> Path:
     """Simulate `episodes` episodes of a `vehicles`-vehicle fleet and write the dataset to `out`.
 
-    `region` is a built-in name (cn, eu, us, jp), a profile TOML path or a RegionProfile.
+    `region` is a built-in name (cn, eu, us, jp, public), a profile TOML path or a RegionProfile.
     `with_bev` records that BEV rasters are to be rendered (from the tracks, at load time).
+    `fleet_scale` samples the fleet into short, all-fleet episodes (see `fleet_scale.py`);
+    `episodes` may then be None: chosen so every vehicle drives in about `appearances` episodes.
+    A `FleetScale` instead of True sets the mode's episode shape too (its `appearances` wins).
     Returns the dataset directory. Raises FileExistsError if `out` is non-empty (unless
     `overwrite`), ProfileError for a bad profile, ValueError for bad sizes.
     """
     profile = resolve_profile(region)
+    if isinstance(fleet_scale, FleetScale):
+        scale: FleetScale | None = fleet_scale
+    else:
+        scale = FleetScale(appearances=appearances) if fleet_scale else None
+    if scale is not None:
+        profile = fleet_scale_profile(profile, scale)
+        if episodes is None and vehicles >= 1:
+            episodes = auto_episodes(vehicles, scale)
+    if episodes is None:
+        raise ValueError("episodes is required unless fleet_scale is on")
     if vehicles < 1 or episodes < 1:
         raise ValueError("vehicles and episodes must be >= 1")
     out = Path(out)
@@ -116,6 +137,9 @@ def generate_dataset(
     try:
         results = _run_tasks(tasks, workers, progress, profile.name)
         manifest = _manifest(profile, pdump, fid, vehicles, episodes, seed, with_bev, results)
+        manifest["fleet_scale"] = (
+            {"enabled": True, **scale.model_dump(mode="json")} if scale else {"enabled": False}
+        )
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         if out.exists():
             shutil.rmtree(out)

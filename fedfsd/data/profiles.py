@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 BUILTIN_REGIONS = ("cn", "eu", "us", "jp")
+# Profiles that belong to no region: public simulated data (outside every region's ε).
+PUBLIC_PROFILES = ("public",)
 
 
 class ProfileError(ValueError):
@@ -44,6 +46,24 @@ class Road(_Strict):
     speed_limit_kmh: float = Field(gt=0, le=200)
     # Share of episodes on each scenario; must sum to 1.
     scenario_mix: dict[str, float]
+    # Optional per-episode variation (a generic, region-less profile mixes road types): share
+    # of episodes with each lane count, and speed limits drawn uniformly per episode. Empty:
+    # every episode has `lanes` and `speed_limit_kmh`.
+    lanes_mix: dict[int, float] = Field(default_factory=dict)
+    speed_limits_kmh: list[float] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _variation(self) -> Road:
+        if self.lanes_mix:
+            if any(not 1 <= k <= 5 for k in self.lanes_mix):
+                raise ValueError("lanes_mix keys must be lane counts in 1..5")
+            if any(v < 0 for v in self.lanes_mix.values()):
+                raise ValueError("lanes_mix shares must be >= 0")
+            if abs(sum(self.lanes_mix.values()) - 1.0) > 1e-6:
+                raise ValueError("lanes_mix shares must sum to 1")
+        if any(not 0 < v <= 200 for v in self.speed_limits_kmh):
+            raise ValueError("speed_limits_kmh must be limits in (0, 200]")
+        return self
 
     @model_validator(mode="after")
     def _mix(self) -> Road:
@@ -157,8 +177,9 @@ def load_profile_file(path: str | Path) -> RegionProfile:
 
 
 def load_region(name: str) -> RegionProfile:
-    """Load a built-in region profile shipped with the package (cn, eu, us, jp)."""
-    if name not in BUILTIN_REGIONS:
-        raise ProfileError(f"unknown region {name!r}; built-in: {', '.join(BUILTIN_REGIONS)}")
+    """Load a profile shipped with the package: a region (cn, eu, us, jp) or "public"."""
+    known = BUILTIN_REGIONS + PUBLIC_PROFILES
+    if name not in known:
+        raise ProfileError(f"unknown region {name!r}; built-in: {', '.join(known)}")
     text = resources.files("fedfsd.data").joinpath(f"profiles/{name}.toml").read_text()
     return profile_from_dict(tomllib.loads(text), f"{name}.toml")

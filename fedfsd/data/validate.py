@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,8 @@ def _check_types(path: Path, m: dict[str, Any]) -> None:
         raise DatasetError(
             f"{path}: 'split.val_fraction' must be in [0, 1) and leave room for training"
         )
+    if "fleet_scale" in m and not isinstance(m["fleet_scale"], dict):
+        raise DatasetError(f"{path}: 'fleet_scale' must be an object")
     prof = m.get("profile")
     if prof is not None:
         if not isinstance(prof, dict):
@@ -192,38 +195,54 @@ def _check_ranges(rel: str, cols: dict[str, np.ndarray]) -> None:
             raise DatasetError(f"{rel}: column 'frame': episode {ep} spans > {MAX_FRAME_SPAN}")
 
 
-def read_validated(path: str | Path) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
-    """Validate everything, then return (manifest, one column dict per track file)."""
+def _read_checked(root: Path, entry: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One listed track file, checksummed, parsed and checked (DatasetError names the file)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    rel = entry["path"]
+    fp = root / rel
+    if not fp.is_file():
+        raise DatasetError(f"{rel}: missing file")
+    raw = fp.read_bytes()  # hash and parse the same bytes
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        table = pq.read_table(pa.BufferReader(raw))
+    except Exception as err:  # pyarrow raises several types for broken files
+        raise DatasetError(f"{rel}: unreadable Parquet (truncated or corrupted): {err}") from None
+    if digest != entry["sha256"]:
+        # Only a file that is exactly what the manifest promised is parsed any further.
+        raise DatasetError(
+            f"{rel}: checksum mismatch (manifest {entry['sha256'][:12]}…, file {digest[:12]}…)"
+        )
+    if table.num_rows != entry["rows"]:
+        raise DatasetError(f"{rel}: {table.num_rows} rows, manifest says {entry['rows']}")
+    return _check_table(rel, table)
+
+
+def iter_validated(
+    path: str | Path, manifest: dict[str, Any] | None = None
+) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """Yield (manifest file entry, checked columns) file by file: memory stays one file deep.
+
+    A consumer that must not act on a half-valid dataset finishes the iteration first (or
+    discards what it built when a DatasetError is raised).
+    """
     root = Path(path)
-    m = read_manifest(root)
-    tables = []
+    m = read_manifest(root) if manifest is None else manifest
     for entry in m["files"]:
-        rel = entry["path"]
-        fp = root / rel
-        if not fp.is_file():
-            raise DatasetError(f"{rel}: missing file")
-        digest = sha256_file(fp)
-        try:
-            table = pq.read_table(fp)
-        except Exception as err:  # pyarrow raises several types for broken files
-            raise DatasetError(
-                f"{rel}: unreadable Parquet (truncated or corrupted): {err}"
-            ) from None
-        if digest != entry["sha256"]:
-            # Only a file that is exactly what the manifest promised is parsed any further.
-            raise DatasetError(
-                f"{rel}: checksum mismatch (manifest {entry['sha256'][:12]}…, file {digest[:12]}…)"
-            )
-        if table.num_rows != entry["rows"]:
-            raise DatasetError(f"{rel}: {table.num_rows} rows, manifest says {entry['rows']}")
-        cols = _check_table(rel, table)
-        tables.append(cols)
-    return m, tables
+        yield entry, _read_checked(root, entry)
+
+
+def read_validated(path: str | Path) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
+    """Validate everything, then return (manifest, one column dict per track file)."""
+    m = read_manifest(Path(path))
+    return m, [cols for _, cols in iter_validated(path, m)]
 
 
 def validate_dataset(path: str | Path) -> dict[str, Any]:
     """Raise DatasetError on the first problem; return the manifest of a good dataset."""
-    m, _ = read_validated(path)
+    m = read_manifest(Path(path))
+    for _ in iter_validated(path, m):
+        pass
     return m
