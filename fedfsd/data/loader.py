@@ -8,6 +8,7 @@ being read twice. Nothing is returned unless every file validated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,8 @@ def load_with_split(root: Path, split: str = "all") -> tuple[VehicleFrames, Epis
         )
     wanted_set = set(wanted.tolist())
     with_bev = bool(manifest.get("with_bev", False))
-    parts = []
+    parts: list[_Part] = []
+    codes: dict[str, int] = {}
     for i, entry in enumerate(manifest["files"]):
         if not np.isin(file_eps[i], wanted).any():
             continue
@@ -89,43 +91,72 @@ def load_with_split(root: Path, split: str = "all") -> tuple[VehicleFrames, Epis
                 from fedfsd.data.bev import render_bev
 
                 bev = render_bev(sel, ef.ego_rows, ef.past_rows, manifest["log_hz"])
-            parts.append((int(ep), ef, bev))
-    if not parts or sum(len(p[1].frames) for p in parts) == 0:
+            parts.append(_Part.of(int(ep), ef, bev, codes))
+    if not parts or sum(len(p.frames) for p in parts) == 0:
         raise DatasetError(f"{root}: split {split!r} has no usable frames")
-    return _assemble(manifest, parts, with_bev), assignment
+    return _assemble(manifest, parts, codes), assignment
 
 
-def _assemble(manifest: dict, parts: list, with_bev: bool) -> VehicleFrames:
+@dataclass
+class _Part:
+    """One featurised episode, reduced to what the assembly needs (vehicle ids as int codes)."""
+
+    episode: int
+    features: np.ndarray
+    labels: np.ndarray
+    frames: np.ndarray
+    vcode: np.ndarray
+    bev: np.ndarray | None
+
+    @classmethod
+    def of(cls, ep: int, ef, bev, codes: dict[str, int]) -> _Part:  # noqa: ANN001
+        uniq, inv = np.unique(ef.vehicle_ids, return_inverse=True)
+        local = np.array([codes.setdefault(str(u), len(codes)) for u in uniq], dtype=np.int64)
+        vcode = local[inv] if len(inv) else np.zeros(0, dtype=np.int64)
+        return cls(ep, ef.features, ef.labels, ef.frames, vcode, bev)
+
+
+def _assemble(manifest: dict, parts: list[_Part], codes: dict[str, int]) -> VehicleFrames:
     """Concatenate per-episode frames and group them by vehicle (then episode, frame).
 
     Vehicle ids are coded as integers ranked like the id strings, so the grouping is the same
-    as sorting the strings but costs one small string sort instead of one per frame.
+    as sorting the strings but costs one small string sort instead of one per frame. Each part
+    is written straight to its sorted rows and released, so the peak is about one copy of the
+    frames, not three.
     """
-    codes: dict[str, int] = {}
-    vcode = []
-    for _, ef, _ in parts:
-        uniq, inv = np.unique(ef.vehicle_ids, return_inverse=True)
-        local = np.array([codes.setdefault(str(u), len(codes)) for u in uniq], dtype=np.int64)
-        vcode.append(local[inv] if len(inv) else np.zeros(0, dtype=np.int64))
     names = list(codes)
     by_name = np.argsort(np.array(names, dtype=object), kind="stable")
     rank = np.empty(len(names), dtype=np.int64)
     rank[by_name] = np.arange(len(names))
-    vr = rank[np.concatenate(vcode)]
-    eps = np.concatenate([np.full(len(ef.frames), ep, dtype=np.int64) for ep, ef, _ in parts])
-    frames = np.concatenate([ef.frames for _, ef, _ in parts])
+    vr = rank[np.concatenate([p.vcode for p in parts])]
+    eps = np.concatenate([np.full(len(p.frames), p.episode, dtype=np.int64) for p in parts])
+    frames = np.concatenate([p.frames for p in parts])
     order = np.lexsort((frames, eps, vr))
+    del frames
+    dest = np.empty_like(order)
+    dest[order] = np.arange(len(order))
+    n = len(order)
+    first = parts[0]
+    feats = np.empty((n, first.features.shape[1]), dtype=np.float32)
+    labels = np.empty((n, first.labels.shape[1]), dtype=np.float32)
+    bev = np.empty((n, *first.bev.shape[1:]), first.bev.dtype) if first.bev is not None else None
+    lo = 0
+    parts.reverse()  # pop from the end = the original order
+    while parts:
+        p = parts.pop()
+        rows = dest[lo : lo + len(p.frames)]
+        feats[rows] = p.features
+        labels[rows] = p.labels
+        if bev is not None:
+            bev[rows] = p.bev
+        lo += len(p.frames)
     vr = vr[order]
     present, starts = np.unique(vr, return_index=True)
-    offsets = np.append(starts, len(vr)).astype(np.int64)
-    feats = np.concatenate([ef.features for _, ef, _ in parts])[order]
-    labels = np.concatenate([ef.labels for _, ef, _ in parts])[order]
-    bev = np.concatenate([b for _, _, b in parts])[order] if with_bev else None
     return VehicleFrames(
         region=str(manifest["region"]),
         features=feats,
         labels=labels,
-        offsets=offsets,
+        offsets=np.append(starts, n).astype(np.int64),
         vehicle_ids=[names[by_name[r]] for r in present],
         episodes=eps[order],
         bev=bev,
