@@ -81,24 +81,25 @@ class Study:
     epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
     lever_epsilon: float = 3.0  # levers and personalisation are measured at this ε
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    max_seeds_large: int = 1  # seeds for sizes ≥ `large` (time; said in the README)
-    large: int = 10000
+    max_seeds_large: int = 1  # seeds for sizes ≥ `seeds_large_from` (time; said in the README)
+    seeds_large_from: int = 3000
+    large: int = 10000  # the size the first target is stated for
     # DP schedule: from the planner, per (N, ε)
-    rounds: int = 10
+    rounds: int = 5
     frames_per_vehicle: int = 8
     clip_norm: float = 1.0
-    max_vehicles_per_step: int = 1024
-    max_total_steps: int = 400
+    max_vehicles_per_step: int = 512
+    max_total_steps: int = 300
     noise_ratio: float | None = None  # None: the planner's default (calibrated on the sweep)
     update_norm_bound: float = 20.0
     fedadam_lr: float = 0.03
     # Non-private training (centralised, local, pretraining, fine-tuning): early stopping on
     # validation, evaluated every `np_eval_every` steps up to `np_max_steps`.
-    np_max_steps: int = 3000
+    np_max_steps: int = 2000
     np_eval_every: int = 250
     np_lr: float = 0.1
     np_vehicles_per_step: int = 64
-    finetune_max_steps: int = 1500
+    finetune_max_steps: int = 1200
     finetune_eval_every: int = 150
     finetune_lr: float = 0.05
     workers: int = 2
@@ -175,7 +176,7 @@ def load_all(st: Study, cache: Path) -> tuple[dict[str, RegionData], Any, Region
         )
         return regions, hold, pub
     # Enough generated vehicles that the largest fleet finds `biggest` of them in train episodes.
-    gen = int(math.ceil(biggest * 1.02))
+    gen = int(math.ceil(biggest * 1.06))
     for r in st.regions:
         path = ensure_dataset(cache, r, gen, None, st.data_seed, fleet_scale=True)
         regions[r] = RegionData(
@@ -375,6 +376,8 @@ def _init_worker(st: Study, cache: str) -> None:
     import torch
 
     torch.set_num_threads(1)
+    if _DATA:  # a forked worker inherits the parent's loaded fleets
+        return
     regions, hold, pub = load_all(st, Path(cache))
     _DATA.update(regions=regions, hold=hold, pub=pub)
 
@@ -727,7 +730,7 @@ def main(
     cells_todo = [
         (n, s)
         for n in st.sizes
-        for s in (st.seeds if n < st.large else st.seeds[: st.max_seeds_large])
+        for s in (st.seeds if n < st.seeds_large_from else st.seeds[: st.max_seeds_large])
     ]
     # Largest cells first so the two workers finish together.
     cells_todo.sort(key=lambda c: -c[0])
