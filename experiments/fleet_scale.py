@@ -61,6 +61,7 @@ from common import (
     sized_preset,
     write_json,
 )
+from privacy_utility import score  # test metrics per region + frame-weighted 'pooled'
 
 METRICS = ("ade", "fde", "accel_mae")
 PRIOR = "constant-velocity prior"
@@ -488,18 +489,6 @@ def run_cell(st: Study, n: int, seed: int, work: str, pretrained: dict[str, np.n
     scores = {name: score(st, w, tests) for name, w in models.items()}
     return {"n": n, "seed": seed, "scores": scores, "chosen": chosen,
             "seconds": time.monotonic() - t0}  # fmt: skip
-
-
-def score(st: Study, weights: dict[str, np.ndarray], tests: dict[str, Any]) -> dict[str, dict]:
-    """Test metrics per region, plus 'pooled' over the training regions (frame-weighted)."""
-    from fedfsd.region.evaluation import evaluate_weights
-
-    out = {r: evaluate_weights(f, weights, st.model) for r, f in tests.items()}
-    total = sum(tests[r].n_frames for r in st.regions)
-    out["pooled"] = {
-        m: sum(out[r][m] * tests[r].n_frames for r in st.regions) / total for m in METRICS
-    }
-    return out
 
 
 def pretrain_public(st: Study, work: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

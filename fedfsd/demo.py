@@ -3,9 +3,11 @@
 It plays every role a real deployment has, each in its own process where production has one:
 it generates (or reuses) simulated fleet logs for cn, eu and us, writes each region's own privacy
 policy, starts a local TLS federation (SuperLink with node authentication, one SuperNode and
-guarded executor per region), runs the rounds with vehicle-level DP while showing progress, and
-then, in the role of the global ML team's lab, compares the federated model with what each region
-could train alone under the same privacy budget, on the pooled test episodes of all regions.
+guarded executor per region), runs the rounds with vehicle-level DP (schedule from the privacy
+planner) while showing progress, then, in each region's role, trains what the region would use
+instead (its own model without DP) and personalises the global model without DP (never released),
+and finally, in the role of the global ML team's lab, scores every model and the
+constant-velocity prior alone on the test episodes of all regions and says which wins where.
 
 Only the comparison step reads every region's test data in one process: that is the demo's
 evaluation harness (simulated fleets), not something the aggregator can do in production.
@@ -42,7 +44,7 @@ class DemoConfig:
     """
 
     regions: tuple[str, ...] = DEMO_REGIONS
-    vehicles: int = 2000
+    vehicles: int = 1000
     data_seed: int = 7
     rounds: int = 5
     frames_per_vehicle: int = 8
@@ -259,41 +261,6 @@ def run_federation(
             raise RunFailed(f"federation run ended {status!r}; logs in {fed.logs}")
 
 
-def _local_dp(
-    cfg: DemoConfig,
-    plan: Any,
-    run_dir: Path,
-    region: str,
-    data_dir: Path,
-    init: dict[str, np.ndarray],
-) -> tuple[dict[str, np.ndarray], float]:
-    """One region alone under DP: its own policy, a separate ledger, the same plan."""
-    from fedfsd.config import TrainRequest, load_policy
-    from fedfsd.data.vehicles import load_vehicle_frames
-    from fedfsd.privacy.local_round import run_local_round
-
-    request = TrainRequest(
-        local_steps=plan.steps_per_round,
-        lr=plan.lr,
-        noise_multiplier=plan.noise_multiplier,
-        clip_norm=cfg.clip_norm,
-        vehicles_per_step=plan.vehicles_per_step,
-        frames_per_vehicle=cfg.frames_per_vehicle,
-        model=cfg.model,
-    )
-    frames = load_vehicle_frames(data_dir, split="train")
-    policy = load_policy(run_dir / "regions" / region / "policy.toml")
-    ledger = run_dir / "baselines" / region / "ledger.jsonl"
-    ledger.parent.mkdir(parents=True, exist_ok=True)
-    weights, eps = init, float("nan")
-    for rnd in range(1, cfg.rounds + 1):
-        res = run_local_round(
-            frames, policy, ledger, weights, request, f"local-{region}", rnd, cfg.model
-        )
-        weights, eps = res.new_weights, res.epsilon
-    return weights, eps
-
-
 def _nonprivate(
     cfg: DemoConfig, data_dir: Path, start: dict[str, np.ndarray], seed: int
 ) -> tuple[dict[str, np.ndarray], Any]:
@@ -323,22 +290,21 @@ def _nonprivate(
 
 def region_baselines(
     cfg: DemoConfig,
-    plan: Any,
-    run_dir: Path,
     data: dict[str, Path],
     prior: dict[str, np.ndarray],
     federated: dict[str, np.ndarray],
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per region: alone with DP (same plan and budget), alone without DP, and personalised.
+    """Per region: its own model without DP, and the federated model personalised without DP.
 
-    The regions are independent, so they train in parallel processes (one per core).
+    This is what a region's operator would do instead of, or after, joining: neither model
+    leaves the region, so neither needs DP. Both get the same step budget and are chosen on the
+    region's validation episodes. The regions are independent: parallel processes, one per core.
     """
     from concurrent.futures import ProcessPoolExecutor
 
     workers = max(1, min(len(cfg.regions), os.cpu_count() or 1))
     out: dict[str, dict[str, np.ndarray]] = {}
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        dp = {r: pool.submit(_local_dp, cfg, plan, run_dir, r, data[r], prior) for r in cfg.regions}
         nodp = {
             r: pool.submit(_nonprivate, cfg, data[r], prior, i) for i, r in enumerate(cfg.regions)
         }
@@ -347,24 +313,18 @@ def region_baselines(
             for i, r in enumerate(cfg.regions)
         }
         for region in cfg.regions:
-            weights, eps = dp[region].result()
-            console.print(
-                f"local-only {region}: {cfg.rounds}×{plan.steps_per_round} DP steps, ε = {eps:.2f}"
-            )
-            out[f"local-only {region}"] = weights
-        for region in cfg.regions:
             weights, res = nodp[region].result()
             console.print(
-                f"local-only (no DP) {region}: {res.steps} steps chosen on validation "
-                f"(val FDE {res.val_fde_after:.2f} m)"
+                f"local-only (no DP) {region}: {res.steps} of {cfg.local_max_steps} steps chosen "
+                f"on validation (val FDE {res.val_fde_before:.2f} → {res.val_fde_after:.2f} m)"
             )
             out[f"local-only (no DP) {region}"] = weights
         for region in cfg.regions:
             weights, res = pers[region].result()
             console.print(
-                f"personalised {region}: federated model + {res.steps} non-private steps in "
-                f"{region} (val FDE {res.val_fde_before:.2f} → {res.val_fde_after:.2f} m; "
-                "never released)"
+                f"personalised {region}: federated model + {res.steps} of {cfg.local_max_steps} "
+                f"non-private steps in {region} (val FDE {res.val_fde_before:.2f} → "
+                f"{res.val_fde_after:.2f} m; never released)"
             )
             out[f"personalised {region}"] = weights
     return out
@@ -419,13 +379,7 @@ def winners(scores: dict[str, dict[str, float]], regions: tuple[str, ...]) -> di
     """
     out = {}
     for r in regions:
-        cands = [
-            PRIOR,
-            "federated",
-            f"local-only {r}",
-            f"local-only (no DP) {r}",
-            f"personalised {r}",
-        ]
+        cands = [PRIOR, "federated", f"local-only (no DP) {r}", f"personalised {r}"]
         out[r] = min((c for c in cands if c in scores), key=lambda c: scores[c][f"fde_{r}"])
     return out
 
@@ -478,7 +432,7 @@ def run_demo(
         console.print(f"[red]error:[/] the run did not complete its rounds (see {agg})")
         return 1
     prior = _prior_weights(cfg, plan)
-    baselines = region_baselines(cfg, plan, run_dir, data, prior, ckpt.weights)
+    baselines = region_baselines(cfg, data, prior, ckpt.weights)
     models = {"federated": ckpt.weights, PRIOR: prior, **baselines}
     scores = pooled_scores(data, models, cfg.model)
 
@@ -496,7 +450,6 @@ def run_demo(
     n_rejected = len(rejected.read_text().splitlines()) if rejected.exists() else 0
     eps = {r: _last_epsilon(agg, r) for r in cfg.regions}
     fed_fde, prior_fde = scores["federated"]["fde"], scores[PRIOR]["fde"]
-    local_dp = {r: scores[f"local-only {r}"]["fde"] for r in cfg.regions}
     best = winners(scores, cfg.regions)
     targets = {
         "federated_pooled_fde_vs_prior": fed_fde / prior_fde,
@@ -523,7 +476,6 @@ def run_demo(
         "pooled_test": scores,
         "best_on_own_region": best,
         "targets": targets,
-        "federated_beats_every_local_only": all(fed_fde < v for v in local_dp.values()),
         "seconds": {
             "data": round(t_data, 1),
             "federation": round(t_fed, 1),
@@ -549,8 +501,7 @@ def run_demo(
         console.print(
             f"{r}: best on its own test episodes is [bold]{best[r]}[/] ({own[best[r]]:.2f} m); "
             f"federated {own['federated']:.2f}, prior {own[PRIOR]:.2f}, own model without DP "
-            f"{own[f'local-only (no DP) {r}']:.2f}, own model with DP "
-            f"{own[f'local-only {r}']:.2f}, personalised {own[f'personalised {r}']:.2f} m"
+            f"{own[f'local-only (no DP) {r}']:.2f}, personalised {own[f'personalised {r}']:.2f} m"
         )
     console.print(
         f"run files: {run_dir} (global model, metrics.csv, epsilon.csv, rejected.jsonl, "

@@ -45,12 +45,12 @@ class Fed:
     def ledger(self, region: str) -> Path:
         return self.root / region / "ledger.jsonl"
 
-    def releases(self, region: str) -> list[dict]:
+    def releases(self, region: str, kinds: tuple[str, ...] = ("release",)) -> list[dict]:
         p = self.ledger(region)
         if not p.exists():
             return []
         rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-        return [r for r in rows if r.get("kind") == "release"]
+        return [r for r in rows if r.get("kind") in kinds]
 
     def log(self, proc: str) -> str:
         return self.fed.group.procs[proc].log_tail(10_000_000)
@@ -87,12 +87,15 @@ def assert_epsilon_consistent(f: Fed, region: str, run_id: str, run_dir: Path) -
     rel = f.releases(region)
     keys = [(r["run_id"], r["round"]) for r in rel]
     assert len(keys) == len(set(keys)), f"{region}: a round was released twice: {keys}"
+    # Every line that spends (updates, and the DP metric releases the policy allows) extends the
+    # accountant history by exactly its own steps.
+    spent = f.releases(region, ("release", "metric"))
     steps = 0
-    for r in rel:
+    for r in spent:
         steps += r["steps"]
-        assert sum(h[2] for h in r["accountant_history"]) == steps
-    if rel:
-        last = rel[-1]
+        assert sum(h[2] for h in r["accountant_history"]) == steps, r["kind"]
+    if spent:
+        last = spent[-1]
         hist = [tuple(h) for h in last["accountant_history"]]
         assert math.isclose(
             compute_epsilon(hist, last["delta"], "prv"), last["epsilon_prv"], rel_tol=1e-3
