@@ -438,9 +438,16 @@ def run_cell(st: Study, n: int, seed: int, work: str, pretrained: dict[str, np.n
         models[f"local-only (no DP) {r}"] = w
         chosen[f"local-only (no DP) {r}"] = info
 
+    from fedfsd.privacy.planner import PlanError
+
     for eps in st.epsilons:
         e = f"ε={eps:g}"
-        plan = plan_for(st, n, eps)
+        try:
+            plan = plan_for(st, n, eps)
+        except PlanError as err:  # e.g. ε = 1 on 300 vehicles: no step keeps the noise in bounds
+            chosen["plans"][e] = {"refused": str(err)}
+            console.print(f"[yellow]{n} vehicles, {e}: no DP plan ({err}); models skipped[/]")
+            continue
         chosen["plans"][e] = plan.model_dump()
         variants = [("plain", prior, "fedavg")]
         if eps == st.lever_epsilon:
@@ -727,6 +734,7 @@ def main(
     if st.workers <= 1:
         for n, s in cells_todo:
             cells.append(run_cell(st, n, s, str(work), pretrained))
+            write_json(folder / f"cell-n{n}-s{s}.json", cells[-1])
             console.print(f"  {n} vehicles, seed {s}: {cells[-1]['seconds']:.0f} s")
     else:
         import multiprocessing as mp
@@ -738,6 +746,7 @@ def main(
             futs = [pool.submit(run_cell, st, n, s, str(work), pretrained) for n, s in cells_todo]
             for f in futs:
                 cells.append(f.result())
+                write_json(folder / f"cell-n{cells[-1]['n']}-s{cells[-1]['seed']}.json", cells[-1])
                 console.print(f"  {cells[-1]['n']} vehicles, seed {cells[-1]['seed']}: "
                               f"{cells[-1]['seconds']:.0f} s")  # fmt: skip
     doc = {
