@@ -186,7 +186,7 @@ def policy_toml(policy: Any) -> str:
     """The TOML file a region operator would keep for `policy`."""
     import tomli_w
 
-    return tomli_w.dumps(policy.model_dump())
+    return tomli_w.dumps(policy.model_dump(exclude_none=True))
 
 
 # -- privacy calibration --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 
 from fedfsd.privacy import signing
 from fedfsd.privacy.ledger import Ledger, LedgerError
-from fedfsd.privacy.report import history_of
+from fedfsd.privacy.report import history_of, is_metric
 from fedfsd.privacy.verify import (
     EXACT_RTOL,
     Verification,
@@ -157,15 +157,18 @@ def verify_with_ledger(
         "state of it): the report was made from another or an edited ledger",
     )
     lines = [(i, r) for i, r in enumerate(records, start=1) if r["kind"] == "release"]
-    # The report covers the ledger's releases up to its last one, in order.
-    n = len(rep.releases)
+    # The report covers the ledger's update releases up to its last one, in order. Its metric
+    # releases are checked through the chain, the signatures and the ε recomputed from the
+    # ledger's history, which includes them.
+    updates = [r for r in rep.releases if not is_metric(r)]
+    n = len(updates)
     covered = lines[:n]
     if not v.check(
         len(covered) == n,
         f"the report lists {n} releases, the ledger has only {len(lines)}",
     ):
         return v
-    for rel, (i, rec) in zip(rep.releases, covered, strict=True):
+    for rel, (i, rec) in zip(updates, covered, strict=True):
         same_id = rec.get("run_id") == rel.run_id and int(rec.get("round", -1)) == rel.round
         if v.check(
             same_id,
