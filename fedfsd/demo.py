@@ -44,7 +44,7 @@ class DemoConfig:
     """
 
     regions: tuple[str, ...] = DEMO_REGIONS
-    vehicles: int = 1000
+    vehicles: int = 2000
     data_seed: int = 7
     rounds: int = 5
     frames_per_vehicle: int = 8
