@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfsd.privacy import signing
-from fedfsd.privacy.ledger import Ledger, LedgerError
+from fedfsd.privacy.ledger import SPENDING, Ledger, LedgerError
 from fedfsd.privacy.report import history_of, is_metric
 from fedfsd.privacy.verify import (
     EXACT_RTOL,
@@ -177,8 +177,11 @@ def verify_with_ledger(
         ):
             _report_release_matches(v, i, rel, rec)
         _check_release_rules(v, i, rec, header)
-    if rep.private_training and covered:
-        i, last = covered[-1]
+    # The report's history ends with the last spending line it lists (an update or a metric
+    # release): that line's cumulative history is what ε is recomputed from.
+    spending = [(i, r) for i, r in enumerate(records, start=1) if r["kind"] in SPENDING]
+    if rep.private_training and covered and len(rep.releases) <= len(spending):
+        i, last = spending[len(rep.releases) - 1]
         hist = _merge([tuple(h) for h in last["accountant_history"]])
         rep_hist = _merge(history_of(rep.accounting.history))
         v.check(
