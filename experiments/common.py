@@ -160,7 +160,7 @@ def make_policy(
     delta: float | None = None,
 ) -> Any:
     """A region policy as an operator would write it for this experiment (δ < 1/vehicles)."""
-    from fedfsd.config import KNOWN_METRICS, RegionPolicy
+    from fedfsd.config import RegionPolicy
 
     return RegionPolicy(
         region=region,
@@ -172,7 +172,7 @@ def make_policy(
         max_local_steps=local_steps,
         max_vehicles_per_step=vehicles_per_step,
         max_frames_per_vehicle=frames_per_vehicle,
-        allowed_metrics=list(KNOWN_METRICS),
+        allowed_metrics=[],  # nothing but updates leave; experiments score models locally
         weighting="equal",
     )
 
