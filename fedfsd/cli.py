@@ -46,11 +46,28 @@ def demo(
     data_cache: str = typer.Option(
         ".fedfsd/demo-data", help="Where generated fleet data is cached."
     ),
+    vehicles: int = typer.Option(
+        None, min=20, help="Fleet vehicles per region (default: the demo's own)."
+    ),
+    local_steps: int = typer.Option(
+        None,
+        min=1,
+        help="Step budget of each region's non-private models (its own and the personalised "
+        "one; default: the demo's own).",
+    ),
 ) -> None:
     """Generate fleet data for cn, eu, us, run a TLS federation with vehicle-level DP, report."""
     from fedfsd.demo import run_demo
 
-    raise typer.Exit(run_demo(rounds=rounds, out=out, data_cache=data_cache))
+    raise typer.Exit(
+        run_demo(
+            rounds=rounds,
+            out=out,
+            data_cache=data_cache,
+            vehicles=vehicles,
+            local_steps=local_steps,
+        )
+    )
 
 
 def main() -> None:

@@ -389,6 +389,8 @@ def run_demo(
     out: str = "runs",
     data_cache: str = ".fedfsd/demo-data",
     cfg: DemoConfig | None = None,
+    vehicles: int | None = None,
+    local_steps: int | None = None,
 ) -> int:
     """The whole demo; returns the process exit code (0 when every step ran)."""
     from fedfsd.aggregator.checkpoint import load_checkpoint
@@ -401,6 +403,13 @@ def run_demo(
             console.print("[red]error:[/] --rounds must be ≥ 1")
             return 2
         cfg = DemoConfig(**{**asdict(cfg), "rounds": rounds})
+    if vehicles is not None:
+        cfg = DemoConfig(**{**asdict(cfg), "vehicles": vehicles})
+    if local_steps is not None:
+        eval_every = max(1, min(cfg.local_eval_every, local_steps))
+        cfg = DemoConfig(
+            **{**asdict(cfg), "local_max_steps": local_steps, "local_eval_every": eval_every}
+        )
     t0 = time.monotonic()
     run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out).resolve() / run_id
@@ -414,7 +423,9 @@ def run_demo(
         r: public_fleet_size(load_vehicle_frames(d, split="train").n_vehicles)
         for r, d in data.items()
     }
+    t_mark = time.monotonic()
     plan = cfg.plan(min(declared.values()))
+    t_plan = time.monotonic() - t_mark
     console.print(
         f"DP schedule from the planner for {min(declared.values())} declared vehicles per "
         f"region (declared: {declared}), ε "
@@ -424,7 +435,7 @@ def run_demo(
     )
     (run_dir / "plan.json").write_text(json.dumps(_jsonable_plan(plan), indent=2))
     run_federation(cfg, run_dir, data, run_id, plan, declared)
-    t_fed = time.monotonic() - t0 - t_data
+    t_fed = time.monotonic() - t0 - t_data - t_plan
 
     agg = run_dir / "aggregator"
     ckpt = load_checkpoint(agg)
@@ -432,9 +443,14 @@ def run_demo(
         console.print(f"[red]error:[/] the run did not complete its rounds (see {agg})")
         return 1
     prior = _prior_weights(cfg, plan)
+    t_mark = time.monotonic()
     baselines = region_baselines(cfg, data, prior, ckpt.weights)
+    t_base = time.monotonic() - t_mark
     models = {"federated": ckpt.weights, PRIOR: prior, **baselines}
+    t_mark = time.monotonic()
     scores = pooled_scores(data, models, cfg.model)
+    t_score = time.monotonic() - t_mark
+    t_mark = time.monotonic()
 
     ledgers = [run_dir / "regions" / r / "ledger.jsonl" for r in cfg.regions]
     reports = write_reports(ledgers, run_dir / "reports")
@@ -445,6 +461,7 @@ def run_demo(
         str(p) for p in reports if p.suffix == ".json" and p.name != "epsilon-global.json"
     ]
     verified = run_verify(region_reports, [str(x) for x in ledgers], str(agg)) == 0
+    t_reports = time.monotonic() - t_mark
     rejected = agg / "rejected.jsonl"
     rejected.touch()  # present (and empty) when the aggregator rejected nothing
     n_rejected = len(rejected.read_text().splitlines()) if rejected.exists() else 0
@@ -478,7 +495,11 @@ def run_demo(
         "targets": targets,
         "seconds": {
             "data": round(t_data, 1),
+            "plan": round(t_plan, 1),
             "federation": round(t_fed, 1),
+            "region_baselines": round(t_base, 1),
+            "scoring": round(t_score, 1),
+            "reports_and_verify": round(t_reports, 1),
             "total": round(time.monotonic() - t0, 1),
         },
         "reports": [str(p) for p in reports],
