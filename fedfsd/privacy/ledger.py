@@ -45,6 +45,7 @@ import numpy as np
 
 from fedfsd.durable import atomic_file
 from fedfsd.durable import fsync_dir as _fsync_dir
+from fedfsd.errors import InputError, IntegrityError
 from fedfsd.privacy import signing
 from fedfsd.privacy.accounting import History, compute_epsilon, normalise_history
 from fedfsd.wire import array_digest
@@ -56,8 +57,16 @@ SPENDING = ("release", "metric")
 NORMALISATION = "sum of clipped vehicle gradients + noise, divided by expected vehicles per step"
 
 
-class LedgerError(RuntimeError):
+class LedgerError(IntegrityError, RuntimeError):
     """A ledger that is corrupt, or that belongs to another region, fleet or mode."""
+
+    border_reason = "privacy ledger refused the release"
+
+
+class NoSuchLedger(InputError, LedgerError):
+    """The ledger file does not exist: the operator named the wrong path (bad input, exit 2)."""
+
+    border_reason = LedgerError.border_reason
 
 
 def fault_point(name: str) -> None:
@@ -111,7 +120,7 @@ class Ledger:
         if self._records is not None:
             return self._records
         if not self.path.exists():
-            raise LedgerError(f"{self.path}: no such ledger")
+            raise NoSuchLedger(f"{self.path}: no such ledger")
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         tail = lines.pop()  # b"" when the file ends with a newline
