@@ -39,7 +39,7 @@ import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -48,6 +48,7 @@ from fedfsd.durable import fsync_dir as _fsync_dir
 from fedfsd.errors import InputError, IntegrityError
 from fedfsd.privacy import signing
 from fedfsd.privacy.accounting import History, compute_epsilon, normalise_history
+from fedfsd.privacy.release_record import ReleaseRecord
 from fedfsd.wire import array_digest
 
 SCHEMA = 1
@@ -247,8 +248,8 @@ class Ledger:
     def private(self) -> bool:
         return bool(self.header.get("private", True))
 
-    def releases(self) -> list[dict[str, Any]]:
-        return [r for r in self._load() if r["kind"] == "release"]
+    def releases(self) -> list[ReleaseRecord]:
+        return [cast(ReleaseRecord, r) for r in self._load() if r["kind"] == "release"]
 
     def history(self) -> History:
         """Cumulative (σ, q, steps) history after the last release (Opacus' form)."""
@@ -265,7 +266,7 @@ class Ledger:
         """Differentially private metric releases (kind "metric"), in ledger order."""
         return [r for r in self._load() if r["kind"] == "metric"]
 
-    def find_release(self, run_id: str, round_idx: int) -> dict[str, Any] | None:
+    def find_release(self, run_id: str, round_idx: int) -> ReleaseRecord | None:
         for r in self.releases():
             if r["run_id"] == run_id and int(r["round"]) == int(round_idx):
                 return r
