@@ -53,6 +53,8 @@ from common import (
     write_json,
 )
 
+from fedfsd.run_config import default  # the schedule's defaults: one source
+
 METRICS = ("ade", "fde", "accel_mae")
 TARGET_RATIO = 1.25
 
@@ -73,12 +75,12 @@ class Study:
     # (the best federated pooled FDE whose win over local-only DP held on every region).
     rounds: int = 20
     local_steps: int = 3
-    lr: float = 0.2
-    vehicles_per_step: int = 128
-    frames_per_vehicle: int = 8
-    clip_norm: float = 1.0
-    server_momentum: float = 0.0
-    server_lr: float = 1.0
+    lr: float = default("lr")
+    vehicles_per_step: int = default("vehicles-per-step")
+    frames_per_vehicle: int = default("frames-per-vehicle")
+    clip_norm: float = default("clip-norm")
+    server_momentum: float = default("server-momentum")
+    server_lr: float = default("server-lr")
     # Non-private schedule (centralised, local-only and federated without DP): without noise
     # more steps keep helping, so these models get many more, smaller steps. The centralised
     # model takes `len(regions)` × vehicles per step (it sees all regions' data).
@@ -90,7 +92,7 @@ class Study:
     epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
     local_dp_epsilon: float = 8.0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    model: str = "mlp"
+    model: str = default("model")
 
 
 # -- training --------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedfsd.errors import InputError
+from fedfsd.run_config import TrainSchedule
+
 KNOWN_METRICS = ("loss", "ade", "fde", "accel_mae")
 # Per-vehicle bound on each metric (the vehicle's mean over its frames is clipped to [0, bound]):
 # one vehicle can move a released metric sum by at most this (loss in scaled-label units, ade/fde
@@ -22,8 +25,10 @@ KNOWN_METRICS = ("loss", "ade", "fde", "accel_mae")
 DEFAULT_METRIC_CLIP: dict[str, float] = {"loss": 10.0, "ade": 10.0, "fde": 20.0, "accel_mae": 3.0}
 
 
-class PolicyError(ValueError):
+class PolicyError(InputError, ValueError):
     """An invalid policy file, or a policy that does not fit the data it is used with."""
+
+    border_reason = "policy invalid or does not fit the data"
 
 
 class DPParams(BaseModel):
@@ -40,22 +45,15 @@ class DPParams(BaseModel):
     update_norm_bound: float
 
 
-class TrainRequest(BaseModel):
+class TrainRequest(TrainSchedule):
     """What the aggregator (or an operator running `train-local`) asks a region to do.
 
-    The defaults equal the aggregator's (fedfsd.aggregator.settings.RunSettings: the planner's
-    schedule for a nominal 1,000-vehicle fleet, ε = 8, 10 rounds; tests/test_planner.py).
+    The seven schedule keys, their defaults and help texts are fedfsd.run_config.TrainSchedule's
+    (the planner's schedule for a nominal 1,000-vehicle fleet, ε = 8, 10 rounds).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
-    local_steps: int = Field(69, ge=1)
-    lr: float = Field(0.2, gt=0)
-    noise_multiplier: float = Field(2.176, ge=0)
-    clip_norm: float = Field(1.0, gt=0)
-    vehicles_per_step: int = Field(128, ge=1)
-    frames_per_vehicle: int = Field(8, ge=1)
-    model: str = "mlp"
     # sha256 of the aggregator's round-0 model file when it started from one (public
     # pretraining); the region records it in its ledger. "" = built from the model registry.
     initial_model_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")

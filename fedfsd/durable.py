@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from fedfsd.errors import EnvironmentFault
+
 PRIVATE_MODE = 0o600
 
 
-class DiskFullError(OSError):
+class DiskFullError(EnvironmentFault, OSError):
     """Writing `path` failed for lack of space (or quota); the temporary file is removed."""
 
     def __init__(self, path: str | Path, err: OSError) -> None:

@@ -53,21 +53,36 @@ def _table(path: Path) -> dict:
     return tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def test_both_run_config_tables_have_runsettings_keys_and_defaults() -> None:
-    """`flwr run` only accepts declared keys: both tables must declare every RunSettings key,
-    with RunSettings' defaults (None = "same as round-timeout" is written as that value)."""
+def test_both_run_config_tables_carry_the_run_config_models_keys_and_defaults() -> None:
+    """`flwr run` only accepts declared keys: both tables must hold exactly the keys and defaults
+    of fedfsd.run_config.RunConfig, the one source (the root table adds the simulation keys)."""
     from fedfsd.aggregator.settings import RunSettings
+    from fedfsd.run_config import RunConfig, run_config_defaults
 
-    defaults = RunSettings()
-    expected = {}
-    for name, f in RunSettings.model_fields.items():
-        value = getattr(defaults, name)
-        expected[f.alias or name] = defaults.round_timeout if value is None else value
+    expected = run_config_defaults()
+    assert len(expected) == len(RunConfig.model_fields) and expected["node-wait"] == 120.0
+    assert set(RunSettings.model_fields) == set(RunConfig.model_fields)
     root = _table(ROOT / "pyproject.toml")
     packaged = _table(ROOT / "fedfsd" / "flwr_app" / "pyproject.toml")
     sim_only = {k: v for k, v in root.items() if k.startswith("sim-")}  # ClientApp simulation
     assert {k: v for k, v in root.items() if k not in sim_only} == expected
     assert packaged == expected
+
+
+def test_cli_option_defaults_come_from_the_run_config_model() -> None:
+    """`fedfsd aggregator run` sends what it is not told from the model, never its own numbers."""
+    import inspect
+
+    from fedfsd.aggregator.cli import run
+    from fedfsd.run_config import default
+
+    opts = {n: p.default for n, p in inspect.signature(run).parameters.items()}
+    for key in ("min-regions", "round-timeout", "node-wait", "model", "server-optimizer",
+                "server-momentum", "server-lr", "evaluate-every", "update-norm-bound"):  # fmt: skip
+        assert opts[key.replace("-", "_")].default == default(key), key
+    for key in ("local-steps", "lr", "noise-multiplier", "clip-norm", "vehicles-per-step"):
+        opt = opts[key.replace("-", "_")]
+        assert opt.default is None and f"({default(key)})" in opt.help, key
 
 
 def test_train_request_defaults_equal_the_aggregators() -> None:

@@ -129,7 +129,7 @@ def test_old_manifest_keeps_train_and_test_and_refuses_val(dataset: Path, tmp_pa
     assert res.exit_code == 0, res.output
     assert "predates validation splits" in " ".join(res.output.split())
     res = runner.invoke(app, ["data", "stats", str(old), "--split", "val"])
-    assert res.exit_code == 1 and "predates validation splits" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "predates validation splits" in " ".join(res.output.split())
 
 
 def test_stats_lists_every_split(dataset: Path) -> None:

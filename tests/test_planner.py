@@ -108,4 +108,4 @@ def test_cli_prints_writes_and_the_aggregator_reads_the_plan(
     assert s.local_steps == 69 and s.num_server_rounds == 10  # the plan wins in the run config
     assert s.noise_multiplier == nominal_plan.noise_multiplier and s.vehicles_per_step == 128
     bad = runner.invoke(app, [*base[:-1], "0.01", "--rounds", "10"])
-    assert bad.exit_code == 1 and "delta" in bad.output and bad.output.count("\n") <= 2
+    assert bad.exit_code == 2 and "delta" in bad.output and bad.output.count("\n") <= 2

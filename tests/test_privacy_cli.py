@@ -50,15 +50,15 @@ def test_clear_one_line_errors(tmp_path):
     led = str(tmp_path / "l.jsonl")
     r = run("region", "train-local", "--synthetic", "50", "--policy", str(pol), "--ledger", led,
             "--steps", "2")  # fmt: skip
-    assert r.exit_code == 1 and "delta" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "delta" in r.output and "Traceback" not in r.output
     pol.write_text(POLICY)
     r = run("region", "train-local", "--synthetic", "50", "--policy", str(pol), "--ledger", led,
             "--steps", "2", "--model", "resnet")  # fmt: skip
-    assert r.exit_code == 1 and "--model" in r.output
+    assert r.exit_code == 2 and "--model" in r.output
     r = run("region", "train-local", "--policy", str(pol), "--ledger", led, "--steps", "2")
-    assert r.exit_code == 1 and "--data" in r.output
+    assert r.exit_code == 2 and "--data" in r.output
     r = run("region", "train-local", "--data", str(tmp_path / "nope"), "--policy", str(pol),
             "--ledger", led, "--steps", "2")  # fmt: skip
-    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.exit_code == 2 and "Traceback" not in r.output
     r = run("privacy", "ledger", "show", str(tmp_path / "missing.jsonl"))
-    assert r.exit_code == 1 and "no such ledger" in r.output
+    assert r.exit_code == 2 and "no such ledger" in r.output

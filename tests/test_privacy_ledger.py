@@ -138,7 +138,7 @@ def test_corrupt_or_inconsistent_middle_lines_are_errors(tmp_path, frames, weigh
     with pytest.raises(LedgerError, match="does not extend"):
         Ledger(led).releases()
     r = CliRunner().invoke(app, ["privacy", "ledger", "show", str(led)])
-    assert r.exit_code == 1 and "does not extend" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 4 and "does not extend" in r.output and "Traceback" not in r.output
 
 
 def test_policy_delta_must_fit_the_fleet(tmp_path, frames, weights):

@@ -171,7 +171,7 @@ def test_cli_report_then_verify(ledgers, tmp_path):
 
 def test_cli_report_bad_input_is_one_red_line(tmp_path):
     r = _cli("report", "--ledger", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x"))
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert "no such ledger" in r.stderr and "Traceback" not in r.stderr
     r = _cli(
         "report",

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from fedfsd.durable import atomic_file, write_atomic
+from fedfsd.errors import IntegrityError
 
 CHECKPOINT = "checkpoint.npz"
 GLOBAL_MODEL = "global_model.npz"
@@ -41,7 +42,7 @@ RUN_FILES = (CHECKPOINT, ROUNDS_JSONL, METRICS_CSV, EPSILON_CSV, REJECTED_JSONL,
 _META_MAX_BYTES = 16 << 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IntegrityError, ValueError):
     """The checkpoint exists but cannot be trusted (corrupt, truncated, foreign schema)."""
 
 

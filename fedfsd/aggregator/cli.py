@@ -10,6 +10,9 @@ from pathlib import Path
 
 import typer
 
+from fedfsd.errors import ExitCode, exit_for
+from fedfsd.run_config import default, help_text
+
 app = typer.Typer(no_args_is_help=True)
 
 _DIR_HELP = "Aggregator state directory (PKI, Flower connection, state database, runs)."
@@ -38,7 +41,6 @@ def start(
         DEV_WARNING,
         AggregatorDir,
         block_until_interrupted,
-        fail,
         need_file,
         parse_host_port,
         warn,
@@ -68,7 +70,7 @@ def start(
     if server is not None and san:
         have = set(pki.server_sans(server.server_cert))
         if missing := [s for s in san if s not in have]:
-            fail(f"server certificate lacks SANs {missing}; delete {d.pki} to re-create it")
+            exit_for(f"server certificate lacks SANs {missing}; delete {d.pki} to re-create it")
     d.runs.mkdir(parents=True, exist_ok=True)
     control = f"127.0.0.1:{control_port}"
     write_connection_config(d.flwr_home, control, server.ca_cert if server else None)
@@ -81,7 +83,7 @@ def start(
         wait_for_port("127.0.0.1", control_port, 60, proc)
     except ProcessError as err:
         group.stop_all()
-        fail(str(err).splitlines()[0])
+        exit_for(str(err).splitlines()[0])
     typer.echo(f"SuperLink up: Fleet API (gRPC{'' if insecure else '+TLS'}) {fleet_address}")
     typer.echo(f"Control API {control} (loopback only); logs {d.logs}")
     if server is not None:
@@ -93,6 +95,11 @@ def start(
 
 
 _SCHEDULE_NOTE = "Default: from --plan, else the run config's default"
+
+
+def _scheduled(key: str) -> str:
+    """Help of a schedule flag: what it is, then where its default comes from (and the value)."""
+    return f"{help_text(key)} {_SCHEDULE_NOTE} ({default(key)})."
 
 
 def schedule_config(plan: Path | None, explicit: dict[str, object]) -> dict[str, object]:
@@ -121,27 +128,19 @@ def run(
         help="A `fedfsd privacy plan --json` file: sets rounds, local steps, vehicles per step, "
         "σ, lr, clip norm and frames per vehicle. Explicit flags below override the plan.",
     ),
-    rounds: int = typer.Option(None, min=1, help=f"Federated rounds. {_SCHEDULE_NOTE} (10)."),
-    min_regions: int = typer.Option(2, min=1, help="Quorum: accepted updates per round."),
-    round_timeout: float = typer.Option(120.0, min=1, help="Seconds to wait for replies."),
-    node_wait: float = typer.Option(60.0, min=1, help="Seconds to wait for regions to connect."),
-    local_steps: int = typer.Option(
-        None, min=1, help=f"Local DP steps asked per round. {_SCHEDULE_NOTE} (69)."
+    rounds: int = typer.Option(None, min=1, help=_scheduled("num-server-rounds")),
+    min_regions: int = typer.Option(default("min-regions"), min=1, help=help_text("min-regions")),
+    round_timeout: float = typer.Option(
+        default("round-timeout"), min=1, help=help_text("round-timeout")
     ),
-    lr: float = typer.Option(None, min=0, help=f"Learning rate asked. {_SCHEDULE_NOTE} (0.2)."),
-    noise_multiplier: float = typer.Option(
-        None, min=0, help=f"σ asked (policies may raise it). {_SCHEDULE_NOTE} (2.176)."
-    ),
-    clip_norm: float = typer.Option(
-        None, min=0, help=f"C asked (policies may lower it). {_SCHEDULE_NOTE} (1.0)."
-    ),
-    vehicles_per_step: int = typer.Option(
-        None, min=1, help=f"Expected vehicles per step asked. {_SCHEDULE_NOTE} (128)."
-    ),
-    frames_per_vehicle: int = typer.Option(
-        None, min=1, help=f"Frames per vehicle per step. {_SCHEDULE_NOTE} (8)."
-    ),
-    model: str = typer.Option("mlp", help="Model: mlp | bev_cnn."),
+    node_wait: float = typer.Option(default("node-wait"), min=1, help=help_text("node-wait")),
+    local_steps: int = typer.Option(None, min=1, help=_scheduled("local-steps")),
+    lr: float = typer.Option(None, min=0, help=_scheduled("lr")),
+    noise_multiplier: float = typer.Option(None, min=0, help=_scheduled("noise-multiplier")),
+    clip_norm: float = typer.Option(None, min=0, help=_scheduled("clip-norm")),
+    vehicles_per_step: int = typer.Option(None, min=1, help=_scheduled("vehicles-per-step")),
+    frames_per_vehicle: int = typer.Option(None, min=1, help=_scheduled("frames-per-vehicle")),
+    model: str = typer.Option(default("model"), help=help_text("model")),
     initial_model: Path = typer.Option(
         None,
         "--initial-model",
@@ -149,19 +148,18 @@ def run(
         "sha256 is recorded in the checkpoint, rounds.jsonl and every region's ledger.",
     ),
     server_optimizer: str = typer.Option(
-        "fedavg", help="fedavg | fedavgm (needs --server-momentum) | fedadam."
+        default("server-optimizer"), help=help_text("server-optimizer")
     ),
-    server_momentum: float = typer.Option(0.0, min=0, max=0.999, help="0 = plain FedAvg."),
-    server_lr: float = typer.Option(
-        1.0, min=0, help="Server learning rate η (FedAdam: try 0.01-0.1)."
+    server_momentum: float = typer.Option(
+        default("server-momentum"), min=0, max=0.999, help=help_text("server-momentum")
     ),
+    server_lr: float = typer.Option(default("server-lr"), min=0, help=help_text("server-lr")),
     evaluate_every: int = typer.Option(
-        1,
-        min=1,
-        help="Score the global model on the regions' test episodes after every k-th round "
-        "(always after the last); each evaluation is an extra exchange with a model copy.",
+        default("evaluate-every"), min=1, help=help_text("evaluate-every")
     ),
-    update_norm_bound: float = typer.Option(5.0, min=0, help="Aggregator's L2 bound check."),
+    update_norm_bound: float = typer.Option(
+        default("update-norm-bound"), min=0, help=help_text("update-norm-bound")
+    ),
     run_dir: Path = typer.Option(None, help="Checkpoints/metrics (default: DIR/runs/<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR's last checkpoint."),
     app_dir: Path = typer.Option(None, "--app", help="Flower app dir (default: packaged app)."),
@@ -173,7 +171,7 @@ def run(
 ) -> None:
     """Start a federation run on the running SuperLink (`flwr run` underneath)."""
     from fedfsd.aggregator.settings import SettingsError
-    from fedfsd.deploy.admin import AggregatorDir, fail, warn
+    from fedfsd.deploy.admin import AggregatorDir, warn
     from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
     from fedfsd.deploy.control import ControlClient, RunFailed
 
@@ -189,37 +187,37 @@ def run(
     try:
         schedule = schedule_config(plan, explicit)
     except SettingsError as err:
-        fail(str(err))
+        exit_for(err)
     if initial_model is not None and not initial_model.is_file():
-        fail(f"--initial-model: {initial_model} is not a file")
+        exit_for(f"--initial-model: {initial_model} is not a file")
     d = AggregatorDir(dir.resolve())
     d.require_started()
     if resume and run_dir is None:
-        fail("--resume needs the --run-dir of the interrupted run")
+        exit_for("--resume needs the --run-dir of the interrupted run")
     if run_dir is None:
         run_dir = d.runs / time.strftime("%Y%m%d-%H%M%S")
     run_dir = run_dir.resolve()
     if resume and not run_dir.is_dir():
-        fail(f"--resume: {run_dir} does not exist")
+        exit_for(f"--resume: {run_dir} does not exist")
     from fedfsd.aggregator import checkpoint as ck
 
     if resume:  # refuse here, before `flwr run`, what the ServerApp would refuse later
         try:
             if ck.load_checkpoint(run_dir) is None:
-                fail(
+                exit_for(
                     f"--resume: {run_dir / ck.CHECKPOINT} is missing; refusing to start a new "
                     "run there (it would spend the regions' privacy budget again)"
                 )
         except ck.CheckpointError as err:
-            fail(f"--resume: {err}")
+            exit_for(f"--resume: {err}")
     elif existing := ck.holds_a_run(run_dir):
-        fail(
+        exit_for(
             f"{run_dir} already holds a run ({', '.join(existing)}); "
             "use --resume or a new --run-dir"
         )
     app_path = (app_dir or PACKAGED_APP_DIR).resolve()
     if not (app_path / "pyproject.toml").is_file():
-        fail(f"--app: {app_path} has no pyproject.toml")
+        exit_for(f"--app: {app_path} has no pyproject.toml")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = {
         "min-regions": min_regions,
@@ -238,7 +236,7 @@ def run(
     }
     if region_keys is not None:
         if not region_keys.is_file():
-            fail(f"--region-keys: {region_keys} does not exist")
+            exit_for(f"--region-keys: {region_keys} does not exist")
         cfg["region-keys"] = str(region_keys.resolve())
     if initial_model is not None:
         cfg["initial-model"] = str(initial_model.resolve())
@@ -247,7 +245,7 @@ def run(
     try:  # refuse here, with one line, what the ServerApp would refuse later
         settings = parse_settings(cfg)
     except SettingsError as err:
-        fail(str(err))
+        exit_for(err)
     if settings.initial_model:
         from fedfsd.aggregator.initial_model import InitialModelError
         from fedfsd.aggregator.server_app import initial_model as load_round0
@@ -255,7 +253,7 @@ def run(
         try:
             _, sha = load_round0(settings)
         except InitialModelError as err:
-            fail(str(err))
+            exit_for(err)
         typer.echo(f"round-0 model {settings.initial_model} (sha256 {sha})")
     import tomllib
 
@@ -264,7 +262,7 @@ def run(
             "config"
         ]
     except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
-        fail(f"--app: {app_path}/pyproject.toml has no readable [tool.flwr.app.config] ({err})")
+        exit_for(f"--app: {app_path}/pyproject.toml has no readable [tool.flwr.app.config] ({err})")
     if dropped := sorted(set(cfg) - set(declared)):  # `flwr run` refuses undeclared keys
         warn(f"{app_path} does not declare {', '.join(dropped)}: not sent")
     cfg = {k: v for k, v in cfg.items() if k in declared}
@@ -276,7 +274,7 @@ def run(
             return
         status = control.wait_run(run_id, timeout, poll=2.0)
     except RunFailed as err:
-        fail(str(err).splitlines()[0] if str(err) else "run failed")
+        exit_for(str(err).splitlines()[0] if str(err) else "run failed", ExitCode.FAILED)
     if status != "finished:completed":
-        fail(f"run {run_id} ended {status}; see {d.logs} and {run_dir}", code=1)
+        exit_for(f"run {run_id} ended {status}; see {d.logs} and {run_dir}", ExitCode.FAILED)
     typer.secho(f"run {run_id} {status}; results in {run_dir}", fg=typer.colors.GREEN)

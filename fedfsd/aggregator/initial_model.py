@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfsd.errors import InputError
 
-class InitialModelError(ValueError):
+
+class InitialModelError(InputError, ValueError):
     """An initial-model file that cannot be the run's round-0 model; one line says why."""
 
 

@@ -36,6 +36,7 @@ from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.aggregator.settings import RunSettings, parse_settings
 from fedfsd.aggregator.strategy import ServerOptimizer, make_server_optimizer
 from fedfsd.aggregator.verify import Expectation, verify_update
+from fedfsd.errors import InputError
 
 LOG = logging.getLogger("flwr.fedfsd.aggregator")
 MAX_NUM_EXAMPLES = 1 << 30
@@ -315,7 +316,7 @@ def evaluate_round(
     return rows
 
 
-class RunRefused(RuntimeError):
+class RunRefused(InputError, RuntimeError):
     """The run cannot start or end safely in this run-dir (one line says why)."""
 
 
@@ -411,16 +412,7 @@ def run_federation(
         if run_meta["initial_model_sha256"]:  # sent only when set: older regions ignore no key
             cfg["initial-model-sha256"] = run_meta["initial_model_sha256"]
         nodes = wait_for_nodes(grid, s.min_regions, s.node_wait_s, stop=stop)
-        out = RoundOutcome()
-        if len(nodes) >= s.min_regions:
-            exp = Expectation.from_weights(
-                state.weights, norm_bound=s.update_norm_bound, run_id=state.run_id, round_idx=rnd
-            )
-            msgs = _messages(nodes, MessageType.TRAIN, state.weights, cfg, rnd, s.round_timeout)
-            replies = exchange(grid, msgs, s.round_timeout, stop)
-            out.missing = len(nodes) - len(replies)
-            for reply in replies:
-                judge_train_reply(reply, exp, node_regions, out, book)
+        out = _train_round(grid, s, state, cfg, rnd, nodes, node_regions, book, stop)
         out.epsilon_rows = keep_known_epsilon(
             out.epsilon_rows, {r for r, _ in out.refused}, known_eps
         )
@@ -430,24 +422,7 @@ def run_federation(
         ok = len(out.accepted) >= s.min_regions
         if ok:
             state.weights = strategy.step(state.weights, [(u, w) for _, u, w in out.accepted])
-        for region, reason in out.rejected:
-            LOG.warning("round %d: REJECTED update from %s: %s", rnd, region, reason)
-            ck.append_jsonl(
-                run_dir / ck.REJECTED_JSONL,
-                {"round": rnd, "region": region, "reason": reason, "time": _now()},
-            )
-        for region, reason in out.refused:
-            LOG.warning("round %d: %s refused the round: %s", rnd, region, reason)
-        for region, reason in out.errors:
-            LOG.warning("round %d: %s replied with an error: %s", rnd, region, reason)
-        if not ok:
-            LOG.error(
-                "round %d FAILED: %d accepted update(s) from %d node(s), quorum is %d",
-                rnd,
-                len(out.accepted),
-                len(nodes),
-                s.min_regions,
-            )
+        _log_round_problems(run_dir, rnd, out, ok, len(nodes), s.min_regions)
         eval_rows = (
             evaluate_round(grid, nodes, sent, cfg, rnd, s.evaluate_timeout_s, node_regions, stop)
             if nodes and s.evaluates_after(rnd)
@@ -455,33 +430,11 @@ def run_federation(
         )
         ck.append_csv(run_dir / ck.METRICS_CSV, ck.METRICS_HEADER, out.metrics_rows + eval_rows)
         ck.append_csv(run_dir / ck.EPSILON_CSV, ck.EPSILON_HEADER, out.epsilon_rows)
-        summary = {
-            "round": rnd,
-            "status": "ok" if ok else "failed",
-            "nodes": len(nodes),
-            "accepted": sorted(r for r, _, _ in out.accepted),
-            "rejected": sorted(r for r, _ in out.rejected),
-            "refused": sorted(r for r, _ in out.refused),
-            "errors": sorted(r for r, _ in out.errors),
-            "missing": out.missing,
-            "epsilon": {row[1]: row[2] for row in out.epsilon_rows},
-            "metrics": {f"{r}/{k}": v for _, r, k, v in eval_rows},
-            "seconds": round(time.monotonic() - t0, 3),
-            "time": _now(),
-        }
-        if run_meta["initial_model_sha256"]:
-            summary["initial_model_sha256"] = run_meta["initial_model_sha256"]
+        summary = _round_summary(rnd, ok, len(nodes), out, eval_rows, t0, run_meta)
         ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, summary)
-        state.round = rnd
-        state.strategy_state = strategy.state_dict()
         if not ok:
             failed_list.append(rnd)
-        state.meta = {
-            "node_regions": {str(k): v for k, v in node_regions.items()},
-            "failed_rounds": failed_list,
-        }
-        state.meta.update(run_meta)
-        ck.save_checkpoint(run_dir, state)
+        _save_round(run_dir, state, strategy, rnd, node_regions, failed_list, run_meta)
         LOG.info(
             "round %d %s: accepted %s, rejected %s, refused %s, missing %d (%.1f s)",
             rnd,
@@ -499,6 +452,105 @@ def run_federation(
     ck.save_global_model(run_dir, state.weights)
     ck.plot_metric(run_dir, s.plot_metric)
     return state
+
+
+def _train_round(
+    grid: Grid,
+    s: RunSettings,
+    state: ck.Checkpoint,
+    cfg: dict[str, Any],
+    rnd: int,
+    nodes: list[int],
+    node_regions: dict[int, str],
+    book: ReceiptBook,
+    stop: threading.Event | None,
+) -> RoundOutcome:
+    """Send the train messages and judge every reply (nothing when the quorum is not there)."""
+    out = RoundOutcome()
+    if len(nodes) < s.min_regions:
+        return out
+    exp = Expectation.from_weights(
+        state.weights, norm_bound=s.update_norm_bound, run_id=state.run_id, round_idx=rnd
+    )
+    msgs = _messages(nodes, MessageType.TRAIN, state.weights, cfg, rnd, s.round_timeout)
+    replies = exchange(grid, msgs, s.round_timeout, stop)
+    out.missing = len(nodes) - len(replies)
+    for reply in replies:
+        judge_train_reply(reply, exp, node_regions, out, book)
+    return out
+
+
+def _log_round_problems(
+    run_dir: Path, rnd: int, out: RoundOutcome, ok: bool, n_nodes: int, quorum: int
+) -> None:
+    """Rejected updates go to rejected.jsonl; refusals, errors and a missed quorum to the log."""
+    for region, reason in out.rejected:
+        LOG.warning("round %d: REJECTED update from %s: %s", rnd, region, reason)
+        ck.append_jsonl(
+            run_dir / ck.REJECTED_JSONL,
+            {"round": rnd, "region": region, "reason": reason, "time": _now()},
+        )
+    for region, reason in out.refused:
+        LOG.warning("round %d: %s refused the round: %s", rnd, region, reason)
+    for region, reason in out.errors:
+        LOG.warning("round %d: %s replied with an error: %s", rnd, region, reason)
+    if not ok:
+        LOG.error(
+            "round %d FAILED: %d accepted update(s) from %d node(s), quorum is %d",
+            rnd,
+            len(out.accepted),
+            n_nodes,
+            quorum,
+        )
+
+
+def _round_summary(
+    rnd: int,
+    ok: bool,
+    n_nodes: int,
+    out: RoundOutcome,
+    eval_rows: list,
+    t0: float,
+    run_meta: dict[str, str],
+) -> dict[str, Any]:
+    """The rounds.jsonl line of one round."""
+    summary: dict[str, Any] = {
+        "round": rnd,
+        "status": "ok" if ok else "failed",
+        "nodes": n_nodes,
+        "accepted": sorted(r for r, _, _ in out.accepted),
+        "rejected": sorted(r for r, _ in out.rejected),
+        "refused": sorted(r for r, _ in out.refused),
+        "errors": sorted(r for r, _ in out.errors),
+        "missing": out.missing,
+        "epsilon": {row[1]: row[2] for row in out.epsilon_rows},
+        "metrics": {f"{r}/{k}": v for _, r, k, v in eval_rows},
+        "seconds": round(time.monotonic() - t0, 3),
+        "time": _now(),
+    }
+    if run_meta["initial_model_sha256"]:
+        summary["initial_model_sha256"] = run_meta["initial_model_sha256"]
+    return summary
+
+
+def _save_round(
+    run_dir: Path,
+    state: ck.Checkpoint,
+    strategy: ServerOptimizer,
+    rnd: int,
+    node_regions: dict[int, str],
+    failed_list: list[int],
+    run_meta: dict[str, str],
+) -> None:
+    """Checkpoint after the round: the next start (or a resume) continues from here."""
+    state.round = rnd
+    state.strategy_state = strategy.state_dict()
+    state.meta = {
+        "node_regions": {str(k): v for k, v in node_regions.items()},
+        "failed_rounds": failed_list,
+    }
+    state.meta.update(run_meta)
+    ck.save_checkpoint(run_dir, state)
 
 
 def failed_rounds(state: ck.Checkpoint) -> list[int]:

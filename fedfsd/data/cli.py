@@ -6,14 +6,9 @@ from pathlib import Path
 
 import typer
 
+from fedfsd.errors import ExitCode, exit_for
+
 app = typer.Typer(no_args_is_help=True)
-
-
-def _fail(msg: str, code: int = 1) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -46,7 +41,7 @@ def generate(
 ) -> None:
     """Simulate a region's fleet and write Parquet tracks + manifest.json to --out."""
     if (region is None) == (profile is None):
-        _fail("give exactly one of --region or --profile", 2)
+        exit_for("give exactly one of --region or --profile")
     if episodes is None and not fleet_scale:
         episodes = 40
     from fedfsd.data.fleet_scale import FleetScale
@@ -71,7 +66,7 @@ def generate(
             else False,
         )
     except (ProfileError, FileExistsError, ValueError) as err:
-        _fail(str(err), 2)
+        exit_for(str(err))
     _summary(path)
 
 
@@ -99,7 +94,7 @@ def validate(path: Path = typer.Argument(..., help="Dataset directory.")) -> Non
     try:
         m = validate_dataset(path)
     except DatasetError as err:
-        _fail(str(err), 1)
+        exit_for(err, ExitCode.FAILED)  # the check ran and the dataset failed it
     typer.echo(f"ok: {path} ({m['region']}, {len(m['files'])} files, schema {m['schema_version']})")
 
 
@@ -119,11 +114,11 @@ def stats(
     from fedfsd.data.validate import DatasetError
 
     if split not in SPLITS:
-        _fail(f"--split must be one of {', '.join(SPLITS)}", 2)
+        exit_for(f"--split must be one of {', '.join(SPLITS)}")
     try:
         everything, parts = load_with_split(path, split="all")
     except DatasetError as err:
-        _fail(str(err), 1)
+        exit_for(err)
     m = everything.manifest
     con = Console()
     per_split = Table("split", "episodes", "frames", "vehicles", title="episode-level splits")
@@ -134,7 +129,7 @@ def stats(
         except NoValidationSplit:
             per_split.add_row(name, "-", "-", "- (predates validation splits)")
             if name == split:
-                _fail(f"{path}: dataset predates validation splits: regenerate it", 1)
+                exit_for(f"{path}: dataset predates validation splits: regenerate it")
             continue
         sub = everything.select_episodes(eps)
         per_split.add_row(name, str(len(eps)), str(sub.n_frames), str(sub.n_vehicles))
@@ -143,7 +138,7 @@ def stats(
     con.print(per_split)
     fr = chosen
     if fr is None or fr.n_frames == 0:
-        _fail(f"{path}: split {split!r} has no usable frames", 1)
+        exit_for(f"{path}: split {split!r} has no usable frames")
     c = m.get("counts", {})
     per_v = fr.frames_per_vehicle()
     con.print(

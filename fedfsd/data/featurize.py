@@ -81,13 +81,57 @@ def featurize_episode(
     vid = np.asarray(cols["vehicle_id"]).astype(str)
     frame = np.asarray(cols["frame"], dtype=np.int64)
     episode = int(cols["episode"][0])
+    ego, past, fut = _usable_rows(cols, vid, frame, int(log_hz), warmup_s)
+    n = len(ego)
+    f32 = {k: np.asarray(cols[k], dtype=np.float64) for k in _FLOAT_COLUMNS}
+    feats = np.zeros((n, N_FEATURES), dtype=np.float64)
+    if n:
+        _ego_features(feats, f32, ego, past)
+        _lane_features(feats, cols, f32, ego)
+        rain = bool(np.asarray(cols["rain"])[0])
+        _neighbours(
+            feats,
+            ego,
+            frame,
+            f32,
+            Sensing.from_profile(profile, rain),
+            np.random.default_rng([seed, 3, episode]),
+        )
+    return EpisodeFrames(
+        features=feats.astype(np.float32),
+        labels=_labels(f32, ego, fut).astype(np.float32),
+        vehicle_ids=vid[ego],
+        frames=frame[ego],
+        ego_rows=ego,
+        past_rows=past,
+    )
+
+
+_FLOAT_COLUMNS = (
+    "x",
+    "y",
+    "vx",
+    "vy",
+    "speed",
+    "heading",
+    "accel",
+    "lane_offset",
+    "speed_limit",
+    "length",
+    "merge_distance",
+)
+
+
+def _usable_rows(
+    cols: dict[str, np.ndarray], vid: np.ndarray, frame: np.ndarray, hz: int, warmup_s: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of the usable frames: (ego row, the row 1 s before, the rows at each horizon)."""
     grid, uniq, f0 = _grid(vid, frame)
     n_f = grid.shape[1]
     crashed_any = np.zeros(len(uniq), dtype=bool)
     np.logical_or.at(crashed_any, np.searchsorted(uniq, vid), np.asarray(cols["crashed"]))
     fleet = np.zeros(len(uniq), dtype=bool)
     fleet[np.searchsorted(uniq, vid)] = np.asarray(cols["is_fleet"])
-    hz = int(log_hz)
     first = int(np.ceil(warmup_s * hz - 1e-9))
     ego_rows, past_rows, fut_rows = [], [], []
     for u in np.flatnonzero(fleet & ~crashed_any):
@@ -102,71 +146,56 @@ def featurize_episode(
             ego_rows.append(r)
             past_rows.append(past)
             fut_rows.append(fut)
-    ego = np.asarray(ego_rows, dtype=np.int64)
-    past = np.asarray(past_rows, dtype=np.int64)
-    fut = np.asarray(fut_rows, dtype=np.int64).reshape(-1, len(HORIZONS_S))
+    return (
+        np.asarray(ego_rows, dtype=np.int64),
+        np.asarray(past_rows, dtype=np.int64),
+        np.asarray(fut_rows, dtype=np.int64).reshape(-1, len(HORIZONS_S)),
+    )
+
+
+def _ego_features(
+    feats: np.ndarray, f32: dict[str, np.ndarray], ego: np.ndarray, past: np.ndarray
+) -> None:
+    """The ego vehicle's own state, at fixed physical scales."""
+    sp = f32["speed"]
+    feats[:, 0] = sp[ego] / 30.0
+    feats[:, 1] = f32["vy"][ego] / 5.0
+    feats[:, 2] = f32["heading"][ego]
+    feats[:, 3] = f32["lane_offset"][ego] / LANE_WIDTH
+    feats[:, 4] = (sp[ego] - sp[past]) / 1.0 / 5.0
+    feats[:, 5] = f32["length"][ego] / 5.0
+
+
+def _lane_features(
+    feats: np.ndarray, cols: dict[str, np.ndarray], f32: dict[str, np.ndarray], ego: np.ndarray
+) -> None:
+    """The road around the ego vehicle: lanes, speed limit, merge, rain."""
+    lane = np.asarray(cols["lane"], dtype=np.float64)[ego]
+    n_lanes = np.asarray(cols["n_lanes"], dtype=np.float64)[ego]
+    sp = f32["speed"]
+    k = _N_EGO
+    feats[:, k + 0] = n_lanes / 5.0
+    feats[:, k + 1] = np.asarray(cols["lane_change"], dtype=np.float64)[ego]
+    feats[:, k + 2] = np.clip(n_lanes - 1 - lane, 0, None) / 4.0
+    feats[:, k + 3] = np.clip(lane, 0, None) / 4.0
+    feats[:, k + 4] = f32["speed_limit"][ego] / 30.0
+    feats[:, k + 5] = (sp[ego] - f32["speed_limit"][ego]) / 10.0
+    feats[:, k + 6] = (np.asarray(cols["scenario"])[ego] == "merge").astype(np.float64)
+    md = f32["merge_distance"][ego]
+    feats[:, k + 7] = np.where(md >= NO_MERGE, 1.0, np.clip(md / 200.0, 0.0, 1.0))
+    feats[:, k + 8] = np.asarray(cols["rain"], dtype=np.float64)[ego]
+
+
+def _labels(f32: dict[str, np.ndarray], ego: np.ndarray, fut: np.ndarray) -> np.ndarray:
+    """Future displacement at each horizon (metres) and the acceleration now."""
     n = len(ego)
-    f32 = {
-        k: np.asarray(cols[k], dtype=np.float64)
-        for k in (
-            "x",
-            "y",
-            "vx",
-            "vy",
-            "speed",
-            "heading",
-            "accel",
-            "lane_offset",
-            "speed_limit",
-            "length",
-            "merge_distance",
-        )
-    }
-    feats = np.zeros((n, N_FEATURES), dtype=np.float64)
-    if n:
-        sp = f32["speed"]
-        feats[:, 0] = sp[ego] / 30.0
-        feats[:, 1] = f32["vy"][ego] / 5.0
-        feats[:, 2] = f32["heading"][ego]
-        feats[:, 3] = f32["lane_offset"][ego] / LANE_WIDTH
-        feats[:, 4] = (sp[ego] - sp[past]) / 1.0 / 5.0
-        feats[:, 5] = f32["length"][ego] / 5.0
-        lane = np.asarray(cols["lane"], dtype=np.float64)[ego]
-        n_lanes = np.asarray(cols["n_lanes"], dtype=np.float64)[ego]
-        k = _N_EGO
-        feats[:, k + 0] = n_lanes / 5.0
-        feats[:, k + 1] = np.asarray(cols["lane_change"], dtype=np.float64)[ego]
-        feats[:, k + 2] = np.clip(n_lanes - 1 - lane, 0, None) / 4.0
-        feats[:, k + 3] = np.clip(lane, 0, None) / 4.0
-        feats[:, k + 4] = f32["speed_limit"][ego] / 30.0
-        feats[:, k + 5] = (sp[ego] - f32["speed_limit"][ego]) / 10.0
-        feats[:, k + 6] = (np.asarray(cols["scenario"])[ego] == "merge").astype(np.float64)
-        md = f32["merge_distance"][ego]
-        feats[:, k + 7] = np.where(md >= NO_MERGE, 1.0, np.clip(md / 200.0, 0.0, 1.0))
-        feats[:, k + 8] = np.asarray(cols["rain"], dtype=np.float64)[ego]
-        rain = bool(np.asarray(cols["rain"])[0])
-        _neighbours(
-            feats,
-            ego,
-            frame,
-            f32,
-            Sensing.from_profile(profile, rain),
-            np.random.default_rng([seed, 3, episode]),
-        )
     labels = np.zeros((n, 2 * len(HORIZONS_S) + 1), dtype=np.float64)
     for j in range(len(HORIZONS_S)):
         labels[:, 2 * j] = f32["x"][fut[:, j]] - f32["x"][ego] if n else 0
         labels[:, 2 * j + 1] = f32["y"][fut[:, j]] - f32["y"][ego] if n else 0
     if n:
         labels[:, -1] = f32["accel"][ego]
-    return EpisodeFrames(
-        features=feats.astype(np.float32),
-        labels=labels.astype(np.float32),
-        vehicle_ids=vid[ego],
-        frames=frame[ego],
-        ego_rows=ego,
-        past_rows=past,
-    )
+    return labels
 
 
 def _neighbours(feats, ego, frame, f, sensing: Sensing, rng: np.random.Generator) -> None:

@@ -13,12 +13,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedfsd.errors import InputError
+
 BUILTIN_REGIONS = ("cn", "eu", "us", "jp")
 # Profiles that belong to no region: public simulated data (outside every region's ε).
 PUBLIC_PROFILES = ("public",)
 
 
-class ProfileError(ValueError):
+class ProfileError(InputError, ValueError):
     """A region profile could not be read or failed validation (the message names the field)."""
 
 

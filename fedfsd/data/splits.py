@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from fedfsd.errors import InputError
+
 SPLITS = ("train", "val", "test", "all")
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1
 
 
-class NoValidationSplit(ValueError):
+class NoValidationSplit(InputError, ValueError):
     """The dataset was generated before validation splits existed (its manifest has none)."""
 
 

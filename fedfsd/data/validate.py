@@ -16,12 +16,15 @@ from typing import Any
 import numpy as np
 
 from fedfsd.data.schema import FLOAT_COLUMNS, MANIFEST_NAME, SCHEMA_VERSION, TRACK_COLUMNS
+from fedfsd.errors import InputError
 
 REQUIRED_KEYS = ("schema_version", "region", "fleet_id", "seed", "log_hz", "warmup_s", "files")
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError, ValueError):
     """A dataset directory is missing, malformed or corrupted (message names file/row/column)."""
+
+    border_reason = "dataset invalid"
 
 
 def sha256_file(path: Path) -> str:

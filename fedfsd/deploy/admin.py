@@ -13,20 +13,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import typer
+
+from fedfsd.errors import exit_for
 
 DEV_WARNING = (
     "--insecure: NO TLS and NO SuperNode authentication. Development only: never use it "
     "across a network or with real fleet data."
 )
-
-
-def fail(msg: str, code: int = 2) -> NoReturn:
-    """One red line on stderr, non-zero exit, no traceback."""
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def warn(msg: str) -> None:
@@ -35,16 +30,16 @@ def warn(msg: str) -> None:
 
 def need_file(path: Path | None, what: str) -> Path:
     if path is None:
-        fail(f"{what} is required")
+        exit_for(f"{what} is required")
     if not Path(path).is_file():
-        fail(f"{what}: {path} is not a file")
+        exit_for(f"{what}: {path} is not a file")
     return Path(path).resolve()
 
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        fail(f"{what} must look like HOST:PORT, got {value!r}")
+        exit_for(f"{what} must look like HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
 
 
@@ -76,7 +71,7 @@ class AggregatorDir:
 
     def require_started(self) -> None:
         if not (self.flwr_home / "config.toml").is_file():
-            fail(
+            exit_for(
                 f"{self.root} has no SuperLink connection: run `fedfsd aggregator start "
                 f"--dir {self.root}` first"
             )
@@ -88,7 +83,7 @@ def default_policy_text(data_dir: Path, region: str | None, digests: list[str]) 
     try:
         manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
     except (OSError, ValueError) as err:
-        fail(f"{data_dir}: cannot read manifest.json ({err}); is it a fedfsd dataset?")
+        exit_for(f"{data_dir}: cannot read manifest.json ({err}); is it a fedfsd dataset?")
     name = str(manifest.get("region") or region)
     vehicles = max(int(manifest.get("vehicles", 1)), 1)
     delta = 10.0 ** math.floor(math.log10(0.1 / vehicles))

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import typer
 
+from fedfsd.errors import ExitCode, exit_for
+
 app = typer.Typer(no_args_is_help=False, invoke_without_command=True)
 
 
 def _pairs(values: list[str], what: str) -> dict[str, Path]:
-    from fedfsd.deploy.admin import fail
 
     out: dict[str, Path] = {}
     for item in values:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            fail(f"{what} must look like REGION=PATH, got {item!r}")
+            exit_for(f"{what} must look like REGION=PATH, got {item!r}")
         out[name] = Path(path)
     return out
 
@@ -44,7 +45,7 @@ def deploy(
     """Run a TLS federation of the given regions' datasets on this machine."""
     if ctx.invoked_subcommand is not None:
         return
-    from fedfsd.deploy.admin import DEV_WARNING, default_policy_text, fail, warn
+    from fedfsd.deploy.admin import DEV_WARNING, default_policy_text, warn
 
     datasets = _pairs(data, "--data")
     policies = _pairs(policy, "--policy")
@@ -52,10 +53,10 @@ def deploy(
         typer.echo(ctx.get_help())
         raise typer.Exit(2)
     if unknown := sorted(set(policies) - set(datasets)):
-        fail(f"--policy for region(s) without --data: {', '.join(unknown)}")
+        exit_for(f"--policy for region(s) without --data: {', '.join(unknown)}")
     for name, path in datasets.items():
         if not (path / "manifest.json").is_file():
-            fail(f"--data {name}: {path} is not a fedfsd dataset (no manifest.json)")
+            exit_for(f"--data {name}: {path} is not a fedfsd dataset (no manifest.json)")
     if insecure:
         warn(DEV_WARNING)
 
@@ -77,7 +78,7 @@ def deploy(
         try:
             load_policy(pol)
         except PolicyError as err:
-            fail(str(err))
+            exit_for(err)
         regions[name] = RegionSpec(path, pol, rdir / "ledger.jsonl")
 
     try:
@@ -106,7 +107,7 @@ def deploy(
             run_id = fed.run(cfg, timeout=rounds * 3 * round_timeout + 120)
             typer.secho(f"run {run_id} finished; results in {out}", fg=typer.colors.GREEN)
     except (ProcessError, RunFailed) as err:
-        fail(str(err).splitlines()[0], code=1)
+        exit_for(str(err).splitlines()[0], ExitCode.FAILED)
 
 
 @app.command("pki")
@@ -129,9 +130,8 @@ def keygen(
 ) -> None:
     """Create a region's SuperNode key pair (P-384, OpenSSH format); register NAME.pub."""
     from fedfsd.deploy import pki
-    from fedfsd.deploy.admin import fail
 
     if not name.replace("-", "").replace("_", "").isalnum():
-        fail(f"region name must be alphanumeric (with - or _), got {name!r}")
+        exit_for(f"region name must be alphanumeric (with - or _), got {name!r}")
     keys = pki.create_node_keys(out, name)
     typer.echo(f"private key {keys.private_key} (keep it in the region); public {keys.public_key}")

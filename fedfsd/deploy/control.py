@@ -17,15 +17,16 @@ from typing import Any
 import tomli_w
 
 from fedfsd.deploy.processes import bin_path, flower_env
+from fedfsd.errors import EnvironmentFault, FedfsdError
 
 CONNECTION_NAME = "fedfsd"
 
 
-class RunFailed(RuntimeError):
+class RunFailed(FedfsdError, RuntimeError):
     """A federation run ended in a state other than finished:completed, or timed out."""
 
 
-class ControlError(RuntimeError):
+class ControlError(EnvironmentFault, RuntimeError):
     """The Control API refused a request (e.g. registration) or `flwr` failed."""
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedfsd.errors import EnvironmentFault
+
 # Environment every process fedfsd starts inherits (DESIGN.md: never phone home, never `uv sync`).
 QUIET_FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -37,7 +39,7 @@ QUIET_FLOWER_ENV = {
 }
 
 
-class ProcessError(RuntimeError):
+class ProcessError(EnvironmentFault, RuntimeError):
     """A child process failed to start or to become ready."""
 
 

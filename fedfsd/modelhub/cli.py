@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from fedfsd.errors import exit_for
+
 app = typer.Typer(no_args_is_help=True)
 
 
@@ -40,8 +42,6 @@ def pretrain(
 
     from rich.console import Console
 
-    from fedfsd.privacy.cli import fail
-
     try:
         from fedfsd.data.validate import DatasetError, read_manifest
         from fedfsd.data.vehicles import load_vehicle_frames
@@ -49,7 +49,7 @@ def pretrain(
         from fedfsd.modelhub.files import save_model
         from fedfsd.modelhub.pretrain import NonPublicData, check_public, pretrain_model
     except ImportError as e:  # pragma: no cover - broken install
-        fail(f"cannot import training code: {e}")
+        exit_for(f"cannot import training code: {e}")
 
     trains, vals = [], []
     for d in data:
@@ -58,9 +58,9 @@ def pretrain(
             trains.append(load_vehicle_frames(d, split="train"))
             vals.append(load_vehicle_frames(d, split="val"))
         except (NonPublicData, DatasetError, OSError, ValueError) as e:
-            fail(str(e) if isinstance(e, NonPublicData) else f"{d}: {e}")
+            exit_for(str(e) if isinstance(e, NonPublicData) else f"{d}: {e}")
     if len({f.fleet_id for f in trains}) != len(trains):
-        fail("the same fleet was given twice (its vehicles would count twice)")
+        exit_for("the same fleet was given twice (its vehicles would count twice)")
 
     con = Console(stderr=as_json)
     if allow_nonpublic and any(f.region != "public" for f in trains):
@@ -81,12 +81,12 @@ def pretrain(
                 on_eval=view.on_eval,
             )
     except ValueError as e:
-        fail(str(e))
+        exit_for(e)
     info["datasets"] = [str(d.resolve()) for d in data]
     try:
         side = save_model(out, weights, info)
     except OSError as e:
-        fail(f"{out}: {e}")
+        exit_for(f"{out}: {e}")
     if as_json:
         sys.stdout.write(side.read_text())
         return

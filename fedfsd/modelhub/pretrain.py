@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fedfsd.errors import PrivacyRefusal
 from fedfsd.modelhub.files import weights_sha256
 from fedfsd.modelhub.select import train_select
 
@@ -24,7 +25,7 @@ PUBLIC_REGION = "public"
 DEFAULTS = {"steps": 2000, "lr": 0.1, "vehicles_per_step": 64}
 
 
-class NonPublicData(ValueError):
+class NonPublicData(PrivacyRefusal, ValueError):
     """A dataset that is not public was offered for pooling."""
 
 

@@ -14,6 +14,8 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 
+from fedfsd.errors import InputError
+
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 
 History = list[tuple[float, float, int]]
@@ -23,7 +25,7 @@ PRV_REL_ERROR = 0.005  # target relative error once the default error would exce
 PRV_MIN_EPS_ERROR = 0.002  # finer meshes cost seconds: floor on the absolute error
 
 
-class AccountantError(ValueError):
+class AccountantError(InputError, ValueError):
     """An accountant fedfsd does not allow, or a history it cannot account."""
 
 

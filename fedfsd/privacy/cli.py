@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import typer
+
+from fedfsd.errors import exit_for
 
 if TYPE_CHECKING:
     from fedfsd.privacy.planner import Plan
@@ -15,15 +17,6 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True)
 ledger_app = typer.Typer(no_args_is_help=True, help="Inspect a region's privacy ledger.")
 app.add_typer(ledger_app, name="ledger")
-
-
-def fail(msg: str, code: int = 1) -> NoReturn:
-    """Print one red line on stderr and exit non-zero (no traceback)."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True).print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -39,11 +32,11 @@ def epsilon(
     from fedfsd.privacy.accounting import AccountantError, compute_epsilon
 
     if steps < 0:
-        fail("--steps must be >= 0")
+        exit_for("--steps must be >= 0")
     try:
         eps = compute_epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant)
     except AccountantError as e:
-        fail(str(e))
+        exit_for(e)
     acc = accountant.lower()
     if json_out:
         typer.echo(
@@ -109,7 +102,7 @@ def plan(
     try:
         p = pl.plan_schedule(vehicles, epsilon, delta, rounds, **kw)
     except pl.PlanError as e:
-        fail(str(e))
+        exit_for(e)
     text = json.dumps(p.to_json_dict(), indent=2)
     if json_path == "-":
         typer.echo(text)
@@ -118,7 +111,7 @@ def plan(
         try:
             Path(json_path).write_text(text + "\n", encoding="utf-8")
         except OSError as e:
-            fail(f"{json_path}: cannot write the plan: {e.strerror}")
+            exit_for(f"{json_path}: cannot write the plan: {e.strerror}")
     _print_plan(p, json_path)
 
 
@@ -179,7 +172,7 @@ def ledger_show(
         eps = lg.epsilon()
         eps_rdp = lg.epsilon(accountant="rdp")
     except (LedgerError, AccountantError, KeyError) as e:
-        fail(str(e))
+        exit_for(e)
     budget = float(rel[-1]["epsilon_budget"]) if rel else float(head["epsilon_budget"])
     private = lg.private
     if json_out:

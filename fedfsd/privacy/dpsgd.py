@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from fedfsd.config import DPParams
+from fedfsd.errors import InputError, IntegrityError
 
 if TYPE_CHECKING:
     import torch
@@ -34,11 +35,11 @@ if TYPE_CHECKING:
 Method = Literal["auto", "ghost", "vmap"]
 
 
-class FixedBatchError(RuntimeError):
+class FixedBatchError(InputError, RuntimeError):
     """A caller-chosen batch in private mode: the accountant assumes Poisson sampling."""
 
 
-class SampleRateMismatch(RuntimeError):
+class SampleRateMismatch(IntegrityError, RuntimeError):
     """Opacus' accountant recorded a sample rate other than the one derived from vehicle counts."""
 
 

@@ -39,14 +39,16 @@ import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from fedfsd.durable import atomic_file
 from fedfsd.durable import fsync_dir as _fsync_dir
+from fedfsd.errors import InputError, IntegrityError
 from fedfsd.privacy import signing
 from fedfsd.privacy.accounting import History, compute_epsilon, normalise_history
+from fedfsd.privacy.release_record import ReleaseRecord
 from fedfsd.wire import array_digest
 
 SCHEMA = 1
@@ -56,8 +58,16 @@ SPENDING = ("release", "metric")
 NORMALISATION = "sum of clipped vehicle gradients + noise, divided by expected vehicles per step"
 
 
-class LedgerError(RuntimeError):
+class LedgerError(IntegrityError, RuntimeError):
     """A ledger that is corrupt, or that belongs to another region, fleet or mode."""
+
+    border_reason = "privacy ledger refused the release"
+
+
+class NoSuchLedger(InputError, LedgerError):
+    """The ledger file does not exist: the operator named the wrong path (bad input, exit 2)."""
+
+    border_reason = LedgerError.border_reason
 
 
 def fault_point(name: str) -> None:
@@ -111,7 +121,7 @@ class Ledger:
         if self._records is not None:
             return self._records
         if not self.path.exists():
-            raise LedgerError(f"{self.path}: no such ledger")
+            raise NoSuchLedger(f"{self.path}: no such ledger")
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         tail = lines.pop()  # b"" when the file ends with a newline
@@ -238,8 +248,8 @@ class Ledger:
     def private(self) -> bool:
         return bool(self.header.get("private", True))
 
-    def releases(self) -> list[dict[str, Any]]:
-        return [r for r in self._load() if r["kind"] == "release"]
+    def releases(self) -> list[ReleaseRecord]:
+        return [cast(ReleaseRecord, r) for r in self._load() if r["kind"] == "release"]
 
     def history(self) -> History:
         """Cumulative (σ, q, steps) history after the last release (Opacus' form)."""
@@ -256,7 +266,7 @@ class Ledger:
         """Differentially private metric releases (kind "metric"), in ledger order."""
         return [r for r in self._load() if r["kind"] == "metric"]
 
-    def find_release(self, run_id: str, round_idx: int) -> dict[str, Any] | None:
+    def find_release(self, run_id: str, round_idx: int) -> ReleaseRecord | None:
         for r in self.releases():
             if r["run_id"] == run_id and int(r["round"]) == int(round_idx):
                 return r

@@ -23,12 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from fedfsd.config import DPParams, RegionPolicy, TrainRequest
-from fedfsd.privacy.accounting import compute_epsilon, extend_history
+from fedfsd.errors import PrivacyRefusal
+from fedfsd.privacy.accounting import History, compute_epsilon, extend_history
+from fedfsd.privacy.clipping import clip_update
 from fedfsd.privacy.ledger import (
     NORMALISATION,
     SCHEMA,
@@ -37,12 +39,18 @@ from fedfsd.privacy.ledger import (
     fault_point,
     update_digest,
 )
+from fedfsd.privacy.release_record import ReleaseRecord
+from fedfsd.wire import l2_norm
 
 RNG_NOTE = "torch.Generator seeded from the OS (secure_mode off: torchcsprng not installable)"
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(PrivacyRefusal, RuntimeError):
     """This round would take the fleet's ε over the policy budget; nothing was released."""
+
+    def border_safe(self) -> str:
+        """The message states only ε spent, projected and the budget: safe to send."""
+        return str(self)
 
     def __init__(self, spent: float, projected: float, budget: float) -> None:
         self.spent, self.projected, self.budget = spent, projected, budget
@@ -71,39 +79,15 @@ class LocalRoundResult:
     cached: bool = False  # True when this (run_id, round) had already been released
     update_norm: float = 0.0
     update_sha256: str = ""
-    record: dict[str, Any] = field(default_factory=dict)
+    record: ReleaseRecord = field(default_factory=lambda: cast(ReleaseRecord, {}))
 
     @property
     def epsilon_left(self) -> float:
         return max(0.0, self.budget - self.epsilon) if self.private else 0.0
 
 
-def _clip_update(
-    global_w: dict[str, np.ndarray], new_w: dict[str, np.ndarray], bound: float
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
-    """Clip new − global to L2 ≤ bound; returns (new weights, exact update, its norm)."""
-    upd = {k: (new_w[k] - global_w[k]).astype(np.float32) for k in global_w}
-    norm = math.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in upd.values()))
-    # Aim a hair below the bound (as the egress guard does): `new − received` is recomputed in
-    # float32 at the border, and it must not land above the bound, or the guard would clip it
-    # again and the released bytes would no longer match this ledger line's digest.
-    scale = min(1.0, bound / (norm + 1e-12) * (1.0 - 1e-6)) if norm > bound else 1.0
-
-    def exact_of(s: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
-        new = {k: (global_w[k] + upd[k] * np.float32(s)).astype(np.float32) for k in global_w}
-        exact = {k: new[k] - global_w[k] for k in global_w}  # what `new − received` gives
-        n = math.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in exact.values()))
-        return new, exact, n
-
-    new, exact, exact_norm = exact_of(scale)
-    while exact_norm > bound:  # pragma: no cover - only on pathological rounding
-        scale *= 1.0 - 1e-5
-        new, exact, exact_norm = exact_of(scale)
-    return new, exact, exact_norm
-
-
 def _result_from_record(
-    rec: dict[str, Any], weights: dict[str, np.ndarray], params: DPParams
+    rec: ReleaseRecord, weights: dict[str, np.ndarray], params: DPParams
 ) -> LocalRoundResult:
     private = bool(rec.get("private", True))
     return LocalRoundResult(
@@ -122,6 +106,173 @@ def _result_from_record(
         update_sha256=rec["update_sha256"],
         record=rec,
     )
+
+
+def _open_ledger(
+    ledger: Ledger,
+    frames: Any,
+    fleet_id: str,
+    all_vehicles: int,
+    policy: RegionPolicy,
+    private: bool,
+) -> None:
+    """Create the ledger on first use, then refuse one that is not this fleet's or not intact."""
+    if ledger.is_unopened():  # creation crashed before its line was complete
+        ledger.path.unlink()
+    if not ledger.exists():
+        ledger.create(
+            region=frames.region,
+            fleet_id=fleet_id,
+            vehicles=all_vehicles,
+            delta=policy.delta,
+            epsilon_budget=policy.epsilon_budget,
+            private=private,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+    ledger.check_matches(
+        region=frames.region, fleet_id=fleet_id, private=private, delta=policy.delta
+    )
+    # A torn tail or missing line whose release already left is tampering or loss, not a
+    # crash: refuse before anything trains (fedfsd.privacy.ledger, "Crash safety").
+    ledger.check_integrity()
+
+
+def _cached_release(
+    ledger: Ledger,
+    run_id: str,
+    round_idx: int,
+    global_weights: dict[str, np.ndarray],
+    params: DPParams,
+) -> LocalRoundResult | None:
+    """The release of a (run, round) already on the ledger, for the same received weights."""
+    done = ledger.find_release(run_id, round_idx)
+    if done is None:
+        return None
+    cached = ledger.read_cache(run_id, round_idx)
+    if (
+        cached is None
+        or update_digest({k: cached[k] - np.asarray(global_weights[k], np.float32) for k in cached})
+        != done["update_sha256"]
+    ):
+        raise LedgerError(
+            f"run {run_id!r} round {round_idx} was already released but its cached "
+            "weights are missing or do not match the received weights; refusing to "
+            "release a second, uncounted update"
+        )
+    ledger.mark_released(run_id, round_idx)  # idempotent: a crash may have skipped it
+    return _result_from_record(done, cached, params)
+
+
+def _project_budget(
+    history: History, policy: RegionPolicy, params: DPParams, q: float
+) -> tuple[History, float]:
+    """The accountant history after this round and its ε; over budget → BudgetExceeded."""
+    after = extend_history(history, params.noise_multiplier, q, params.steps)
+    projected = compute_epsilon(after, policy.delta, "prv")
+    if projected > policy.epsilon_budget:
+        spent = compute_epsilon(history, policy.delta, "prv")
+        raise BudgetExceeded(spent, projected, policy.epsilon_budget)
+    return after, projected
+
+
+@dataclass
+class _Training:
+    """What the DP-SGD steps produced (the weights stay in the region until clipped)."""
+
+    weights: dict[str, np.ndarray]
+    history: History
+    method: str
+    losses: list[float]
+    seconds: float
+
+
+def _train(
+    frames: Any,
+    model_name: str,
+    global_weights: dict[str, np.ndarray],
+    params: DPParams,
+    history: History,
+    after: History | None,
+    accounted: int,
+    *,
+    private: bool,
+    method: str,
+    seed: int | None,
+    device: str,
+    progress: Callable[[int, int], None] | None,
+) -> _Training:
+    """params.steps steps of vehicle-level DP-SGD from the received weights.
+
+    In private mode the sample rate Opacus recorded and the accountant history must equal what
+    the budget was projected with (``after``), or nothing is released.
+    """
+    import torch
+
+    from fedfsd.models import build_model, get_weights, set_weights
+    from fedfsd.privacy.dpsgd import VehicleDPSGD
+    from fedfsd.privacy.objective import model_kwargs
+
+    kw = model_kwargs(frames, model_name)
+    model = build_model(model_name, frames.features.shape[1], frames.labels.shape[1], **kw)
+    set_weights(model, global_weights)
+    trainer = VehicleDPSGD(
+        model,
+        params,
+        frames.n_vehicles,
+        private=private,
+        method=method,  # type: ignore[arg-type]
+        history=history,
+        modality="bev" if model_name == "bev_cnn" else "objects",
+        seed=seed,
+        device=device,
+        accounted_vehicles=accounted,
+    )
+    losses: list[float] = []
+    started = time.perf_counter()
+    for s in range(params.steps):
+        r = trainer.step(frames)
+        if r.n_vehicles:
+            losses.append(r.loss)
+        if progress is not None:
+            progress(s + 1, params.steps)
+        if s == params.steps // 2:
+            fault_point("train")
+    seconds = time.perf_counter() - started
+    if private:
+        trainer.check_sample_rate()
+        if trainer.history != after:
+            raise RuntimeError(f"accountant history {trainer.history} != projected {after}")
+    with torch.no_grad():
+        weights = get_weights(trainer.model.cpu())
+    return _Training(
+        weights=weights,
+        history=list(trainer.history),
+        method=trainer.method if private else "non-private",
+        losses=losses,
+        seconds=seconds,
+    )
+
+
+def _clip_to_bound(
+    global32: dict[str, np.ndarray], trained: dict[str, np.ndarray], bound: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """(new weights, the update the border will recompute from them, its norm ≤ bound)."""
+    update = {k: trained[k] - global32[k] for k in global32}
+    clipped, _ = clip_update(update, bound, received=global32)
+    new = {k: (global32[k] + clipped[k]).astype(np.float32) for k in global32}
+    exact = {k: new[k] - global32[k] for k in global32}  # what `new − received` gives
+    return new, exact, l2_norm(exact)
+
+
+def _record(
+    ledger: Ledger, run_id: str, round_idx: int, new_w: dict, record: ReleaseRecord
+) -> None:
+    """Cache, then append and fsync the spend, then mark released: only then may it leave."""
+    ledger.write_cache(run_id, round_idx, new_w)
+    fault_point("cache")
+    ledger.append(record)
+    fault_point("record")
+    ledger.mark_released(run_id, round_idx)  # the line is durable: the release may leave
 
 
 def run_local_round(
@@ -148,12 +299,7 @@ def run_local_round(
     opens with that count. DP-SGD samples the training vehicles with q = vehicles per step /
     the policy's `public_fleet_size` (a rounded-down public count) or the exact training count.
     """
-    import torch
-
-    from fedfsd import __version__
-    from fedfsd.models import build_model, get_weights, set_weights
-    from fedfsd.privacy.dpsgd import VehicleDPSGD, sample_rate
-    from fedfsd.privacy.objective import model_kwargs
+    from fedfsd.privacy.dpsgd import sample_rate
 
     all_vehicles = max(int(fleet_vehicles or 0), frames.n_vehicles)
     policy.check_dataset(frames.region, all_vehicles)
@@ -163,143 +309,40 @@ def run_local_round(
     fleet_id = frames.fleet_id or f"{frames.region}-unnamed"
     ledger = Ledger(ledger_path)
     with ledger.locked():
-        if ledger.is_unopened():  # creation crashed before its line was complete
-            ledger.path.unlink()
-        if not ledger.exists():
-            ledger.create(
-                region=frames.region,
-                fleet_id=fleet_id,
-                vehicles=all_vehicles,
-                delta=policy.delta,
-                epsilon_budget=policy.epsilon_budget,
-                private=private,
-                created=datetime.now(UTC).isoformat(timespec="seconds"),
-            )
-        ledger.check_matches(
-            region=frames.region, fleet_id=fleet_id, private=private, delta=policy.delta
-        )
-        # A torn tail or missing line whose release already left is tampering or loss, not a
-        # crash: refuse before anything trains (fedfsd.privacy.ledger, "Crash safety").
-        ledger.check_integrity()
-
-        done = ledger.find_release(run_id, round_idx)
-        if done is not None:
-            cached = ledger.read_cache(run_id, round_idx)
-            if (
-                cached is None
-                or update_digest(
-                    {k: cached[k] - np.asarray(global_weights[k], np.float32) for k in cached}
-                )
-                != done["update_sha256"]
-            ):
-                raise LedgerError(
-                    f"run {run_id!r} round {round_idx} was already released but its cached "
-                    "weights are missing or do not match the received weights; refusing to "
-                    "release a second, uncounted update"
-                )
-            ledger.mark_released(run_id, round_idx)  # idempotent: a crash may have skipped it
-            return _result_from_record(done, cached, params)
-
+        _open_ledger(ledger, frames, fleet_id, all_vehicles, policy, private)
+        cached = _cached_release(ledger, run_id, round_idx, global_weights, params)
+        if cached is not None:
+            return cached
         history = ledger.history()
-        sigma = params.noise_multiplier
-        if private:
-            after = extend_history(history, sigma, q, params.steps)
-            projected = compute_epsilon(after, policy.delta, "prv")
-            if projected > policy.epsilon_budget:
-                spent = compute_epsilon(history, policy.delta, "prv")
-                raise BudgetExceeded(spent, projected, policy.epsilon_budget)
-
-        bev = model_name == "bev_cnn"
-        kw = model_kwargs(frames, model_name)
-        model = build_model(model_name, frames.features.shape[1], frames.labels.shape[1], **kw)
-        set_weights(model, global_weights)
-        trainer = VehicleDPSGD(
-            model,
+        after, projected = _project_budget(history, policy, params, q) if private else (None, 0.0)
+        trained = _train(
+            frames,
+            model_name,
+            global_weights,
             params,
-            frames.n_vehicles,
+            history,
+            after,
+            accounted,
             private=private,
-            method=method,  # type: ignore[arg-type]
-            history=history,
-            modality="bev" if bev else "objects",
+            method=method,
             seed=seed,
             device=device,
-            accounted_vehicles=accounted,
+            progress=progress,
         )
-        losses: list[float] = []
-        train_started = time.perf_counter()
-        for s in range(params.steps):
-            r = trainer.step(frames)
-            if r.n_vehicles:
-                losses.append(r.loss)
-            if progress is not None:
-                progress(s + 1, params.steps)
-            if s == params.steps // 2:
-                fault_point("train")
-        train_seconds = time.perf_counter() - train_started
         if private:
-            trainer.check_sample_rate()
-            if trainer.history != after:
-                raise RuntimeError(f"accountant history {trainer.history} != projected {after}")
-            eps = projected  # the same history (checked above), so the same ε
-            eps_rdp = compute_epsilon(trainer.history, policy.delta, "rdp")
+            eps = projected  # the same history (checked in _train), so the same ε
+            eps_rdp = compute_epsilon(trained.history, policy.delta, "rdp")
         else:
             eps = eps_rdp = math.inf
-        with torch.no_grad():
-            trained = get_weights(trainer.model.cpu())
         global32 = {k: np.asarray(v, dtype=np.float32) for k, v in global_weights.items()}
-        new_w, update, norm = _clip_update(global32, trained, params.update_norm_bound)
-        train_loss = float(np.mean(losses)) if losses else math.nan
-
-        record = {
-            "kind": "release",
-            "schema": SCHEMA,
-            "region": frames.region,
-            "fleet_id": fleet_id,
-            "run_id": run_id,
-            "round": int(round_idx),
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            "model": model_name,
-            "lr": params.lr,
-            "noise_multiplier": sigma if private else 0.0,
-            # The policy's noise floor in force, so a reviewer can check σ against it.
-            "min_noise_multiplier": policy.min_noise_multiplier,
-            "clip_norm": params.clip_norm,
-            "sample_rate": q,
-            # The denominator of q: the public fleet size when declared, else the exact count.
-            "vehicles": accounted,
-            "public_fleet_size": policy.public_fleet_size is not None,
-            "expected_vehicles_per_step": min(params.vehicles_per_step, accounted),
-            "frames_per_vehicle": params.frames_per_vehicle,
-            "steps": params.steps,
-            "sampling": "poisson",
-            "normalisation": NORMALISATION if private else "mean loss over sampled vehicles",
-            "delta": policy.delta,
-            "epsilon_prv": eps if private else None,
-            "epsilon_rdp": eps_rdp if private else None,
-            "epsilon_budget": policy.epsilon_budget,
-            "accountant_history": [list(h) for h in trainer.history],
-            "update_norm": norm,
-            "update_sha256": update_digest(update),
-            # The global model this round started from: evaluation answers only for it.
-            "received_sha256": update_digest(global32),
-            "private": private,
-            "code_version": __version__,
-            "rng": RNG_NOTE
-            if seed is None
-            else f"torch.Generator seeded with {seed} (reproducible; NOT for production)",
-            "method": trainer.method if private else "non-private",
-            "train_loss": train_loss if math.isfinite(train_loss) else None,
-            # Wall time of the DP-SGD steps alone (not accounting, not I/O): lets the region
-            # operator, and experiments/federation_cost.py, separate training from overhead.
-            "train_seconds": round(train_seconds, 4),
-        }
-        if request.initial_model_sha256:  # the aggregator started from a pretrained model
-            record["initial_model_sha256"] = request.initial_model_sha256
-        ledger.write_cache(run_id, round_idx, new_w)
-        fault_point("cache")
-        ledger.append(record)
-        fault_point("record")
-        ledger.mark_released(run_id, round_idx)  # the line is durable: the release may leave
+        new_w, update, norm = _clip_to_bound(global32, trained.weights, params.update_norm_bound)
+        train_loss = float(np.mean(trained.losses)) if trained.losses else math.nan
+        record = _release_record(
+            frames, policy, params, request, fleet_id, run_id, round_idx, model_name,
+            q=q, accounted=accounted, private=private, seed=seed, eps=eps, eps_rdp=eps_rdp,
+            trained=trained, norm=norm, update=update, global32=global32, train_loss=train_loss,
+        )  # fmt: skip
+        _record(ledger, run_id, round_idx, new_w, record)
         return LocalRoundResult(
             new_weights=new_w,
             epsilon=eps,
@@ -316,3 +359,76 @@ def run_local_round(
             update_sha256=record["update_sha256"],
             record=record,
         )
+
+
+def _release_record(
+    frames: Any,
+    policy: RegionPolicy,
+    params: DPParams,
+    request: TrainRequest,
+    fleet_id: str,
+    run_id: str,
+    round_idx: int,
+    model_name: str,
+    *,
+    q: float,
+    accounted: int,
+    private: bool,
+    seed: int | None,
+    eps: float,
+    eps_rdp: float,
+    trained: _Training,
+    norm: float,
+    update: dict[str, np.ndarray],
+    global32: dict[str, np.ndarray],
+    train_loss: float,
+) -> ReleaseRecord:
+    """The ledger line of this release: every mechanism parameter a reviewer needs."""
+    from fedfsd import __version__
+
+    record: ReleaseRecord = {
+        "kind": "release",
+        "schema": SCHEMA,
+        "region": frames.region,
+        "fleet_id": fleet_id,
+        "run_id": run_id,
+        "round": int(round_idx),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model_name,
+        "lr": params.lr,
+        "noise_multiplier": params.noise_multiplier if private else 0.0,
+        # The policy's noise floor in force, so a reviewer can check σ against it.
+        "min_noise_multiplier": policy.min_noise_multiplier,
+        "clip_norm": params.clip_norm,
+        "sample_rate": q,
+        # The denominator of q: the public fleet size when declared, else the exact count.
+        "vehicles": accounted,
+        "public_fleet_size": policy.public_fleet_size is not None,
+        "expected_vehicles_per_step": min(params.vehicles_per_step, accounted),
+        "frames_per_vehicle": params.frames_per_vehicle,
+        "steps": params.steps,
+        "sampling": "poisson",
+        "normalisation": NORMALISATION if private else "mean loss over sampled vehicles",
+        "delta": policy.delta,
+        "epsilon_prv": eps if private else None,
+        "epsilon_rdp": eps_rdp if private else None,
+        "epsilon_budget": policy.epsilon_budget,
+        "accountant_history": [list(h) for h in trained.history],
+        "update_norm": norm,
+        "update_sha256": update_digest(update),
+        # The global model this round started from: evaluation answers only for it.
+        "received_sha256": update_digest(global32),
+        "private": private,
+        "code_version": __version__,
+        "rng": RNG_NOTE
+        if seed is None
+        else f"torch.Generator seeded with {seed} (reproducible; NOT for production)",
+        "method": trained.method,
+        "train_loss": train_loss if math.isfinite(train_loss) else None,
+        # Wall time of the DP-SGD steps alone (not accounting, not I/O): lets the region
+        # operator, and experiments/federation_cost.py, separate training from overhead.
+        "train_seconds": round(trained.seconds, 4),
+    }
+    if request.initial_model_sha256:  # the aggregator started from a pretrained model
+        record["initial_model_sha256"] = request.initial_model_sha256
+    return record

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedfsd.config import KNOWN_METRICS, RegionPolicy
+from fedfsd.errors import PrivacyRefusal
 from fedfsd.privacy.accounting import compute_epsilon, extend_history
 from fedfsd.privacy.ledger import SCHEMA, Ledger
 
@@ -47,8 +48,12 @@ MECHANISM = (
 RNG_NOTE = "numpy PCG64 seeded from the OS (secrets.randbits); not a CSPRNG"
 
 
-class MetricRefused(RuntimeError):
+class MetricRefused(PrivacyRefusal, RuntimeError):
     """No metric leaves; the message is safe to send across the border."""
+
+    def border_safe(self) -> str:
+        """The message itself: it is written to be border-safe."""
+        return str(self)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from fedfsd.errors import InputError
 from fedfsd.privacy.accounting import compute_epsilon
 
 # Default σ/m (noise std on the averaged clipped gradient, in units of C): the DP schedule
@@ -69,7 +70,7 @@ RULE = "plan-v1: m = 2^k >= max(64, 2/noise_ratio) (<= N/2, cap); max T with sig
 _SIGMA_REL_TOL = 0.005  # σ is calibrated to within 0.5% (above) of the smallest admissible σ
 
 
-class PlanError(ValueError):
+class PlanError(InputError, ValueError):
     """A plan that cannot be made: bad inputs or an unreachable target; the message says why."""
 
 

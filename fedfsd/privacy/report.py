@@ -17,12 +17,14 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 
 from fedfsd import __version__
+from fedfsd.errors import InputError
 from fedfsd.privacy.accounting import compute_epsilon, normalise_history
+from fedfsd.privacy.release_record import ReleaseRecord
 from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
 
 SCHEMA = 1
@@ -103,7 +105,7 @@ FLEET_EXACT = (
 METRIC_MODEL = "metric:"  # Release.model prefix of a metric release (q = 1, no frames, no clip C)
 
 
-class ReportError(ValueError):
+class ReportError(InputError, ValueError):
     """A ledger that cannot be reported on (missing, empty, no such run)."""
 
 
@@ -159,7 +161,8 @@ def _num(rec: Mapping[str, Any], key: str, default: float = 0.0) -> float:
     return math.inf if v is None else float(v)
 
 
-def _release(rec: Mapping[str, Any], cumulative: int) -> pb.Release:
+def _release(rec: ReleaseRecord, cumulative: int) -> pb.Release:
+    """A ledger release line as it appears in the report."""
     return pb.Release(
         run_id=str(rec.get("run_id", "")),
         round=int(rec.get("round", 0)),
@@ -285,22 +288,8 @@ def tier(epsilon: float) -> str:
 
 def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.EpsilonReport:
     """The ε report of one ledger (one region and fleet), through the last release of `run_id`."""
-    from fedfsd.privacy.ledger import Ledger, LedgerError
-
     path = Path(ledger_path)
-    if not path.is_file():
-        raise ReportError(f"{path}: no such ledger file")
-    from fedfsd.privacy.ledger import SPENDING
-
-    led = Ledger(path)
-    try:
-        header = led.header
-        all_releases = [r for r in led.records() if r["kind"] in SPENDING]
-    except LedgerError as e:
-        raise ReportError(str(e)) from None
-    if not any(r["kind"] == "release" for r in all_releases):
-        raise ReportError(f"{path}: the ledger has no releases yet; nothing to report")
-    chosen = _select(all_releases, run_id, path)
+    led, header, chosen = _read_ledger(path, run_id)
     notes: list[str] = []
     if led.torn_tail is not None:
         notes.append("the ledger ends in a torn line (a crash mid-write); it was not counted")
@@ -314,16 +303,51 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
     for rec in chosen:
         cum += int(rec.get("steps", 0))
         rels.append(
-            _release(rec, cum) if rec["kind"] == "release" else _metric_release(rec, cum, accounted)
+            _release(cast(ReleaseRecord, rec), cum)
+            if rec["kind"] == "release"
+            else _metric_release(rec, cum, accounted)
         )
     last = chosen[-1]
-    delta = float(header.get("delta", last.get("delta", 0.0)))
-    vehicles = int(header.get("vehicles", last.get("vehicles", 0)))
-    budget = float(header.get("epsilon_budget", last.get("epsilon_budget", 0.0)))
 
     rep = pb.EpsilonReport(schema=SCHEMA, region=str(header["region"]))
     rep.fleet_id = str(header.get("fleet_id", ""))
     rep.private_training = private
+    _fill_unit(rep, rels)
+    _fill_scope(rep, chosen, led.records(), public_fleet)
+    rep.mechanism.CopyFrom(
+        _mechanism(rels, str(last.get("rng", "")), str(last.get("normalisation", "")))
+    )
+    rep.releases.extend(rels)
+    delta = float(header.get("delta", last.get("delta", 0.0)))
+    vehicles = int(header.get("vehicles", last.get("vehicles", 0)))
+    _fill_accounting(rep, rels, last, delta, vehicles, accounted, public_fleet, private, notes)
+    budget = float(header.get("epsilon_budget", last.get("epsilon_budget", 0.0)))
+    _fill_budget(rep, budget)
+    _fill_provenance(rep, chosen, rels, run_id, path, notes)
+    rep.notes.extend(notes)
+    rep.statement = _statement(rep)
+    return rep
+
+
+def _read_ledger(path: Path, run_id: str | None) -> tuple[Any, dict[str, Any], list[dict]]:
+    """The ledger, its header and the spending records through `run_id` (ReportError if none)."""
+    from fedfsd.privacy.ledger import SPENDING, Ledger, LedgerError
+
+    if not path.is_file():
+        raise ReportError(f"{path}: no such ledger file")
+    led = Ledger(path)
+    try:
+        header = led.header
+        all_releases = [r for r in led.records() if r["kind"] in SPENDING]
+    except LedgerError as e:
+        raise ReportError(str(e)) from None
+    if not any(r["kind"] == "release" for r in all_releases):
+        raise ReportError(f"{path}: the ledger has no releases yet; nothing to report")
+    return led, header, _select(all_releases, run_id, path)
+
+
+def _fill_unit(rep: pb.EpsilonReport, rels: Sequence[pb.Release]) -> None:
+    """The unit of privacy: the vehicle, and the bound on one vehicle's contribution."""
     rep.unit.CopyFrom(
         pb.UnitOfPrivacy(
             unit="vehicle",
@@ -338,6 +362,12 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
             ),
         )
     )
+
+
+def _fill_scope(
+    rep: pb.EpsilonReport, chosen: Sequence[dict], records: Sequence[dict], public_fleet: bool
+) -> None:
+    """The trust setting, and what this ε covers and does not."""
     rep.trust.setting = TRUST_SETTING
     rep.trust.parties.extend(pb.Party(name=n, trusted=t, sees=s) for n, t, s in PARTIES)
     rep.scope.covered.extend(COVERED)
@@ -353,7 +383,7 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
             "simulated data (`fedfsd model pretrain`), which holds no vehicle of this fleet; "
             "outside this ε"
         )
-    personal = [r for r in led.records() if r.get("kind") == "personalised"]
+    personal = [r for r in records if r.get("kind") == "personalised"]
     if personal:
         digests = ", ".join(str(r.get("weights_sha256", ""))[:12] for r in personal[-3:])
         rep.scope.not_covered.append(
@@ -361,11 +391,20 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
             "region on its own fleet data WITHOUT differential privacy: trained locally, not "
             "released, and refused by the region's egress guard"
         )
-    rep.mechanism.CopyFrom(
-        _mechanism(rels, str(last.get("rng", "")), str(last.get("normalisation", "")))
-    )
-    rep.releases.extend(rels)
 
+
+def _fill_accounting(
+    rep: pb.EpsilonReport,
+    rels: Sequence[pb.Release],
+    last: dict[str, Any],
+    delta: float,
+    vehicles: int,
+    accounted: int,
+    public_fleet: bool,
+    private: bool,
+    notes: list[str],
+) -> None:
+    """ε recomputed from the last release's accountant history (PRV headline, RDP cross-check)."""
     acc = rep.accounting
     acc.headline_accountant, acc.cross_check_accountant = "prv", "rdp"
     acc.delta = delta
@@ -398,12 +437,27 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
         acc.epsilon = acc.epsilon_rdp = math.inf
         notes.append("non-private ledger: no differential-privacy guarantee")
 
+
+def _fill_budget(rep: pb.EpsilonReport, budget: float) -> None:
+    """The budget, what of it is spent and what is left."""
+    acc = rep.accounting
     b = rep.budget
     b.epsilon_budget = budget
     b.epsilon_spent = acc.epsilon
     b.epsilon_remaining = max(budget - acc.epsilon, 0.0) if math.isfinite(acc.epsilon) else 0.0
     b.fraction_used = acc.epsilon / budget if budget > 0 else math.inf
 
+
+def _fill_provenance(
+    rep: pb.EpsilonReport,
+    chosen: Sequence[dict],
+    rels: Sequence[pb.Release],
+    run_id: str | None,
+    path: Path,
+    notes: list[str],
+) -> None:
+    """Which code wrote the releases and the report, which runs, which ledger bytes."""
+    last = chosen[-1]
     versions = sorted({str(r.get("code_version", "")) for r in chosen})
     if len(versions) > 1:
         notes.append(f"releases were made by several code versions: {', '.join(versions)}")
@@ -416,9 +470,6 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
     p.ledger_path = str(path)
     p.ledger_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     p.generated = _now()
-    rep.notes.extend(notes)
-    rep.statement = _statement(rep)
-    return rep
 
 
 def build_global_summary(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedfsd.errors import exit_code
+
 FORMATS = ("json", "md", "html")
 
 
@@ -77,7 +79,7 @@ def run_report(
             written.append(write_report(summary, d / f"epsilon-global.{fmt}", fmt))
     except (ReportError, LedgerError, AccountantError, ValueError, OSError) as e:
         _err(str(e))
-        return 1
+        return exit_code(e)  # bad input 2, a ledger that does not verify 4, else 1
     for rep in reports:
         a = rep.accounting
         print(

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedfsd.durable import fsync_dir
+from fedfsd.errors import InputError
 
 # The manifest fields a region's signature covers, in this order (docs/contracts.md).
 SIGNED_MANIFEST_FIELDS = (
@@ -52,7 +53,7 @@ SIGNED_MANIFEST_FIELDS = (
 )
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(InputError, ValueError):
     """A key file or key mapping that cannot be used; the message names the file."""
 
 

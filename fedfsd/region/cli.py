@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+from fedfsd.errors import ExitCode, exit_for
+from fedfsd.run_config import LOCAL_TRIAL, help_text
+
+if TYPE_CHECKING:  # the CLI imports torch, Flower and the data side only when a command runs
+    from rich.console import Console
+
+    from fedfsd.config import RegionPolicy, TrainRequest
+    from fedfsd.data.vehicles import VehicleFrames
+    from fedfsd.deploy.processes import ProcessGroup
+    from fedfsd.privacy.local_round import LocalRoundResult
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -15,7 +27,7 @@ def train_local(
     policy: Path = typer.Option(..., help="The region's policy TOML."),
     ledger: Path = typer.Option(..., help="The region's privacy ledger (created if absent)."),
     steps: int = typer.Option(..., help="Local steps (capped by the policy's max_local_steps)."),
-    model: str = typer.Option("mlp", help="mlp | bev_cnn"),
+    model: str = typer.Option(LOCAL_TRIAL.model, help=help_text("model")),
     non_private: bool = typer.Option(
         False, "--non-private", help="Baseline WITHOUT differential privacy (labelled everywhere)."
     ),
@@ -23,13 +35,17 @@ def train_local(
     round_idx: int = typer.Option(
         None, "--round", help="Round index (default: the next unused one for this run)."
     ),
-    lr: float = typer.Option(0.05, help="Learning rate."),
+    lr: float = typer.Option(LOCAL_TRIAL.lr, help=help_text("lr")),
     noise_multiplier: float = typer.Option(
-        1.0, help="σ asked (the policy minimum wins if higher)."
+        LOCAL_TRIAL.noise_multiplier, help=help_text("noise-multiplier")
     ),
-    clip_norm: float = typer.Option(1.0, help="C asked (the policy maximum wins if lower)."),
-    vehicles_per_step: int = typer.Option(16, help="Expected vehicles per step (q = this / V)."),
-    frames_per_vehicle: int = typer.Option(8, help="K: frames of one vehicle per step."),
+    clip_norm: float = typer.Option(LOCAL_TRIAL.clip_norm, help=help_text("clip-norm")),
+    vehicles_per_step: int = typer.Option(
+        LOCAL_TRIAL.vehicles_per_step, help=help_text("vehicles-per-step")
+    ),
+    frames_per_vehicle: int = typer.Option(
+        LOCAL_TRIAL.frames_per_vehicle, help=help_text("frames-per-vehicle")
+    ),
     init: Path = typer.Option(None, help="Start from these weights (.npz); default: fresh model."),
     out: Path = typer.Option(None, help="Write the released weights here (.npz)."),
     seed: int = typer.Option(None, help="Fix sampling and noise seeds (tests only: not secret)."),
@@ -38,94 +54,137 @@ def train_local(
     ),
 ) -> None:
     """Train one local round outside any federation; print ε spent and left."""
-    from fedfsd.privacy.cli import fail
+    from rich.console import Console
 
-    try:
-        import numpy as np
-        from pydantic import ValidationError
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        from fedfsd.config import PolicyError, TrainRequest, load_policy
-        from fedfsd.models import MODEL_NAMES, build_model, get_weights
-        from fedfsd.privacy.accounting import AccountantError
-        from fedfsd.privacy.ledger import Ledger, LedgerError
-        from fedfsd.privacy.local_round import BudgetExceeded, run_local_round
-    except ImportError as e:  # pragma: no cover - broken install
-        fail(f"cannot import training code: {e}")
-
-    if model not in MODEL_NAMES:
-        fail(f"--model must be one of {', '.join(MODEL_NAMES)}, not {model!r}")
-    if steps < 1:
-        fail("--steps must be >= 1")
-    try:
-        pol = load_policy(policy)
-        request = TrainRequest(
-            local_steps=steps,
-            lr=lr,
-            noise_multiplier=noise_multiplier,
-            clip_norm=clip_norm,
-            vehicles_per_step=vehicles_per_step,
-            frames_per_vehicle=frames_per_vehicle,
-            model=model,
-        )
-    except PolicyError as e:
-        fail(str(e))
-    except ValidationError as e:
-        err = e.errors()[0]
-        fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
-
-    if synthetic is not None:
-        from fedfsd.data.testing import make_synthetic_frames
-
-        frames = make_synthetic_frames(
-            synthetic, 20, seed=0, with_bev=model == "bev_cnn", region=pol.region
-        )
-    elif data is None:
-        fail("--data is required")
-    else:
-        try:
-            from fedfsd.data.validate import DatasetError
-        except ImportError:  # pragma: no cover - data package without validation
-            DatasetError = ValueError  # noqa: N806
-        from fedfsd.data.vehicles import load_vehicle_frames
-
-        try:
-            frames = load_vehicle_frames(data, split="train")
-        except (DatasetError, OSError, ValueError) as e:
-            fail(f"{data}: {e}")
-
-    kw = (
-        {"in_channels": int(frames.bev.shape[1])}
-        if model == "bev_cnn" and frames.bev is not None
-        else {}
-    )
-    if model == "bev_cnn" and frames.bev is None:
-        fail(f"{data}: --model bev_cnn needs a dataset generated --with-bev")
-    if init is not None:
-        try:
-            with np.load(init) as z:
-                weights = {k: z[k].astype(np.float32) for k in z.files}
-        except (OSError, ValueError) as e:
-            fail(f"{init}: cannot read weights: {e}")
-    else:
-        weights = get_weights(
-            build_model(model, frames.features.shape[1], frames.labels.shape[1], **kw)
-        )
-
-    lg = Ledger(ledger)
+    fields = {
+        "local_steps": steps,
+        "lr": lr,
+        "noise_multiplier": noise_multiplier,
+        "clip_norm": clip_norm,
+        "vehicles_per_step": vehicles_per_step,
+        "frames_per_vehicle": frames_per_vehicle,
+        "model": model,
+    }
+    pol, request = _trial_request(policy, steps, fields)
+    frames = _trial_frames(data, synthetic, model, pol.region)
+    weights = _start_weights(init, model, frames, data)
     if round_idx is None:
-        try:
-            done = (
-                [r["round"] for r in lg.releases() if r["run_id"] == run_id] if lg.exists() else []
-            )
-        except LedgerError as e:
-            fail(str(e))
-        round_idx = max(done, default=-1) + 1
-
+        round_idx = _next_round(ledger, run_id)
     con = Console()
     if non_private:
         con.print("[bold red]NON-PRIVATE baseline: no differential privacy, ε = ∞[/]")
+    res = _trial_round(
+        con,
+        frames,
+        pol,
+        ledger,
+        weights,
+        request,
+        run_id,
+        round_idx,
+        private=not non_private,
+        seed=seed,
+    )
+    if out is not None:
+        import numpy as np
+
+        np.savez(out, **res.new_weights)
+    _print_trial(con, res, run_id, round_idx, pol.delta)
+
+
+def _trial_request(policy: Path, steps: int, fields: dict) -> tuple[RegionPolicy, TrainRequest]:
+    """The region's policy and the request; a bad flag or policy stops with exit 2."""
+    from pydantic import ValidationError
+
+    from fedfsd.config import PolicyError, TrainRequest, load_policy
+    from fedfsd.models import MODEL_NAMES
+
+    if fields["model"] not in MODEL_NAMES:
+        exit_for(f"--model must be one of {', '.join(MODEL_NAMES)}, not {fields['model']!r}")
+    if steps < 1:
+        exit_for("--steps must be >= 1")
+    try:
+        return load_policy(policy), TrainRequest(**fields)
+    except PolicyError as e:
+        exit_for(e)
+    except ValidationError as e:
+        err = e.errors()[0]
+        exit_for(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+
+
+def _trial_frames(
+    data: Path | None, synthetic: int | None, model: str, region: str
+) -> VehicleFrames:
+    """The training frames: the dataset's train split, or a synthetic fleet (tests, demos)."""
+    if synthetic is not None:
+        from fedfsd.data.testing import make_synthetic_frames
+
+        return make_synthetic_frames(
+            synthetic, 20, seed=0, with_bev=model == "bev_cnn", region=region
+        )
+    if data is None:
+        exit_for("--data is required")
+    from fedfsd.data.validate import DatasetError
+    from fedfsd.data.vehicles import load_vehicle_frames
+
+    try:
+        frames = load_vehicle_frames(data, split="train")
+    except (DatasetError, OSError, ValueError) as e:
+        exit_for(f"{data}: {e}")
+    return frames
+
+
+def _start_weights(init: Path | None, model: str, frames: VehicleFrames, data: Path | None) -> dict:
+    """The weights the round starts from: --init, or a fresh registry model."""
+    import numpy as np
+
+    from fedfsd.models import build_model, get_weights
+
+    if model == "bev_cnn" and frames.bev is None:
+        exit_for(f"{data}: --model bev_cnn needs a dataset generated --with-bev")
+    if init is not None:
+        try:
+            with np.load(init) as z:
+                return {k: z[k].astype(np.float32) for k in z.files}
+        except (OSError, ValueError) as e:
+            exit_for(f"{init}: cannot read weights: {e}")
+    kw = {"in_channels": int(frames.bev.shape[1])} if model == "bev_cnn" else {}
+    return get_weights(build_model(model, frames.features.shape[1], frames.labels.shape[1], **kw))
+
+
+def _next_round(ledger: Path, run_id: str) -> int:
+    """The next round index this run has not released on the ledger."""
+    from fedfsd.privacy.ledger import Ledger, LedgerError
+
+    lg = Ledger(ledger)
+    try:
+        done = [r["round"] for r in lg.releases() if r["run_id"] == run_id] if lg.exists() else []
+    except LedgerError as e:
+        exit_for(e)
+    return max(done, default=-1) + 1
+
+
+def _trial_round(
+    con: Console,
+    frames: VehicleFrames,
+    pol: RegionPolicy,
+    ledger: Path,
+    weights: dict,
+    request: TrainRequest,
+    run_id: str,
+    round_idx: int,
+    *,
+    private: bool,
+    seed: int | None,
+) -> LocalRoundResult:
+    """run_local_round behind a progress bar; a refusal or failure stops with its exit code."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from fedfsd.config import PolicyError
+    from fedfsd.privacy.accounting import AccountantError
+    from fedfsd.privacy.ledger import LedgerError
+    from fedfsd.privacy.local_round import BudgetExceeded, run_local_round
+
     try:
         with Progress(
             TextColumn("[bold]round {task.fields[rnd]}"),
@@ -135,8 +194,9 @@ def train_local(
             console=con,
             transient=True,
         ) as prog:
-            task = prog.add_task("train", total=min(steps, pol.max_local_steps), rnd=round_idx)
-            res = run_local_round(
+            total = min(request.local_steps, pol.max_local_steps)
+            task = prog.add_task("train", total=total, rnd=round_idx)
+            return run_local_round(
                 frames,
                 pol,
                 ledger,
@@ -144,18 +204,19 @@ def train_local(
                 request,
                 run_id,
                 round_idx,
-                model,
-                private=not non_private,
+                request.model,
+                private=private,
                 seed=seed,
                 progress=lambda s, n: prog.update(task, completed=s),
             )
-    except BudgetExceeded as e:
-        fail(str(e), code=3)
-    except (PolicyError, LedgerError, AccountantError, ValueError) as e:
-        fail(str(e))
+    except (BudgetExceeded, PolicyError, LedgerError, AccountantError, ValueError) as e:
+        exit_for(e)
 
-    if out is not None:
-        np.savez(out, **res.new_weights)
+
+def _print_trial(
+    con: Console, res: LocalRoundResult, run_id: str, round_idx: int, delta: float
+) -> None:
+    """What left (or that nothing did) and the ε spent and left."""
     what = "re-used cached release (no new spend)" if res.cached else "released"
     if res.private:
         con.print(
@@ -165,7 +226,7 @@ def train_local(
             f"‖Δ‖ = {res.update_norm:.3f}"
         )
         con.print(
-            f"ε spent = {res.epsilon:.4f} (PRV; RDP {res.epsilon_rdp:.4f}) at δ = {pol.delta:g}; "
+            f"ε spent = {res.epsilon:.4f} (PRV; RDP {res.epsilon_rdp:.4f}) at δ = {delta:g}; "
             f"budget {res.budget:g}; ε left = {res.epsilon_left:.4f}"
         )
     else:
@@ -186,13 +247,12 @@ def keygen(
     they list it in the aggregator's `region-keys` file (docs/deploy.md).
     """
     from fedfsd.privacy import signing
-    from fedfsd.privacy.cli import fail
 
     path = key or signing.ledger_key_path(ledger)
     try:
         k = signing.generate_key(path)
     except (signing.SigningKeyError, OSError) as e:
-        fail(str(e))
+        exit_for(e)
     typer.echo(f"private key {path} (mode 0600; never leaves the region)")
     typer.echo(f"public key  {signing.public_path(path)}")
     typer.echo(f"public key (hex) {signing.public_hex(k.public_key())}")
@@ -231,8 +291,6 @@ def finetune(
 
     from rich.console import Console
 
-    from fedfsd.privacy.cli import fail
-
     try:
         from fedfsd.data.validate import DatasetError
         from fedfsd.data.vehicles import load_vehicle_frames
@@ -246,16 +304,16 @@ def finetune(
             write_personal_model,
         )
     except ImportError as e:  # pragma: no cover - broken install
-        fail(f"cannot import training code: {e}")
+        exit_for(f"cannot import training code: {e}")
 
     try:
         received = load_weights(model)
     except (OSError, ValueError) as e:
-        fail(f"{model}: cannot read weights: {e}")
+        exit_for(f"{model}: cannot read weights: {e}")
     arch = "mlp" if any(k.startswith("net.") for k in received) else "bev_cnn"
     lg = Ledger(ledger)
     if not lg.exists():
-        fail(
+        exit_for(
             f"{ledger}: no such ledger; give the region's own ledger (the one its egress path "
             "reads) so that the personalised model is recorded and never released"
         )
@@ -263,13 +321,13 @@ def finetune(
         frames_train = load_vehicle_frames(data, split="train")
         frames_val = load_vehicle_frames(data, split="val")
     except (DatasetError, OSError, ValueError) as e:
-        fail(f"{data}: {e}")
+        exit_for(f"{data}: {e}")
     try:
         head = lg.header
     except LedgerError as e:
-        fail(str(e))
+        exit_for(e)
     if (head["region"], head["fleet_id"]) != (frames_train.region, frames_train.fleet_id):
-        fail(
+        exit_for(
             f"{ledger}: ledger is for {head['region']}/{head['fleet_id']}, the dataset is "
             f"{frames_train.region}/{frames_train.fleet_id}"
         )
@@ -298,7 +356,7 @@ def finetune(
                 on_eval=view.on_eval,
             )
     except ValueError as e:
-        fail(str(e))
+        exit_for(e)
     desc = describe(res, frames_train, frames_val)
     desc["dataset"] = str(data.resolve())
     desc["base_model_file"] = str(model.resolve())
@@ -306,7 +364,7 @@ def finetune(
         side = write_personal_model(out, res, desc)
         rec = record_personalised(ledger, desc, out)
     except (OSError, LedgerError) as e:
-        fail(str(e))
+        exit_for(e)
     if as_json:
         sys.stdout.write(json.dumps({**desc, "sidecar": str(side), "ledger_time": rec["time"]}))
         sys.stdout.write("\n")
@@ -335,7 +393,7 @@ def register(
     ),
 ) -> None:
     """(Aggregator side) Allow a region's SuperNode key on the SuperLink."""
-    from fedfsd.deploy.admin import AggregatorDir, fail, need_file
+    from fedfsd.deploy.admin import AggregatorDir, need_file
     from fedfsd.deploy.control import ControlClient, ControlError
 
     d = AggregatorDir(dir.resolve())
@@ -346,11 +404,11 @@ def register(
 
         try_load_public_key(key)
     except (Exception, SystemExit) as err:  # flwr exits on a bad key
-        fail(f"{key}: not an OpenSSH NIST-curve EC public key ({err})")
+        exit_for(f"{key}: not an OpenSSH NIST-curve EC public key ({err})")
     try:
         node_id = ControlClient(d.flwr_home, d.root).register(key)
     except ControlError as err:
-        fail(str(err).splitlines()[0])
+        exit_for(str(err).splitlines()[0])
     typer.secho(f"registered {key.name}: SuperNode id {node_id}", fg=typer.colors.GREEN)
 
 
@@ -370,48 +428,12 @@ def start(
     insecure: bool = typer.Option(False, "--insecure", help="Development only: no TLS/auth."),
 ) -> None:
     """Run this region: a SuperNode (process isolation) + the region's own executor."""
-    from fedfsd.config import PolicyError, load_policy
-    from fedfsd.deploy.admin import (
-        DEV_WARNING,
-        block_until_interrupted,
-        fail,
-        need_file,
-        parse_host_port,
-        warn,
-    )
-    from fedfsd.deploy.federation import executor_argv, supernode_argv
-    from fedfsd.deploy.processes import (
-        ProcessError,
-        ProcessGroup,
-        flower_env,
-        wait_for_port,
-        wait_until,
-    )
+    from fedfsd.deploy.admin import block_until_interrupted
+    from fedfsd.deploy.processes import ProcessError, ProcessGroup
 
-    parse_host_port(superlink, "--superlink")
-    pol_path = need_file(policy, "--policy")
-    try:
-        pol = load_policy(pol_path)
-    except PolicyError as err:
-        fail(str(err))
-    if not (data / "manifest.json").is_file():
-        fail(f"--data: {data} is not a fedfsd dataset (no manifest.json)")
-    if insecure:
-        warn(DEV_WARNING)
-        ca_path = key_path = None
-    else:
-        ca_path, key_path = need_file(ca, "--ca"), need_file(key, "--key")
-        from fedfsd.deploy.tlsprobe import tls_problem
-
-        if problem := tls_problem(superlink, ca_path):  # not a silent 120 s timeout later
-            fail(f"region {pol.region}: {problem}", code=1)
-    ledger = ledger.resolve()
-    logs = (log_dir or ledger.parent / "logs").resolve()
-    try:
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-        logs.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        fail(f"--ledger/--log-dir: cannot create {err.filename}: {err.strerror}")
+    pol_path, pol = _start_policy(superlink, policy, data)
+    ca_path, key_path = _start_credentials(superlink, ca, key, insecure, pol.region)
+    ledger, logs = _start_dirs(ledger, log_dir)
     node_cfg = {
         "region": pol.region,
         "data-dir": str(data.resolve()),
@@ -420,34 +442,103 @@ def start(
     }
     group = ProcessGroup(logs)
     try:
-        node = group.start(
-            "supernode",
-            supernode_argv(superlink, runtime_port, node_cfg, ca_path, key_path),
-            env=flower_env(),
+        procs = _start_processes(
+            group, superlink, runtime_port, node_cfg, ca_path, key_path, pol_path, clientapp, logs
         )
-        wait_for_port("127.0.0.1", runtime_port, 60, node)
-        execu = group.start(
-            "executor",
-            executor_argv(runtime_port, pol_path, clientapp, None, logs / "decisions.jsonl"),
-            env=flower_env(),
-        )
-        wait_until(lambda: "SuperNode ID:" in node.log_tail(100_000), 120, "the SuperLink", node)
     except ProcessError as err:
         group.stop_all()
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        if any("Failed to activate SuperNode" in ln for ln in lines):
-            reason = (
-                "the SuperLink refused this region (Failed to activate SuperNode: "
-                "is its public key registered with `fedfsd region register`?)"
-            )
-        else:
-            reason = next((ln for ln in lines if "Failed to" in ln), lines[0])
-        fail(f"region {pol.region}: {reason} (logs {logs})", code=1)
+        exit_for(f"region {pol.region}: {_start_failure(err)} (logs {logs})", ExitCode.FAILED)
     typer.secho(
         f"region {pol.region} connected to {superlink}; executor serves {clientapp} "
         f"(allow-list: {len(pol.allowed_app_digests) or 'any'} digest(s)); logs {logs}",
         fg=typer.colors.GREEN,
     )
-    code = block_until_interrupted([node, execu], f"region {pol.region}")
+    code = block_until_interrupted(procs, f"region {pol.region}")
     group.stop_all()
     raise typer.Exit(code)
+
+
+def _start_policy(superlink: str, policy: Path, data: Path) -> tuple[Path, RegionPolicy]:
+    """The checked --superlink, the region's policy file and policy, and a dataset (exit 2)."""
+    from fedfsd.config import PolicyError, load_policy
+    from fedfsd.deploy.admin import need_file, parse_host_port
+
+    parse_host_port(superlink, "--superlink")
+    pol_path = need_file(policy, "--policy")
+    try:
+        pol = load_policy(pol_path)
+    except PolicyError as err:
+        exit_for(err)
+    if not (data / "manifest.json").is_file():
+        exit_for(f"--data: {data} is not a fedfsd dataset (no manifest.json)")
+    return pol_path, pol
+
+
+def _start_credentials(
+    superlink: str, ca: Path | None, key: Path | None, insecure: bool, region: str
+) -> tuple[Path | None, Path | None]:
+    """The CA and node key; the SuperLink's certificate is probed now, not after a 120 s wait."""
+    from fedfsd.deploy.admin import DEV_WARNING, need_file, warn
+
+    if insecure:
+        warn(DEV_WARNING)
+        return None, None
+    ca_path, key_path = need_file(ca, "--ca"), need_file(key, "--key")
+    from fedfsd.deploy.tlsprobe import tls_problem
+
+    if problem := tls_problem(superlink, ca_path):
+        exit_for(f"region {region}: {problem}", ExitCode.FAILED)
+    return ca_path, key_path
+
+
+def _start_dirs(ledger: Path, log_dir: Path | None) -> tuple[Path, Path]:
+    """The ledger's directory and the log directory, created (exit 2 when they cannot be)."""
+    ledger = ledger.resolve()
+    logs = (log_dir or ledger.parent / "logs").resolve()
+    try:
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        exit_for(f"--ledger/--log-dir: cannot create {err.filename}: {err.strerror}")
+    return ledger, logs
+
+
+def _start_processes(
+    group: ProcessGroup,
+    superlink: str,
+    runtime_port: int,
+    node_cfg: dict,
+    ca_path: Path | None,
+    key_path: Path | None,
+    pol_path: Path,
+    clientapp: str,
+    logs: Path,
+) -> list:
+    """The SuperNode, then the region's own executor; returns once the SuperLink accepted it."""
+    from fedfsd.deploy.federation import executor_argv, supernode_argv
+    from fedfsd.deploy.processes import flower_env, wait_for_port, wait_until
+
+    node = group.start(
+        "supernode",
+        supernode_argv(superlink, runtime_port, node_cfg, ca_path, key_path),
+        env=flower_env(),
+    )
+    wait_for_port("127.0.0.1", runtime_port, 60, node)
+    execu = group.start(
+        "executor",
+        executor_argv(runtime_port, pol_path, clientapp, None, logs / "decisions.jsonl"),
+        env=flower_env(),
+    )
+    wait_until(lambda: "SuperNode ID:" in node.log_tail(100_000), 120, "the SuperLink", node)
+    return [node, execu]
+
+
+def _start_failure(err: Exception) -> str:
+    """One line saying why the region did not come up (the SuperLink's refusal named as such)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if any("Failed to activate SuperNode" in ln for ln in lines):
+        return (
+            "the SuperLink refused this region (Failed to activate SuperNode: "
+            "is its public key registered with `fedfsd region register`?)"
+        )
+    return next((ln for ln in lines if "Failed to" in ln), lines[0] if lines else "failed")

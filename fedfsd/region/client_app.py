@@ -42,6 +42,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfsd import wire
+from fedfsd.errors import InputError, PrivacyRefusal, border_reason
 from fedfsd.region.egress import (
     guard_update,
     make_manifest,
@@ -65,8 +66,16 @@ SIM_DEFAULTS: dict[str, Any] = {
 }
 
 
-class SetupError(RuntimeError):
+class BadTrainRequest(InputError, ValueError):
+    """The message itself is malformed (run id, round, arrays, request fields)."""
+
+    border_reason = "bad train request"
+
+
+class SetupError(InputError, RuntimeError):
     """The node is not configured as a region (missing node config keys, missing files)."""
+
+    border_reason = "region not configured"
 
 
 @dataclass(frozen=True)
@@ -221,36 +230,33 @@ def _sim_policy(setup: RegionSetup, n_vehicles: int) -> Any:
 
 
 def _request(cfg: Mapping[str, Any]) -> Any:
+    """The train request the message carries; a bad field is the sender's error, not a bug."""
+    from pydantic import ValidationError
+
     from fedfsd.config import TrainRequest
+    from fedfsd.run_config import TRAIN_FIELDS
 
-    keys = {
-        "local-steps": "local_steps",
-        "lr": "lr",
-        "noise-multiplier": "noise_multiplier",
-        "clip-norm": "clip_norm",
-        "vehicles-per-step": "vehicles_per_step",
-        "frames-per-vehicle": "frames_per_vehicle",
-        "model": "model",
-        "initial-model-sha256": "initial_model_sha256",
-    }
-    return TrainRequest(**{v: cfg[k] for k, v in keys.items() if k in cfg})
+    keys = {key: name for name, key in TRAIN_FIELDS.items()}
+    keys["initial-model-sha256"] = "initial_model_sha256"
+    try:
+        return TrainRequest(**{v: cfg[k] for k, v in keys.items() if k in cfg})
+    except ValidationError as e:
+        raise BadTrainRequest(f"train request: {e}") from e
 
 
-def _refusal_category(exc: BaseException) -> str:
-    """A short reason that may cross the border (no paths, no rows, no vehicle ids)."""
-    name = type(exc).__name__
-    if name == "BudgetExceeded":
-        return str(exc)  # states only ε spent, projected and the budget
-    return {
-        "DatasetError": "dataset invalid",
-        "PolicyError": "policy invalid or does not fit the data",
-        "SetupError": "region not configured",
-        "LedgerError": "privacy ledger refused the release",
-        "EgressError": "egress guard refused the update",
-        "EgressRefused": "egress refused: a personalised model never leaves the region",
-        "ValidationError": "bad train request",
-        "KeyError": "bad train request",
-    }.get(name, f"internal error ({name})")
+def _run_round(cfg: Mapping[str, Any]) -> tuple[str, int]:
+    """The run id and round a message names, or BadTrainRequest."""
+    run_id, rnd = str(cfg.get("run-id", "")), cfg.get("round", 0)
+    if not run_id or isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
+        raise BadTrainRequest(f"run-id {run_id!r} / round {rnd!r}")
+    return run_id, rnd
+
+
+def _received(message: Message) -> dict[str, np.ndarray]:
+    """The global weights a message carries, or BadTrainRequest."""
+    if wire.ARRAYS not in message.content.array_records:
+        raise BadTrainRequest(f"no {wire.ARRAYS!r} array record")
+    return wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
 
 
 def _ledger_epsilon(ledger_path: Path, delta: float) -> float:
@@ -348,9 +354,11 @@ def handle_train(
     try:
         setup = resolve_setup(context.node_config, run_config)
         region = setup.region or region
-        if not run_id or isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
+        try:
+            run_id, rnd = _run_round(cfg)
+        except BadTrainRequest:
             rnd = 0
-            raise KeyError("run-id/round")
+            raise
         frames = CACHE.frames(setup, "train", deps)
         policy = CACHE.policy(setup, deps, frames.n_vehicles)
         region = policy.region
@@ -360,7 +368,7 @@ def handle_train(
             raise PolicyError(f"node config region {setup.region!r} != policy {policy.region!r}")
         ledger = setup.ledger_for(run_id)
         ledger.parent.mkdir(parents=True, exist_ok=True)
-        received = wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
+        received = _received(message)
         request = _request(cfg)
         res = deps.local_round(
             frames,
@@ -399,11 +407,13 @@ def handle_train(
                 LOG.warning("region %s: train loss withheld in round %s: %r", region, rnd, e)
     except Exception as e:
         LOG.warning("region %s refused round %s of run %s: %r", region, rnd, run_id, e)
-        if type(e).__name__ == "BudgetExceeded":
-            eps = float(getattr(e, "spent", 0.0))
+        from fedfsd.privacy.local_round import BudgetExceeded
+
+        if isinstance(e, BudgetExceeded):
+            eps = e.spent
         else:
             eps = _ledger_epsilon(ledger, policy.delta) if ledger and policy else 0.0
-        return _refuse_train(message, region, run_id, rnd, _refusal_category(e), policy, eps)
+        return _refuse_train(message, region, run_id, rnd, border_reason(e), policy, eps)
     if release.clipped:
         LOG.info("egress clipped the update of round %d from %.4g", rnd, release.raw_norm)
     metrics: dict[str, float | int] = {
@@ -439,8 +449,7 @@ def handle_evaluate(
     try:
         setup = resolve_setup(context.node_config, run_config)
         region = setup.region or region
-        if not run_id or isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
-            raise KeyError("run-id/round")
+        run_id, rnd = _run_round(cfg)
         train = CACHE.frames(setup, "train", deps)
         policy = CACHE.policy(setup, deps, train.n_vehicles)
         region = policy.region
@@ -470,14 +479,11 @@ def handle_evaluate(
             raise _Refused("metric release refused")
     except Exception as e:
         LOG.warning("region %s refused evaluation: %r", region, e)
-        reason = str(e) if type(e).__name__ in ("_Refused", "MetricRefused") else None
         return _reply(
             message,
             {
                 wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0}),
-                wire.REGION: ConfigRecord(
-                    {"name": region, "refused_reason": reason or _refusal_category(e)}
-                ),
+                wire.REGION: ConfigRecord({"name": region, "refused_reason": border_reason(e)}),
             },
         )
     metrics[wire.NUM_EXAMPLES] = 1
@@ -487,8 +493,12 @@ def handle_evaluate(
     )
 
 
-class _Refused(RuntimeError):
+class _Refused(PrivacyRefusal, RuntimeError):
     """An evaluation this region does not answer; the message is border-safe."""
+
+    def border_safe(self) -> str:
+        """The message itself: it is written to be border-safe."""
+        return str(self)
 
 
 def make_client_app(

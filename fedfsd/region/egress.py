@@ -19,11 +19,16 @@ from typing import Any
 import numpy as np
 
 from fedfsd import __version__
+from fedfsd.errors import PrivacyRefusal
+from fedfsd.privacy.clipping import clip_update
+from fedfsd.privacy.release_record import ReleaseRecord
 from fedfsd.wire import MANIFEST_SCHEMA, UpdateManifest, array_digest, l2_norm
 
 
-class EgressError(ValueError):
+class EgressError(PrivacyRefusal, ValueError):
     """An update that must not leave the region (wrong names, non-float, 0-d, non-finite)."""
+
+    border_reason = "egress guard refused the update"
 
 
 @dataclass(frozen=True)
@@ -62,29 +67,14 @@ def compute_update(
     return update
 
 
-def clip_update(
-    update: Mapping[str, np.ndarray], bound: float
-) -> tuple[dict[str, np.ndarray], float]:
-    """Scale the whole update so its global L2 norm is ≤ bound; returns (arrays, raw norm)."""
-    if not bound > 0:
-        raise EgressError(f"update norm bound must be > 0, got {bound}")
-    raw = l2_norm(update)
-    out = {k: np.asarray(v, dtype=np.float32) for k, v in update.items()}
-    if raw > bound:
-        # Aim a hair below the bound so float32 rounding can never push the result over it.
-        scale = np.float32(bound / raw * (1.0 - 1e-6))
-        out = {k: (v * scale).astype(np.float32) for k, v in out.items()}
-        while l2_norm(out) > bound:  # pragma: no cover - only on pathological rounding
-            out = {k: (v * np.float32(1.0 - 1e-5)).astype(np.float32) for k, v in out.items()}
-    return out, raw
-
-
 def guard_update(
     received: Mapping[str, np.ndarray], new_weights: Mapping[str, np.ndarray], bound: float
 ) -> Release:
     """Everything the egress guard does, in order: diff, type checks, clip, digest."""
+    if not bound > 0:
+        raise EgressError(f"update norm bound must be > 0, got {bound}")
     update = compute_update(received, new_weights)
-    clipped, raw = clip_update(update, bound)
+    clipped, raw = clip_update(update, bound)  # the same clipper the local round used
     return Release(
         arrays=clipped,
         norm=l2_norm(clipped),
@@ -165,7 +155,7 @@ def release_manifest(
     run_id: str,
     round_idx: int,
     release: Release,
-    record: Mapping[str, Any],
+    record: ReleaseRecord,
     update_norm_bound: float,
     epsilon: float,
     epsilon_rdp: float,
@@ -217,6 +207,8 @@ def num_examples(weighting: str, n_vehicles: int) -> int:
 
 class EgressRefused(EgressError):
     """What would leave equals a model that must never leave the region (a personalised one)."""
+
+    border_reason = "egress refused: a personalised model never leaves the region"
 
 
 def refuse_personalised(

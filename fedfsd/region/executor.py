@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedfsd.errors import PrivacyRefusal
+
 log = logging.getLogger("fedfsd.executor")
 
 DEFAULT_CLIENTAPP = "fedfsd.region.client_app:app"
@@ -42,7 +44,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 8 << 20  # RegionPolicy.max_message_bytes' default
 MAX_OBJECTS = 100_000  # objects in one message's tree (a model has a few hundred)
 
 
-class MessageRefused(RuntimeError):
+class MessageRefused(PrivacyRefusal, RuntimeError):
     """The task's message is refused before it is pulled whole (size, object ids)."""
 
 
