@@ -35,6 +35,8 @@ manifest, the aggregator's `verify_update`, then the server optimiser.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 import zlib
@@ -495,7 +497,36 @@ def run_cell(st: Study, n: int, seed: int, work: str, pretrained: dict[str, np.n
 
     scores = {name: score(st, w, tests) for name, w in models.items()}
     return {"n": n, "seed": seed, "scores": scores, "chosen": chosen,
-            "seconds": time.monotonic() - t0}  # fmt: skip
+            "seconds": time.monotonic() - t0, "study_key": study_key(st)}  # fmt: skip
+
+
+# Settings that say which cells a run computes, not how a cell is computed.
+_CELL_SELECTION = ("sizes", "seeds", "max_seeds_large", "seeds_large_from", "workers")
+
+
+def study_key(st: Study) -> str:
+    """Digest of every setting that changes a cell's numbers (and of the planner's rule).
+
+    Cells kept from an earlier run (`--keep-cells`) join a summary only when their key matches,
+    so a table never mixes cells computed under different settings.
+    """
+    from fedfsd.privacy.planner import NOISE_RATIO, RULE
+
+    doc = {k: v for k, v in asdict(st).items() if k not in _CELL_SELECTION}
+    doc["planner"] = [RULE, NOISE_RATIO]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def kept_cells(st: Study, folder: Path) -> list[dict]:
+    """Cells earlier runs wrote to `folder` under this study's key (they are not recomputed)."""
+    key, out = study_key(st), []
+    for path in sorted(folder.glob("cell-n*-s*.json")):
+        cell = json.loads(path.read_text())
+        if cell.get("study_key") == key:
+            out.append(cell)
+        elif cell.get("study_key") != key:
+            console.print(f"[yellow]not kept: {path.name} (computed under other settings)")
+    return out
 
 
 def pretrain_public(st: Study, work: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -693,6 +724,11 @@ def main(
     epsilons: str = typer.Option(None, help="comma-separated ε targets, e.g. 1,3,8"),
     seeds: int = typer.Option(None, help="seeds per size (sizes ≥ --large get --max-seeds-large)"),
     workers: int = typer.Option(None, help="parallel processes (one (size, seed) cell each)"),
+    keep_cells: bool = typer.Option(
+        False,
+        help="also summarise the cells earlier runs wrote to the output folder with the same "
+        "settings (to add sizes or seeds without recomputing the others)",
+    ),
 ) -> None:
     """Run the study, print the tables, write fleet_scale.json and fleet_scale.png."""
     preset = sized_preset(SIZES, quick, tiny, workers=workers)
@@ -719,15 +755,20 @@ def main(
         import shutil
 
         shutil.rmtree(work)  # old ledgers would refuse (budget) or replay (cache)
+    requested = list(st.sizes)
+    kept = kept_cells(st, folder) if keep_cells else []
+    if kept:  # the data (and its test split) is the one of the largest fleet summarised
+        st = replace(st, sizes=sorted({*requested, *(c["n"] for c in kept)}))
     t0 = time.monotonic()
     _init_worker(st, data)  # generates (once, cached) and loads in this process
     load_s = time.monotonic() - t0
     pretrained, pre_info = pretrain_public(st, work)
     cells_todo = [
         (n, s)
-        for n in st.sizes
+        for n in requested
         for s in (st.seeds if n < st.seeds_large_from else st.seeds[: st.max_seeds_large])
     ]
+    cells_todo = [c for c in cells_todo if c not in {(k["n"], k["seed"]) for k in kept}]
     # Largest cells first so the two workers finish together.
     cells_todo.sort(key=lambda c: -c[0])
     cells: list[dict] = []
@@ -749,6 +790,9 @@ def main(
                 write_json(folder / f"cell-n{cells[-1]['n']}-s{cells[-1]['seed']}.json", cells[-1])
                 console.print(f"  {cells[-1]['n']} vehicles, seed {cells[-1]['seed']}: "
                               f"{cells[-1]['seconds']:.0f} s")  # fmt: skip
+    if kept:
+        cells += kept
+        console.print(f"kept {len(kept)} cell(s) of earlier runs with the same settings")
     doc = {
         "study": asdict(st),
         "machine": machine(),

@@ -29,6 +29,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fedfsd.run_config import TrainSchedule, default
+
 console = Console()
 
 DEMO_REGIONS = ("cn", "eu", "us")
@@ -47,8 +49,8 @@ class DemoConfig:
     vehicles: int = 2000
     data_seed: int = 7
     rounds: int = 5
-    frames_per_vehicle: int = 8
-    clip_norm: float = 1.0
+    frames_per_vehicle: int = default("frames-per-vehicle")
+    clip_norm: float = default("clip-norm")
     epsilon_budget: float = 8.0
     # The planner aims a little below the budget: each region's ledger refuses a round that
     # would overspend, and a region's σ floor may differ from the plan's σ.
@@ -58,8 +60,8 @@ class DemoConfig:
     max_vehicles_per_step: int = 512  # CPU time per step on 2 cores
     max_total_steps: int = 300
     update_norm_bound: float = 20.0
-    round_timeout: float = 120.0
-    model: str = "mlp"
+    round_timeout: float = default("round-timeout")
+    model: str = default("model")
     # Non-private training in each region (its own model and the personalised one): early
     # stopping on the region's validation episodes.
     local_max_steps: int = 1200
@@ -86,15 +88,21 @@ class DemoConfig:
 
     def run_config(self, run_dir: Path, run_id: str, plan: Any) -> dict[str, Any]:
         """The aggregator's run config (what it *asks*; each region's policy may tighten it)."""
+        schedule = TrainSchedule(
+            local_steps=plan.steps_per_round,
+            lr=plan.lr,
+            noise_multiplier=plan.noise_multiplier,
+            clip_norm=self.clip_norm,
+            vehicles_per_step=plan.vehicles_per_step,
+            frames_per_vehicle=self.frames_per_vehicle,
+            model=self.model,
+        )
         return {
             "num-server-rounds": self.rounds,
-            "local-steps": plan.steps_per_round,
-            "lr": plan.lr,
-            "noise-multiplier": plan.noise_multiplier,
-            "clip-norm": self.clip_norm,
-            "vehicles-per-step": plan.vehicles_per_step,
-            "frames-per-vehicle": self.frames_per_vehicle,
-            "model": self.model,
+            **schedule.train_request(),
+            # The regions allow no metric by default (allowed_metrics is empty): ask for an
+            # evaluation only after the last round instead of one refused exchange per round.
+            "evaluate-every": self.rounds if not self.allowed_metrics else 1,
             "min-regions": len(self.regions),
             "round-timeout": self.round_timeout,
             "update-norm-bound": self.update_norm_bound,
