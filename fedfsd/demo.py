@@ -432,7 +432,13 @@ def run_demo(
         for r, d in data.items()
     }
     t_mark = time.monotonic()
-    plan = cfg.plan(min(declared.values()))
+    from fedfsd.privacy.planner import PlanError
+
+    try:
+        plan = cfg.plan(min(declared.values()))
+    except PlanError as err:
+        console.print(f"[red]error:[/] {err} (the demo needs a larger fleet: --vehicles)")
+        return int(err.exit_code)
     t_plan = time.monotonic() - t_mark
     console.print(
         f"DP schedule from the planner for {min(declared.values())} declared vehicles per "
