@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
 app = typer.Typer(no_args_is_help=True)
 
 
-def _fail(msg: str, code: int = 1) -> None:
+def _fail(msg: str, code: int = 1) -> NoReturn:
     from rich.console import Console
 
     Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)

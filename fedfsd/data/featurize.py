@@ -96,12 +96,12 @@ def featurize_episode(
             if r < 0 or fi + f0 < first or fi < hz or fi + 3 * hz >= n_f:
                 continue
             past = grid[u, fi - hz]
-            fut = [grid[u, fi + h * hz] for h in HORIZONS_S]
-            if past < 0 or min(fut) < 0:
+            ahead = [grid[u, fi + h * hz] for h in HORIZONS_S]
+            if past < 0 or min(ahead) < 0:
                 continue
             ego_rows.append(r)
             past_rows.append(past)
-            fut_rows.append(fut)
+            fut_rows.append(ahead)
     ego = np.asarray(ego_rows, dtype=np.int64)
     past = np.asarray(past_rows, dtype=np.int64)
     fut = np.asarray(fut_rows, dtype=np.int64).reshape(-1, len(HORIZONS_S))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from fedfsd.privacy.ledger import (
     fault_point,
     update_digest,
 )
+
+if TYPE_CHECKING:
+    from fedfsd.data.frames import VehicleFramesLike
 
 RNG_NOTE = "torch.Generator seeded from the OS (secure_mode off: torchcsprng not installable)"
 
@@ -125,7 +128,7 @@ def _result_from_record(
 
 
 def run_local_round(
-    frames: Any,
+    frames: VehicleFramesLike,
     policy: RegionPolicy,
     ledger_path: str | Path,
     global_weights: dict[str, np.ndarray],
@@ -250,7 +253,7 @@ def run_local_round(
         new_w, update, norm = _clip_update(global32, trained, params.update_norm_bound)
         train_loss = float(np.mean(losses)) if losses else math.nan
 
-        record = {
+        record: dict[str, Any] = {
             "kind": "release",
             "schema": SCHEMA,
             "region": frames.region,

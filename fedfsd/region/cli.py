@@ -84,10 +84,7 @@ def train_local(
     elif data is None:
         fail("--data is required")
     else:
-        try:
-            from fedfsd.data.validate import DatasetError
-        except ImportError:  # pragma: no cover - data package without validation
-            DatasetError = ValueError  # noqa: N806
+        from fedfsd.data.validate import DatasetError
         from fedfsd.data.vehicles import load_vehicle_frames
 
         try:
@@ -155,7 +152,7 @@ def train_local(
         fail(str(e))
 
     if out is not None:
-        np.savez(out, **res.new_weights)
+        np.savez(out, allow_pickle=False, **res.new_weights)
     what = "re-used cached release (no new spend)" if res.cached else "released"
     if res.private:
         con.print(

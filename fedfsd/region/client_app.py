@@ -35,10 +35,10 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfsd import wire
@@ -49,6 +49,9 @@ from fedfsd.region.egress import (
     refuse_personalised,
     release_manifest,
 )
+
+if TYPE_CHECKING:
+    from fedfsd.data.frames import VehicleFramesLike
 
 LOG = logging.getLogger("flwr.fedfsd.region")
 
@@ -161,7 +164,7 @@ class _Cache:
         self._frames: dict[tuple, Any] = {}
         self._policies: dict[tuple, Any] = {}
 
-    def frames(self, setup: RegionSetup, split: str, deps: RegionDeps) -> Any:
+    def frames(self, setup: RegionSetup, split: str, deps: RegionDeps) -> VehicleFramesLike:
         key = (str(setup.data_dir), setup.synthetic_seed, setup.sim, split)
         with self._lock:
             if key not in self._frames:
@@ -193,7 +196,7 @@ class _Cache:
 CACHE = _Cache()
 
 
-def _synthetic_frames(setup: RegionSetup, split: str) -> Any:
+def _synthetic_frames(setup: RegionSetup, split: str) -> VehicleFramesLike:
     from fedfsd.data.testing import make_synthetic_frames
 
     sim = dict(setup.sim)
@@ -284,7 +287,7 @@ def _metric_release(
     run_id: str,
     rnd: int,
     phase: str,
-    frames: Any,
+    frames: VehicleFramesLike,
     weights: Mapping[str, np.ndarray],
     model: str,
     *,
@@ -343,13 +346,14 @@ def handle_train(
 ) -> Message:
     """One DP local round, then the egress guard; a refusal on any failure (never raises)."""
     cfg = message.content.config_records.get(wire.CONFIG, ConfigRecord())
-    run_id, rnd = str(cfg.get("run-id", "")), cfg.get("round", 0)
+    run_id, raw_round = str(cfg.get("run-id", "")), cfg.get("round", 0)
+    ok_round = isinstance(raw_round, int) and not isinstance(raw_round, bool) and raw_round >= 1
+    rnd = raw_round if ok_round and isinstance(raw_round, int) else 0
     region, policy, ledger = "unknown", None, None
     try:
         setup = resolve_setup(context.node_config, run_config)
         region = setup.region or region
-        if not run_id or isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
-            rnd = 0
+        if not run_id or rnd < 1:
             raise KeyError("run-id/round")
         frames = CACHE.frames(setup, "train", deps)
         policy = CACHE.policy(setup, deps, frames.n_vehicles)
@@ -406,7 +410,7 @@ def handle_train(
         return _refuse_train(message, region, run_id, rnd, _refusal_category(e), policy, eps)
     if release.clipped:
         LOG.info("egress clipped the update of round %d from %.4g", rnd, release.raw_norm)
-    metrics: dict[str, float | int] = {
+    metrics: dict[str, MetricRecordValues] = {
         wire.NUM_EXAMPLES: num_examples(policy.weighting, res.n_vehicles),
         **dp_metrics,
     }
@@ -453,7 +457,7 @@ def handle_evaluate(
         ledger = setup.ledger_for(run_id)
         check_evaluable(Ledger(ledger), run_id, rnd, wire.array_digest(weights))
         test = CACHE.frames(setup, "test", deps)
-        metrics: dict[str, float | int] = dict(
+        metrics: dict[str, MetricRecordValues] = dict(
             _metric_release(
                 ledger,
                 policy,
