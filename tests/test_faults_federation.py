@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from netbed import AGG_ADDR, NetBed
 from netbed.federation import NetFederation, policy_toml, run_config
-from netbed.fixtures import _probe_namespaces, fleet_data  # noqa: F401 - fixture
+from netbed.fixtures import fleet_data  # noqa: F401 - fixture
 from netbed.fleetdata import copy_dataset, truncate_track, wrong_schema
+from netbed.require import require_netbed
 
 from fedfsd.deploy import pki
 from fedfsd.deploy.federation import RegionSpec, supernode_argv
@@ -129,9 +130,7 @@ def _start(f: Fed, cfg: dict) -> str:
 
 @pytest.fixture(scope="module")
 def fed(fleet_data, tmp_path_factory):  # noqa: F811
-    reason = _probe_namespaces()
-    if reason:
-        pytest.skip(reason)
+    require_netbed()
     root = tmp_path_factory.mktemp("faults")
     cn_data = copy_dataset(fleet_data["cn"], root / "data" / "cn")
     truncate_track(cn_data)
