@@ -28,6 +28,7 @@ a short category; the details stay in the region's log.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
@@ -155,7 +156,8 @@ def default_deps() -> RegionDeps:
 class _Cache:
     """Loaded datasets and policies, kept for the life of the process (one per path/split).
 
-    Policies are reloaded when the file's mtime changes, so an operator tightening the policy
+    Policies are reloaded when the file's content changes (its bytes are read at every message:
+    a modification time can stay the same across an edit), so an operator tightening the policy
     takes effect at the next message without restarting the node.
     """
 
@@ -179,7 +181,7 @@ class _Cache:
         if setup.policy_path is None:
             return _sim_policy(setup, n_vehicles)
         try:
-            key = (str(setup.policy_path), setup.policy_path.stat().st_mtime_ns)
+            key = (str(setup.policy_path), hashlib.sha256(setup.policy_path.read_bytes()).digest())
         except OSError:
             return deps.load_policy(setup.policy_path)  # raises PolicyError naming the file
         with self._lock:
