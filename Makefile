@@ -23,9 +23,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check fedfsd tests experiments
 	$(BIN)/ruff format --check fedfsd tests experiments
+	$(BIN)/mypy  # over fedfsd/, configured in pyproject.toml [tool.mypy]
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=fedfsd/proto --pyi_out=fedfsd/proto protos/fedfsd/v1/*.proto
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache build *.egg-info

@@ -482,7 +482,7 @@ def run_demo(
     eps = {r: _last_epsilon(agg, r) for r in cfg.regions}
     fed_fde, prior_fde = scores["federated"]["fde"], scores[PRIOR]["fde"]
     best = winners(scores, cfg.regions)
-    targets = {
+    targets: dict[str, Any] = {
         "federated_pooled_fde_vs_prior": fed_fde / prior_fde,
         "federated_at_most_0.9x_prior": fed_fde <= 0.9 * prior_fde,
         "personalised_vs_local_no_dp": {
@@ -494,7 +494,7 @@ def run_demo(
     targets["personalised_at_most_1.05x_local_no_dp"] = all(
         v <= 1.05 for v in targets["personalised_vs_local_no_dp"].values()
     )
-    summary = {
+    summary: dict[str, Any] = {
         "run_id": run_id,
         "run_dir": str(run_dir),
         "rounds": cfg.rounds,

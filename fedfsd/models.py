@@ -10,7 +10,7 @@ float32 keyed by `state_dict` names.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -101,6 +101,7 @@ def _prior_mlp_class() -> type:
                     raise ValueError(
                         f"prior has shape {tuple(p.shape)}, expected {(n_features, n_labels)}"
                     )
+            self.prior: torch.Tensor
             self.register_buffer("prior", p, persistent=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,7 @@ def _bev_cnn(
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "bev_cnn": _bev_cnn}
 
 
-def build_model(name: str, n_features: int, n_labels: int, **kw: object) -> nn.Module:
+def build_model(name: str, n_features: int, n_labels: int, **kw: Any) -> nn.Module:
     """Build a registered model. `n_features` is ignored by `bev_cnn` (pass `in_channels`)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTO = "fedfsd/v1/update.proto"
+PROTOS = sorted((ROOT / "protos" / "fedfsd" / "v1").glob("*.proto"))
+GENERATED = ROOT / "fedfsd" / "proto" / "fedfsd" / "v1"
 
 
-def test_regenerating_update_proto_gives_identical_files(tmp_path: Path) -> None:
-    pytest.importorskip("grpc_tools")
-    subprocess.run(
+def test_regenerating_every_proto_gives_the_committed_files(tmp_path: Path) -> None:
+    """Same command as `make protos`; every .proto has its committed pair and nothing else is
+    committed (a removed .proto cannot leave a stale module behind)."""
+    from grpc_tools import protoc  # a dev dependency: missing it is an error, not a skip
+
+    assert [p.name for p in PROTOS] == ["report.proto", "update.proto"]
+    rc = protoc.main(
         [
-            sys.executable,
-            "-m",
             "grpc_tools.protoc",
             f"-I{ROOT / 'protos'}",
             f"--python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
-            str(ROOT / "protos" / PROTO),
-        ],
-        check=True,
+            *map(str, PROTOS),
+        ]
     )
-    for name in ("update_pb2.py", "update_pb2.pyi"):
-        fresh = (tmp_path / "fedfsd" / "v1" / name).read_bytes()
-        committed = (ROOT / "fedfsd" / "proto" / "fedfsd" / "v1" / name).read_bytes()
-        assert fresh == committed, f"fedfsd/proto/fedfsd/v1/{name} is stale: run `make protos`"
+    assert rc == 0
+    fresh_dir = tmp_path / "fedfsd" / "v1"
+    names = sorted(p.name for p in fresh_dir.iterdir())
+    assert names == sorted(f"{p.stem}_pb2{ext}" for p in PROTOS for ext in (".py", ".pyi"))
+    committed = sorted(p.name for p in GENERATED.glob("*_pb2.py*"))
+    assert committed == names, "a generated module has no .proto (or the reverse)"
+    for name in names:
+        fresh = (fresh_dir / name).read_bytes()
+        assert fresh == (GENERATED / name).read_bytes(), (
+            f"fedfsd/proto/fedfsd/v1/{name} is stale: run `make protos`"
+        )
 
 
 def test_manifest_round_trips() -> None:

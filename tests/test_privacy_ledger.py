@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedfsd.cli import app
-from fedfsd.config import TrainRequest, parse_policy
+from fedfsd.config import PolicyError, TrainRequest, parse_policy
 from fedfsd.data.testing import make_synthetic_frames
 from fedfsd.models import build_model, get_weights
 from fedfsd.privacy.accounting import compute_epsilon
@@ -143,7 +143,7 @@ def test_corrupt_or_inconsistent_middle_lines_are_errors(tmp_path, frames, weigh
 
 def test_policy_delta_must_fit_the_fleet(tmp_path, frames, weights):
     pol = parse_policy(POLICY.format(budget=8.0).replace("delta = 1e-3", "delta = 0.02"))
-    with pytest.raises(Exception, match="delta"):
+    with pytest.raises(PolicyError, match=r"delta: 0.02 must be < 1/vehicles = 1/100"):
         run_local_round(frames, pol, tmp_path / "l.jsonl", weights, REQ, "r", 0, "mlp")
     assert not (tmp_path / "l.jsonl").exists()
 

@@ -43,11 +43,9 @@ def _try(bed: NetBed, host: str, payload: str, *dests: str) -> dict[str, str]:
 
 def test_bed_layout_and_teardown(tmp_path):
     """Each host has its own namespace and address, no default route; down() removes them all."""
-    from netbed.fixtures import _probe_namespaces
+    from netbed.require import require_netbed
 
-    reason = _probe_namespaces()
-    if reason:
-        pytest.skip(reason)
+    require_netbed()
     bed = NetBed(workdir=tmp_path)
     with bed:
         names = [h.ns for h in bed.hosts.values()]

@@ -60,7 +60,7 @@ class Checkpoint:
 def atomic_write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write an .npz so that `path` is either the old or the complete new file."""
     with atomic_file(path) as f:  # disk full: DiskFullError naming `path`, no temp left
-        np.savez(f, **arrays)
+        np.savez(f, allow_pickle=False, **arrays)
 
 
 def array_digest(a: np.ndarray) -> str:

@@ -175,7 +175,7 @@ def run(
     from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
     from fedfsd.deploy.control import ControlClient, RunFailed
 
-    explicit = {
+    explicit: dict[str, object] = {
         "num-server-rounds": rounds,
         "local-steps": local_steps,
         "lr": lr,

@@ -10,7 +10,7 @@ every region's ε: the reports say so from that digest.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ def load_initial_model(
     return {k: weights[k].astype(np.float32) for k in reference}, digest
 
 
-def _few(names: object, n: int = 4) -> str:
+def _few(names: Iterable[str], n: int = 4) -> str:
     items = sorted(names) if not isinstance(names, list) else names
     shown = ", ".join(items[:n])
     return f"[{shown}{', ...' if len(items) > n else ''}]"

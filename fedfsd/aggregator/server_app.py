@@ -148,10 +148,11 @@ def _num_examples(content: RecordDict) -> float | str:
 
 def _manifest(content: RecordDict) -> wire.UpdateManifest | None:
     rec = content.config_records.get(wire.MANIFEST)
-    if rec is None or not isinstance(rec.get(wire.MANIFEST_KEY), bytes):
+    raw = rec.get(wire.MANIFEST_KEY) if rec is not None else None
+    if not isinstance(raw, bytes):
         return None
     try:
-        return wire.manifest_from_bytes(rec[wire.MANIFEST_KEY])
+        return wire.manifest_from_bytes(raw)
     except ValueError:
         return None
 
@@ -309,7 +310,7 @@ def evaluate_round(
         node_regions.setdefault(node, region)
         if info and info.get("refused_reason"):
             LOG.warning("round %d: %s refused evaluation: %s", rnd, region, info["refused_reason"])
-        metrics = reply.content.metric_records.get(wire.METRICS, {})
+        metrics: Mapping[str, Any] = reply.content.metric_records.get(wire.METRICS, {})
         for k, v in metrics.items():
             if k != wire.NUM_EXAMPLES and isinstance(v, int | float) and np.isfinite(v):
                 rows.append((rnd, region, k, float(v)))

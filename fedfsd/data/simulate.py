@@ -40,6 +40,7 @@ def _fleet_vehicle_class():
 
         keep_bias = 0.0
         main_lanes = 1
+        LANE_CHANGE_MIN_ACC_GAIN: float  # highway-env's class attribute (annotation only)
 
         def mobil(self, lane_index) -> bool:  # noqa: ANN001 - highway-env's own type
             gain = self.LANE_CHANGE_MIN_ACC_GAIN

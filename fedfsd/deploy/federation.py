@@ -11,6 +11,7 @@ SuperNode (local to the region, polled by the region's own executor).
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 from dataclasses import dataclass, field
@@ -252,7 +253,7 @@ class LocalFederation:
     ) -> None:
         for name in names or list(self.regions):
             wait_until(
-                lambda n=name: self.supernode_connected(n),
+                functools.partial(self.supernode_connected, name),
                 timeout,
                 f"region {name} to connect",
                 self.group.procs[f"supernode-{name}"],

@@ -38,7 +38,7 @@ def main() -> None:
         import flwr.supernode.start_client_internal as sci
 
         if getattr(sci, "time", None) is time:
-            sci.time = _FastTime(cap)  # type: ignore[assignment]
+            sci.time = _FastTime(cap)
     except ImportError as err:  # pragma: no cover - only on an unexpected flwr layout
         print(f"fedfsd: SuperNode poll patch skipped: {err}", file=sys.stderr)
     from fedfsd.deploy.latency import fast_object_pulls

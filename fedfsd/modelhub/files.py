@@ -61,7 +61,7 @@ def save_model(path: str | Path, weights: Mapping[str, np.ndarray], meta: dict[s
     """Write `path` (.npz), then its JSON sidecar with `weights_sha256`; returns the sidecar."""
     path = Path(path)
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    _atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **arrays))
     side = sidecar_path(path)
     doc = {**jsonable(meta), "weights_sha256": weights_sha256(arrays), "file": path.name}
     text = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n"

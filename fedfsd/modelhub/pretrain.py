@@ -13,7 +13,7 @@ best FDE@3s on their pooled validation splits. Test episodes are never read.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,8 +21,11 @@ from fedfsd.errors import PrivacyRefusal
 from fedfsd.modelhub.files import weights_sha256
 from fedfsd.modelhub.select import train_select
 
+if TYPE_CHECKING:
+    from fedfsd.data.frames import VehicleFramesLike
+
 PUBLIC_REGION = "public"
-DEFAULTS = {"steps": 2000, "lr": 0.1, "vehicles_per_step": 64}
+DEFAULTS: dict[str, Any] = {"steps": 2000, "lr": 0.1, "vehicles_per_step": 64}
 
 
 class NonPublicData(PrivacyRefusal, ValueError):
@@ -71,7 +74,7 @@ def pool_frames(frames_list: Sequence[Any]) -> Any:
     )
 
 
-def prior_start(frames: Any, model_name: str, seed: int = 0) -> dict[str, np.ndarray]:
+def prior_start(frames: VehicleFramesLike, model_name: str, seed: int = 0) -> dict[str, np.ndarray]:
     """A fresh model whose learned residual is zero: it predicts the constant-velocity prior.
 
     Zeroing the MLP's last Linear layer makes the output exactly `x @ prior` (a random residual
@@ -93,8 +96,8 @@ def prior_start(frames: Any, model_name: str, seed: int = 0) -> dict[str, np.nda
 
 
 def pretrain_model(
-    train_frames_list: Sequence[Any],
-    val_frames_list: Sequence[Any],
+    train_frames_list: Sequence[VehicleFramesLike],
+    val_frames_list: Sequence[VehicleFramesLike],
     model_name: str = "mlp",
     *,
     steps: int = DEFAULTS["steps"],

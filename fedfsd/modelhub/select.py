@@ -14,9 +14,12 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedfsd.data.frames import VehicleFramesLike
 
 METRIC = "fde"  # selection metric: FDE@3s on validation episodes, metres
 EVAL_BATCH = 8192
@@ -39,7 +42,7 @@ class SelectResult:
 class _Scorer:
     """Scores a live torch model on fixed validation frames (no copy of the model per eval)."""
 
-    def __init__(self, frames: Any, model_name: str) -> None:
+    def __init__(self, frames: VehicleFramesLike, model_name: str) -> None:
         from fedfsd.data.features import LABEL_SCALES
 
         self.bev = model_name == "bev_cnn"

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from fedfsd.data.frames import VehicleFramesLike
+
 Method = Literal["auto", "ghost", "vmap"]
 
 
@@ -135,7 +137,7 @@ class VehicleDPSGD:
         """Poisson sampling: each vehicle independently with probability q."""
         return np.flatnonzero(self.rng.random(self.n_vehicles) < self.q)
 
-    def _batch(self, frames: Any, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+    def _batch(self, frames: VehicleFramesLike, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
         import torch
 
         k = self.params.frames_per_vehicle
@@ -144,7 +146,7 @@ class VehicleDPSGD:
             torch.as_tensor(np.asarray(a)).to(self.device, non_blocking=True) for a in (x, y, mask)
         )
 
-    def step(self, frames: Any, idx: np.ndarray | None = None) -> StepResult:
+    def step(self, frames: VehicleFramesLike, idx: np.ndarray | None = None) -> StepResult:
         """One step over a fresh Poisson sample (`idx`: caller's vehicles, non-private only).
 
         In private mode a caller-chosen batch is refused: the accountant records every step as
@@ -157,14 +159,14 @@ class VehicleDPSGD:
             )
         return self._step(frames, self.sample_vehicles() if idx is None else idx)
 
-    def step_fixed_batch(self, frames: Any, idx: np.ndarray) -> StepResult:
+    def step_fixed_batch(self, frames: VehicleFramesLike, idx: np.ndarray) -> StepResult:
         """A step over chosen vehicles for benchmarks and tests: taints the trainer, whose
         `history` then refuses (nothing it trained can be released as private)."""
         if self.private:
             self.fixed_batches = True
         return self._step(frames, idx)
 
-    def _step(self, frames: Any, idx: np.ndarray) -> StepResult:
+    def _step(self, frames: VehicleFramesLike, idx: np.ndarray) -> StepResult:
         x, y, mask = self._batch(frames, idx)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,7 +192,7 @@ class VehicleDPSGD:
             grads, losses = vmap_grads(self.model, x, y, mask, self._loss)
             for n, p in self.model.named_parameters():
                 if p.requires_grad:
-                    p.grad_sample = grads[n]
+                    p.grad_sample = grads[n]  # type: ignore[attr-defined]  # opacus reads it
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return losses.detach()

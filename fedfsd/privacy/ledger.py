@@ -439,7 +439,7 @@ class Ledger:
 
     def release_markers(self) -> list[dict[str, Any]]:
         """Every `*.released` marker next to the ledger (each names one sent release)."""
-        out = []
+        out: list[dict[str, Any]] = []
         if not self.cache_dir.is_dir():
             return out
         for p in sorted(self.cache_dir.glob("*.released")):
@@ -492,7 +492,7 @@ class Ledger:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         final = self.cache_path(run_id, round_idx)
         with atomic_file(final) as f:  # disk full: one line naming the file, no .tmp left
-            np.savez(f, **{f"w:{k}": v for k, v in weights.items()})
+            np.savez(f, allow_pickle=False, **{f"w:{k}": v for k, v in weights.items()})
         return final
 
     def read_cache(self, run_id: str, round_idx: int) -> dict[str, np.ndarray] | None:

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from fedfsd.data.frames import VehicleFramesLike
+
 
 def label_scales(device: torch.device | str = "cpu") -> torch.Tensor:
     """The fixed per-label scales from `fedfsd.data.features`, as a tensor."""
@@ -47,7 +49,7 @@ def predict_physical(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out * label_scales(out.device)
 
 
-def model_kwargs(frames: object, model_name: str) -> dict[str, object]:
+def model_kwargs(frames: VehicleFramesLike, model_name: str) -> dict[str, object]:
     """Region-side build arguments that depend on the data: BEV channels, or the MLP's prior.
 
     The object-list MLP starts from constant-velocity extrapolation of the ego
@@ -63,7 +65,7 @@ def model_kwargs(frames: object, model_name: str) -> dict[str, object]:
         return {}
     from fedfsd.data.features import FEATURE_NAMES, LABEL_SCALES, constant_velocity_labels
 
-    n_features = int(frames.features.shape[1])  # type: ignore[attr-defined]
+    n_features = int(frames.features.shape[1])
     if n_features != len(FEATURE_NAMES):
         return {}  # not the object-list schema (synthetic test data): no physical prior
     eye = np.eye(n_features, dtype=np.float32)

@@ -53,7 +53,7 @@ def _linear_chain(seq: nn.Module) -> bool:
             continue
         if type(c).__name__ not in ELEMENTWISE or type(c).__module__ != nn.GELU.__module__:
             return False
-        if list(c.parameters(recurse=True)) or list(c.children()):
+        if len(list(c.parameters(recurse=True))) or len(list(c.children())):
             return False
     return any(type(c) is nn.Linear for c in children)
 
@@ -109,7 +109,7 @@ def ghost_clipped_sum(
             p.grad = torch.zeros_like(p)
         empty = torch.zeros(0, device=x.device)
         return empty, empty
-    seen: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
+    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         if mod in seen:

@@ -527,8 +527,8 @@ def build_global_summary(
             if len(regs) > 1:
                 key = tuple(sorted(regs))
                 groups[key] = groups.get(key, 0) + 1
-        for regs, count in sorted(groups.items()):
-            og = compose_overlap([by_region[x] for x in regs])
+        for group, count in sorted(groups.items()):
+            og = compose_overlap([by_region[x] for x in group])
             og.vehicles = count
             g.overlaps.append(og)
             worst.append((og.epsilon, og.delta))

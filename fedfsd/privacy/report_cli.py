@@ -147,7 +147,7 @@ def run_verify(
     return 1 if failed else 0
 
 
-def _ledger_checks(paths, ledgers, receipts, load_json, pb) -> list | str:  # type: ignore[no-untyped-def]
+def _ledger_checks(paths, ledgers, receipts, load_json, pb) -> list | str:
     """One ledger verification per region report; the ledger is chosen by region and fleet."""
     from fedfsd.privacy.ledger import Ledger, LedgerError
     from fedfsd.privacy.verify import Verification

@@ -12,6 +12,7 @@ import html
 import io
 import math
 from pathlib import Path
+from typing import cast
 
 from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
 
@@ -67,6 +68,7 @@ def plot_png(rep: pb.EpsilonReport | pb.GlobalSummary) -> bytes:
 
 # ---- a tiny document model shared by both renderers ----------------------------------------
 
+Table = tuple[list[str], list[list[str]]]  # (head, rows)
 Block = tuple[str, object]  # ("h", text) | ("p", text) | ("ul", [text]) | ("table", (head, rows))
 
 
@@ -319,11 +321,11 @@ def to_markdown(rep: pb.EpsilonReport | pb.GlobalSummary, png_path: str | Path) 
         elif kind == "p":
             out.append(str(body))
         elif kind == "ul":
-            out.append("\n".join(f"- {x}" for x in body))  # type: ignore[union-attr]
+            out.append("\n".join(f"- {x}" for x in cast(list[str], body)))
         elif kind == "plot":
             out.append(f"![ε per round against the budget]({png_path.name})")
         elif kind == "table":
-            head, rows = body  # type: ignore[misc]
+            head, rows = cast(Table, body)
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
@@ -356,14 +358,15 @@ def to_html(rep: pb.EpsilonReport | pb.GlobalSummary) -> str:
         elif kind == "p":
             out.append(f"<p>{e(str(body))}</p>")
         elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in body) + "</ul>")  # type: ignore[union-attr]
+            items = cast(list[str], body)
+            out.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in items) + "</ul>")
         elif kind == "plot":
             data = base64.b64encode(plot_png(rep)).decode()
             out.append(
                 f'<img alt="ε per round against the budget" src="data:image/png;base64,{data}">'
             )
         elif kind == "table":
-            head, rows = body  # type: ignore[misc]
+            head, rows = cast(Table, body)
             t = ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
             t += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
             out.append("".join(t) + "</table>")

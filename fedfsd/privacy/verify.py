@@ -469,9 +469,10 @@ def verify_summary(
         )
     for rep in region_reports:
         r = by_region.get(rep.region)
-        if not v.check(
+        known = v.check(
             r is not None, f"region {rep.region} has a report but is not in the summary"
-        ):
+        )
+        if not known or r is None:
             continue
         v.check(
             _close(r.epsilon, rep.accounting.epsilon, EXACT_RTOL),

@@ -116,7 +116,8 @@ def _check_release_rules(v: Verification, i: int, rec: dict, header: dict) -> No
     where = f"ledger line {i} (run {rec.get('run_id')!r} round {rec.get('round')})"
     floor = rec.get("min_noise_multiplier", header.get("min_noise_multiplier"))
     if rec.get("private", True):
-        if v.check(floor is not None, f"{where}: no policy noise floor recorded"):
+        recorded = v.check(floor is not None, f"{where}: no policy noise floor recorded")
+        if recorded and floor is not None:
             v.check(
                 float(rec["noise_multiplier"]) >= float(floor),
                 f"{where}: σ = {rec['noise_multiplier']:g} is below the policy floor {floor:g}",

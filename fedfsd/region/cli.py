@@ -88,7 +88,7 @@ def train_local(
     if out is not None:
         import numpy as np
 
-        np.savez(out, **res.new_weights)
+        np.savez(out, allow_pickle=False, **res.new_weights)
     _print_trial(con, res, run_id, round_idx, pol.delta)
 
 

@@ -28,6 +28,7 @@ a short category; the details stay in the region's log.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
@@ -35,10 +36,10 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfsd import wire
@@ -50,6 +51,9 @@ from fedfsd.region.egress import (
     refuse_personalised,
     release_manifest,
 )
+
+if TYPE_CHECKING:
+    from fedfsd.data.frames import VehicleFramesLike
 
 LOG = logging.getLogger("flwr.fedfsd.region")
 
@@ -161,7 +165,8 @@ def default_deps() -> RegionDeps:
 class _Cache:
     """Loaded datasets and policies, kept for the life of the process (one per path/split).
 
-    Policies are reloaded when the file's mtime changes, so an operator tightening the policy
+    Policies are reloaded when the file's content changes (its bytes are read at every message:
+    a modification time can stay the same across an edit), so an operator tightening the policy
     takes effect at the next message without restarting the node.
     """
 
@@ -170,7 +175,7 @@ class _Cache:
         self._frames: dict[tuple, Any] = {}
         self._policies: dict[tuple, Any] = {}
 
-    def frames(self, setup: RegionSetup, split: str, deps: RegionDeps) -> Any:
+    def frames(self, setup: RegionSetup, split: str, deps: RegionDeps) -> VehicleFramesLike:
         key = (str(setup.data_dir), setup.synthetic_seed, setup.sim, split)
         with self._lock:
             if key not in self._frames:
@@ -185,7 +190,7 @@ class _Cache:
         if setup.policy_path is None:
             return _sim_policy(setup, n_vehicles)
         try:
-            key = (str(setup.policy_path), setup.policy_path.stat().st_mtime_ns)
+            key = (str(setup.policy_path), hashlib.sha256(setup.policy_path.read_bytes()).digest())
         except OSError:
             return deps.load_policy(setup.policy_path)  # raises PolicyError naming the file
         with self._lock:
@@ -202,7 +207,7 @@ class _Cache:
 CACHE = _Cache()
 
 
-def _synthetic_frames(setup: RegionSetup, split: str) -> Any:
+def _synthetic_frames(setup: RegionSetup, split: str) -> VehicleFramesLike:
     from fedfsd.data.testing import make_synthetic_frames
 
     sim = dict(setup.sim)
@@ -290,7 +295,7 @@ def _metric_release(
     run_id: str,
     rnd: int,
     phase: str,
-    frames: Any,
+    frames: VehicleFramesLike,
     weights: Mapping[str, np.ndarray],
     model: str,
     *,
@@ -349,7 +354,9 @@ def handle_train(
 ) -> Message:
     """One DP local round, then the egress guard; a refusal on any failure (never raises)."""
     cfg = message.content.config_records.get(wire.CONFIG, ConfigRecord())
-    run_id, rnd = str(cfg.get("run-id", "")), cfg.get("round", 0)
+    run_id, raw_round = str(cfg.get("run-id", "")), cfg.get("round", 0)
+    ok_round = isinstance(raw_round, int) and not isinstance(raw_round, bool) and raw_round >= 1
+    rnd = raw_round if ok_round and isinstance(raw_round, int) else 0
     region, policy, ledger = "unknown", None, None
     try:
         setup = resolve_setup(context.node_config, run_config)
@@ -416,7 +423,7 @@ def handle_train(
         return _refuse_train(message, region, run_id, rnd, border_reason(e), policy, eps)
     if release.clipped:
         LOG.info("egress clipped the update of round %d from %.4g", rnd, release.raw_norm)
-    metrics: dict[str, float | int] = {
+    metrics: dict[str, MetricRecordValues] = {
         wire.NUM_EXAMPLES: num_examples(policy.weighting, res.n_vehicles),
         **dp_metrics,
     }
@@ -462,7 +469,7 @@ def handle_evaluate(
         ledger = setup.ledger_for(run_id)
         check_evaluable(Ledger(ledger), run_id, rnd, wire.array_digest(weights))
         test = CACHE.frames(setup, "test", deps)
-        metrics: dict[str, float | int] = dict(
+        metrics: dict[str, MetricRecordValues] = dict(
             _metric_release(
                 ledger,
                 policy,

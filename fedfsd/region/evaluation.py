@@ -12,9 +12,12 @@ region (local baselines, experiments); what leaves goes through `per_vehicle_sco
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedfsd.data.frames import VehicleFramesLike
 
 BATCH = 8192
 
@@ -62,7 +65,7 @@ def score_predictions(pred: np.ndarray, y: np.ndarray, scales: np.ndarray) -> di
 
 
 def evaluate_weights(
-    frames: Any, weights: Mapping[str, np.ndarray], model_name: str
+    frames: VehicleFramesLike, weights: Mapping[str, np.ndarray], model_name: str
 ) -> dict[str, float]:
     """Load `weights` into a fresh `model_name` model and score it on every frame of `frames`."""
     from fedfsd.data.features import LABEL_SCALES
@@ -72,7 +75,7 @@ def evaluate_weights(
 
 
 def per_vehicle_scores(
-    frames: Any, weights: Mapping[str, np.ndarray], model_name: str
+    frames: VehicleFramesLike, weights: Mapping[str, np.ndarray], model_name: str
 ) -> dict[str, np.ndarray]:
     """Each vehicle's mean error over its own frames, per metric: {metric: [V]}.
 
@@ -93,7 +96,7 @@ def per_vehicle_scores(
 
 
 def predict_frames(
-    frames: Any, weights: Mapping[str, np.ndarray], model_name: str
+    frames: VehicleFramesLike, weights: Mapping[str, np.ndarray], model_name: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Physical-unit predictions and labels, both [N, L], for every frame of `frames`."""
     import torch

@@ -351,7 +351,7 @@ class RegionExecutor:
         if not msgs.messages_list:
             raise RuntimeError("No messages received from Runtime API")
         tree = msgs.message_object_trees[0]
-        head = Message(
+        head = Message(  # type: ignore[call-overload]  # flwr-internal constructor
             metadata=metadata_from_proto(msgs.messages_list[0].metadata), content=RecordDict()
         )
         head.metadata.__dict__["_message_id"] = tree.object_id

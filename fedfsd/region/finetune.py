@@ -18,15 +18,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedfsd.modelhub.files import save_model, weights_sha256
 from fedfsd.modelhub.select import train_select
 
+if TYPE_CHECKING:
+    from fedfsd.data.frames import VehicleFramesLike
+
 PERSONALISED = "personalised"  # the ledger line kind
-DEFAULTS = {"max_steps": 2000, "eval_every": 100, "lr": 0.1, "vehicles_per_step": 64}
+DEFAULTS: dict[str, Any] = {
+    "max_steps": 2000,
+    "eval_every": 100,
+    "lr": 0.1,
+    "vehicles_per_step": 64,
+}
 # Early stopping is off by default: from the prior the validation FDE first rises, then falls
 # below the start only after ~2,000 steps (measured on a 200-vehicle eu fleet).
 PATIENCE: int | None = None
@@ -57,8 +65,8 @@ class FinetuneResult:
 
 
 def finetune_model(
-    frames_train: Any,
-    frames_val: Any,
+    frames_train: VehicleFramesLike,
+    frames_val: VehicleFramesLike,
     weights: Mapping[str, np.ndarray],
     model_name: str = "mlp",
     *,
@@ -130,7 +138,9 @@ def _finite(d: Mapping[str, float]) -> dict[str, float | None]:
     return {k: (float(v) if math.isfinite(v) else None) for k, v in d.items()}
 
 
-def describe(res: FinetuneResult, frames_train: Any, frames_val: Any) -> dict[str, Any]:
+def describe(
+    res: FinetuneResult, frames_train: VehicleFramesLike, frames_val: VehicleFramesLike
+) -> dict[str, Any]:
     """The sidecar / ledger description of a personalised model (no vehicle ids, no data)."""
     return {
         "kind": PERSONALISED,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from .bed import PREFIX, NetBed, unavailable_reason
+from .require import require_netbed
 
 
 def _probe_namespaces() -> str | None:
@@ -30,10 +31,8 @@ def _probe_namespaces() -> str | None:
 @pytest.fixture
 def netbed(tmp_path) -> Iterator[NetBed]:
     """A fresh 1-aggregator + 3-region bed, torn down (processes killed, namespaces deleted)
-    even when the test fails."""
-    reason = _probe_namespaces()
-    if reason:
-        pytest.skip(reason)
+    even when the test fails. Without a bed: skipped, or failed under FEDFSD_REQUIRE_NETBED=1."""
+    require_netbed()
     bed = NetBed(workdir=tmp_path)
     try:
         bed.up()
