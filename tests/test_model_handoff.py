@@ -326,3 +326,39 @@ def test_results_documents_go_to_tensorboard(tmp_path) -> None:
     assert log_document(tmp_path / "tb", "study", doc) == 3
     sc = _scalars(tmp_path / "tb")
     assert sc["study/rows/fde"] == [(1, 2.0), (2, 1.5)] and sc["study/eps"] == [(0, 3.0)]
+
+
+def test_a_resumed_run_purges_events_after_its_checkpoint(run_dir, tmp_path, monkeypatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_privacy_metrics import ClientAppGrid, _app
+
+    from fedfsd.aggregator.server_app import run_federation
+    from fedfsd.aggregator.settings import parse_settings
+
+    for k, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, k, v)
+    again = tmp_path / "run"
+    shutil.copytree(run_dir, again)
+    shutil.copytree(run_dir.parent / "ledgers", tmp_path / "ledgers")
+    from torch.utils.tensorboard import SummaryWriter
+
+    stale = SummaryWriter(str(again / "tensorboard"))  # round 3 logged, then a crash before
+    stale.add_scalar("regions/accepted", 9.0, 3)  # its checkpoint: the resume runs it again
+    stale.close()
+    s = parse_settings(
+        {
+            "num-server-rounds": 3,
+            "min-regions": 2,
+            "round-timeout": 60.0,
+            "run-id": "tb",
+            "resume": True,
+            "local-steps": 1,
+            "vehicles-per-step": 4,
+            "frames-per-vehicle": 4,
+        }
+    )
+    app_ = _app(tmp_path / "ledgers", **{"sim-allowed-metrics": "fde"})
+    run_federation(ClientAppGrid(app_), s, again)  # type: ignore[arg-type]
+    sc = _scalars(again / "tensorboard")
+    assert sc["regions/accepted"] == [(1, 2.0), (2, 2.0), (3, 2.0)]  # the stale 9.0 purged
+    assert [s for s, _ in sc["epsilon/sim0"]] == [1, 2, 3]
