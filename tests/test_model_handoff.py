@@ -317,6 +317,18 @@ def test_run_writes_a_model_sidecar_and_the_card_states_the_run(run_dir, tmp_pat
     assert "epsilon.csv round 2" in eps["sim0"]["source"]
     assert card["model"]["weights_sha256"] == side["weights_sha256"]
     assert card["export"]["parity"]["max_abs_diff"] <= TOL
+    assert card["training"]["run_id"] == "tb"
+
+    old = tmp_path / "old-run"  # a run from before the sidecar: the card reads the run dir
+    shutil.copytree(run_dir, old)
+    (old / "global_model.json").unlink()
+    r = _cli("model", "export", "--model", str(old / "global_model.npz"), "--format", "onnx",
+             "--out", str(tmp_path / "o.onnx"))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    again = json.loads((tmp_path / "o.onnx.card.json").read_text())
+    assert again["privacy"]["epsilon_per_region"] == card["privacy"]["epsilon_per_region"]
+    assert again["training"]["run_id"] == "tb" and again["training"]["rounds"] == 2
+    assert str(old) in again["training"]["source"]
 
 
 def test_results_documents_go_to_tensorboard(tmp_path) -> None:

@@ -72,8 +72,17 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "rounds_ok": len(ok),
         "regions": regions,
         "epsilon": eps,
-        "run_id": rounds[-1].get("run_id", "") if rounds else "",
+        "run_id": _run_id(run_dir),
     }
+
+
+def _run_id(run_dir: Path) -> str:
+    """The run id the checkpoint holds ("" when there is no readable checkpoint)."""
+    try:
+        state = ck.load_checkpoint(run_dir)
+    except (ck.CheckpointError, OSError, ValueError):
+        return ""
+    return state.run_id if state is not None else ""
 
 
 def write_global_model_meta(
