@@ -318,6 +318,9 @@ def test_run_writes_a_model_sidecar_and_the_card_states_the_run(run_dir, tmp_pat
     assert card["model"]["weights_sha256"] == side["weights_sha256"]
     assert card["export"]["parity"]["max_abs_diff"] <= TOL
     assert card["training"]["run_id"] == "tb"
+    fed = card["federation_metrics"]
+    assert fed["round"] == 2 and fed["metrics"] == rounds[-1]["metrics"]
+    assert "Released by the regions" in Path(f"{out}.card.md").read_text()
 
     old = tmp_path / "old-run"  # a run from before the sidecar: the card reads the run dir
     shutil.copytree(run_dir, old)

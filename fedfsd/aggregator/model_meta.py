@@ -67,7 +67,11 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
             if region in eps:
                 eps[region]["ledger_head"] = head.get("ledger_head")
                 eps[region]["ledger_id"] = head.get("ledger_id")
+    scored = [r for r in rounds if r.get("metrics")]
     return {
+        "released_metrics": (  # the regions' DP releases of the last scored round, if any
+            {"round": scored[-1]["round"], "metrics": scored[-1]["metrics"]} if scored else None
+        ),
         "rounds": len(rounds),
         "rounds_ok": len(ok),
         "regions": regions,

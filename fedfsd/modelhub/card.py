@@ -123,6 +123,7 @@ def build_card(
                 "epsilon_per_region": (run or {}).get("epsilon", {}),
             },
             "evaluation": evaluations,
+            "federation_metrics": (run or {}).get("released_metrics"),
             "export": {**export, "sha256": file_sha256(out)},
             "code_version": code_version(),
         }
@@ -200,6 +201,14 @@ def render_markdown(card: dict[str, Any]) -> str:
                 f"{_fmt(r.get('accel_mae'))} | {_fmt(r.get('loss'))} |"
             )
         lines.append("")
+    fed = card.get("federation_metrics")
+    if fed:
+        lines += [
+            f"Released by the regions during the run (round {fed['round']}, differentially "
+            "private, each on its own test episodes): "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(fed["metrics"].items())),
+            "",
+        ]
     par = ex["parity"]
     lines += [
         "## Export",
