@@ -240,8 +240,14 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> Path:
-    """Write `doc` as indented JSON (NaN → null, ∞ → "inf": strict JSON readers accept it)."""
+    """Write `doc` as indented JSON (NaN → null, ∞ → "inf": strict JSON readers accept it).
+
+    Its numbers also go to `tensorboard/` beside it, as the aggregator logs a run.
+    """
+    from fedfsd.aggregator.tracking import log_document
+
     path.write_text(json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n")
+    log_document(path.parent / "tensorboard", path.stem, doc)
     return path
 
 

@@ -36,7 +36,9 @@ app.add_typer(privacy_app, name="privacy", help="ε calculator, ledgers, reports
 app.add_typer(region_app, name="region", help="Run a region: local training and its SuperNode.")
 app.add_typer(aggregator_app, name="aggregator", help="Run the global aggregator (SuperLink).")
 app.add_typer(deploy_app, name="deploy", help="A whole TLS federation on one machine.")
-app.add_typer(model_app, name="model", help="Models made outside the federation: pretrain.")
+app.add_typer(
+    model_app, name="model", help="Models: pretrain, evaluate in a region, export for the vehicle."
+)
 
 
 @app.command()

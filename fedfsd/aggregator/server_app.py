@@ -9,7 +9,8 @@ failed while the run goes on.
 
 Files in `run-dir` (see fedfsd.aggregator.checkpoint): checkpoint.npz (every round),
 metrics.csv, epsilon.csv, rejected.jsonl, rounds.jsonl, receipts.jsonl and ledger_heads.json
-(fedfsd.aggregator.receipts), and at the end global_model.npz and metrics.png.
+(fedfsd.aggregator.receipts), tensorboard/ (fedfsd.aggregator.tracking), and at the end
+global_model.npz, its global_model.json sidecar and metrics.png.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedfsd import wire
 from fedfsd.aggregator import checkpoint as ck
 from fedfsd.aggregator.initial_model import load_initial_model
+from fedfsd.aggregator.model_meta import write_global_model_meta
 from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.aggregator.settings import RunSettings, parse_settings
 from fedfsd.aggregator.strategy import ServerOptimizer, make_server_optimizer
+from fedfsd.aggregator.tracking import RunTracker
 from fedfsd.aggregator.verify import Expectation, verify_update
 from fedfsd.errors import InputError
 
@@ -404,6 +407,7 @@ def run_federation(
         "server_optimizer": s.server_optimizer,
         "initial_model_sha256": str(state.meta.get("initial_model_sha256", "")),
     }
+    tracker = RunTracker(run_dir, state.round)  # run-dir/tensorboard/
     for rnd in range(state.round + 1, s.num_server_rounds + 1):
         if stop is not None and stop.is_set():
             LOG.warning("stop requested: ending the run after round %d", state.round)
@@ -433,6 +437,7 @@ def run_federation(
         ck.append_csv(run_dir / ck.EPSILON_CSV, ck.EPSILON_HEADER, out.epsilon_rows)
         summary = _round_summary(rnd, ok, len(nodes), out, eval_rows, t0, run_meta)
         ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, summary)
+        tracker.log_round(summary, out, eval_rows)
         if not ok:
             failed_list.append(rnd)
         _save_round(run_dir, state, strategy, rnd, node_regions, failed_list, run_meta)
@@ -446,11 +451,13 @@ def run_federation(
             out.missing,
             summary["seconds"],
         )
+    tracker.close()
     try:  # never replace the global model with one that lacks or reshapes a layer
         ck.check_same_layout(state.weights, model, "the final global model")
     except ck.CheckpointError as err:
         raise RunRefused(f"{err}; {run_dir / ck.GLOBAL_MODEL} left as it was") from None
     ck.save_global_model(run_dir, state.weights)
+    write_global_model_meta(run_dir, s, state.weights, state.run_id)
     ck.plot_metric(run_dir, s.plot_metric)
     return state
 

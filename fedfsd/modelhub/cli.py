@@ -1,5 +1,4 @@
-"""`fedfsd model ...`: models made outside the federation (public pretraining; later evaluate,
-export)."""
+"""`fedfsd model ...`: public pretraining, and the hand-off of a model: evaluate, export."""
 
 from __future__ import annotations
 
@@ -8,8 +7,10 @@ from pathlib import Path
 import typer
 
 from fedfsd.errors import exit_for
+from fedfsd.modelhub.handoff_cli import register
 
 app = typer.Typer(no_args_is_help=True)
+register(app)  # evaluate, export (fedfsd/modelhub/handoff_cli.py)
 
 
 @app.command("pretrain")
