@@ -158,11 +158,10 @@ def metered_federation(run_dir: Path, regions: dict[str, Any]) -> Any:
 # -- in-process measurements -----------------------------------------------------------------------
 def wire_size(message: Any) -> tuple[int, float]:
     """Bytes and seconds to deflate a Flower 1.39 Message into the objects it sends."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from fedfsd.flower.message_objects import deflated_size
 
     t = time.perf_counter()
-    objs = get_all_nested_objects(message)
-    size = sum(len(o.deflate()) for o in objs.values())
+    size = deflated_size(message)
     return size, time.perf_counter() - t
 
 

@@ -102,7 +102,9 @@ def parse_fully(cmd: list[str]) -> list[str]:
         if cmd[0] == "fedfsd":
             from fedfsd.cli import app
         else:
-            from flwr.cli.app import app
+            from fedfsd.flower.flwr_cli import flwr_cli_app
+
+            app = flwr_cli_app()
 
         group: click.Command = typer.main.get_command(app)
         args, path = cmd[1:], [cmd[0]]

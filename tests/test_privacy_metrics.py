@@ -165,10 +165,9 @@ class ClientAppGrid:
 
 
 def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **sim) -> list[dict]:
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedfsd.aggregator.server_app import run_federation
     from fedfsd.aggregator.settings import parse_settings
+    from fedfsd.flower.message_objects import TaskIdentity
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)

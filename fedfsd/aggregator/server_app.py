@@ -517,7 +517,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedfsd.deploy.latency import fast_object_pulls
+        from fedfsd.flower.pull_backoff import fast_object_pulls
 
         for site in fast_object_pulls(("flwr.superlink.grid.http_grid",)):
             LOG.warning("object-pull back-off patch skipped: %s", site)

@@ -342,9 +342,9 @@ def register(
     d.require_started()
     key = need_file(public_key, "PUBLIC_KEY")
     try:
-        from flwr.cli.supernode.register import try_load_public_key
+        from fedfsd.flower.flwr_cli import load_node_public_key
 
-        try_load_public_key(key)
+        load_node_public_key(key)
     except (Exception, SystemExit) as err:  # flwr exits on a bad key
         fail(f"{key}: not an OpenSSH NIST-curve EC public key ({err})")
     try:

@@ -13,6 +13,8 @@ capped at 0.5 s. Each extra try is one small request, so the byte cost is neglig
 
 Non-public flwr 1.39 internals (flwr is pinned `<1.40`): a call site that is not found is left
 alone and named in the returned list, so a changed layout degrades to Flower's own timing.
+Applied by the SuperNode launcher, the region executor and the ServerApp (`fedfsd.flower.patches`
+lists where, and tests/test_flower_patches.py checks each is in effect).
 """
 
 from __future__ import annotations
@@ -55,3 +57,10 @@ def fast_object_pulls(
             functools.partial(base, initial_backoff=initial_backoff, backoff_cap=backoff_cap),
         )
     return skipped
+
+
+def pull_is_fast(module_name: str, attr: str) -> bool:
+    """Whether the call site `module_name.attr` currently uses our back-off (no import side
+    effect beyond importing the module)."""
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    return isinstance(fn, functools.partial) and fn.keywords.get("initial_backoff") is not None

@@ -1,4 +1,4 @@
-"""fedfsd.deploy.latency: Flower's object pulls retry after 50 ms, not after 1 s and 2 s."""
+"""fedfsd.flower.pull_backoff: Flower's object pulls retry after 50 ms, not after 1 s and 2 s."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import importlib
 import time
 
 import pytest
-from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
-from fedfsd.deploy.latency import BACKOFF_CAP_S, CALL_SITES, INITIAL_BACKOFF_S, fast_object_pulls
+from fedfsd.flower.message_objects import ObjectUnavailableError
+from fedfsd.flower.pull_backoff import (
+    BACKOFF_CAP_S,
+    CALL_SITES,
+    INITIAL_BACKOFF_S,
+    fast_object_pulls,
+)
 
 
 @pytest.fixture
