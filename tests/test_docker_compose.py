@@ -142,7 +142,7 @@ def test_compose_has_the_roles(compose: dict[str, Any]) -> None:
     assert svcs["launcher"]["command"][:3] == ["fedfsd", "aggregator", "run"]
     for r in REGIONS:
         assert svcs[f"region-{r}"]["command"][:3] == ["fedfsd", "region", "start"]
-        assert svcs[f"register-{r}"]["command"][:3] == ["fedfsd", "region", "register"]
+        assert svcs[f"register-{r}"]["command"][:3] == ["fedfsd", "aggregator", "register"]
     for name, svc in svcs.items():
         assert str(svc.get("user", "")).split(":")[0] not in ("", "0", "root"), name
 

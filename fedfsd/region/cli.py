@@ -324,34 +324,7 @@ def finetune(
     con.print(f"wrote {out} and {side}; recorded in {ledger} as personalised, NOT released")
 
 
-# ---- deployment: a region's SuperNode + executor, and key registration (deploy engineer) ----
-
-
-@app.command("register")
-def register(
-    public_key: Path = typer.Argument(..., help="The region's public key (OpenSSH, NIST EC)."),
-    dir: Path = typer.Option(
-        Path(".fedfsd/aggregator"), "--dir", help="The aggregator's state directory."
-    ),
-) -> None:
-    """(Aggregator side) Allow a region's SuperNode key on the SuperLink."""
-    from fedfsd.deploy.admin import AggregatorDir, fail, need_file
-    from fedfsd.deploy.control import ControlClient, ControlError
-
-    d = AggregatorDir(dir.resolve())
-    d.require_started()
-    key = need_file(public_key, "PUBLIC_KEY")
-    try:
-        from fedfsd.flower.flwr_cli import load_node_public_key
-
-        load_node_public_key(key)
-    except (Exception, SystemExit) as err:  # flwr exits on a bad key
-        fail(f"{key}: not an OpenSSH NIST-curve EC public key ({err})")
-    try:
-        node_id = ControlClient(d.flwr_home, d.root).register(key)
-    except ControlError as err:
-        fail(str(err).splitlines()[0])
-    typer.secho(f"registered {key.name}: SuperNode id {node_id}", fg=typer.colors.GREEN)
+# ---- deployment: a region's SuperNode + executor (deploy engineer) ----
 
 
 @app.command("start")
@@ -438,7 +411,7 @@ def start(
         if any("Failed to activate SuperNode" in ln for ln in lines):
             reason = (
                 "the SuperLink refused this region (Failed to activate SuperNode: "
-                "is its public key registered with `fedfsd region register`?)"
+                "is its public key registered with `fedfsd aggregator register`?)"
             )
         else:
             reason = next((ln for ln in lines if "Failed to" in ln), lines[0])
