@@ -238,7 +238,7 @@ def serialisation_cost(weights: dict[str, np.ndarray], cfg: dict, reps: int) -> 
 def aggregation_cost(weights: dict[str, np.ndarray], n_regions: int, reps: int) -> float:
     """Median seconds of the aggregator's per-round work: verify each update, then FedAvg."""
     from fedfsd.aggregator.strategy import FedAvgMomentum
-    from fedfsd.aggregator.verify import Expectation, verify_update
+    from fedfsd.aggregator.update_checks import Expectation, verify_update
     from fedfsd.region.egress import guard_update, make_manifest
 
     rng = np.random.default_rng(1)

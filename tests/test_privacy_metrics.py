@@ -301,7 +301,7 @@ def _round(tmp_path: Path, policy: RegionPolicy, n: int = 40, **kw):
 
 def test_metric_release_is_accounted_reported_and_verified(tmp_path) -> None:
     from fedfsd.privacy.report import build_report
-    from fedfsd.privacy.verify import verify_report
+    from fedfsd.privacy.report_checks import verify_report
 
     policy = _policy()
     frames, res = _round(tmp_path, policy)

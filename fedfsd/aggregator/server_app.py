@@ -35,7 +35,7 @@ from fedfsd.aggregator.initial_model import load_initial_model
 from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.aggregator.settings import RunSettings, parse_settings
 from fedfsd.aggregator.strategy import ServerOptimizer, make_server_optimizer
-from fedfsd.aggregator.verify import Expectation, verify_update
+from fedfsd.aggregator.update_checks import Expectation, verify_update
 
 LOG = logging.getLogger("flwr.fedfsd.aggregator")
 MAX_NUM_EXAMPLES = 1 << 30
