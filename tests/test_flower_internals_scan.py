@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import re
 from pathlib import Path
 
 import flwr
@@ -66,6 +68,26 @@ def private_imports(path: Path) -> list[str]:
     return found
 
 
+def private_module_names(path: Path) -> list[str]:
+    """`file:line name` for each string naming an existing non-public flwr module (a module
+    reached by name, e.g. to patch it, is as much a use of internals as an import)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        name = node.value
+        if not re.fullmatch(r"flwr(\.[a-z_0-9]+)+", name) or is_public(name):
+            continue
+        try:
+            exists = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            exists = False
+        if exists:
+            where = path.relative_to(ROOT) if ROOT in path.parents else path.name
+            found.append(f"{where}:{node.lineno} {name}")
+    return found
+
+
 def test_the_rule_tells_public_from_private() -> None:
     assert TOP >= {"app", "clientapp", "serverapp", "common", "simulation"}
     assert is_public("flwr.app", "Error") and is_public("flwr.serverapp.strategy", "FedAvg")
@@ -87,6 +109,12 @@ def test_the_scan_finds_a_private_import(tmp_path: Path) -> None:
         "probe.py:2 flwr.supernode.cli",
         "probe.py:3 flwr.common.serde",
     ]
+    probe.write_text(
+        'import logging\nlogging.getLogger("flwr.fedfsd.x")\n'
+        'SITE = "flwr.superlink.grid.http_grid"\n',
+        encoding="utf-8",
+    )
+    assert private_module_names(probe) == ["probe.py:3 flwr.superlink.grid.http_grid"]
 
 
 def test_nothing_outside_fedfsd_flower_imports_flwr_internals() -> None:
@@ -99,4 +127,7 @@ def test_nothing_outside_fedfsd_flower_imports_flwr_internals() -> None:
     ]
     assert len(files) > 50
     found = [hit for p in files for hit in private_imports(p)]
+    # This file names private modules as examples of the rule; every other file may not.
+    me = Path(__file__).resolve()
+    found += [hit for p in files if p != me for hit in private_module_names(p)]
     assert found == [], "non-public flwr imports outside fedfsd/flower/:\n" + "\n".join(found)

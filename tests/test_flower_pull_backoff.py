@@ -12,6 +12,7 @@ from fedfsd.flower.pull_backoff import (
     BACKOFF_CAP_S,
     CALL_SITES,
     INITIAL_BACKOFF_S,
+    SERVERAPP_SITE,
     fast_object_pulls,
 )
 
@@ -39,8 +40,8 @@ def test_every_call_site_is_found_and_patching_is_idempotent(restore_sites) -> N
 
 
 def test_an_object_that_arrives_late_is_pulled_soon_after(restore_sites) -> None:
-    fast_object_pulls(("flwr.superlink.grid.http_grid",))
-    pull_objects = restore_sites["flwr.superlink.grid.http_grid"].pull_objects
+    fast_object_pulls((SERVERAPP_SITE,))
+    pull_objects = restore_sites[SERVERAPP_SITE].pull_objects
     tries = []
 
     def pull_object(object_id: str) -> bytes:

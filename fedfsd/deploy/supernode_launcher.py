@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-from fedfsd.flower.pull_backoff import fast_object_pulls
-from fedfsd.flower.supernode_poll import POLL_MODULE, cap_idle_poll, run_flower_supernode
+from fedfsd.flower.pull_backoff import SUPERNODE_SITE, fast_object_pulls
+from fedfsd.flower.supernode_poll import cap_idle_poll, run_flower_supernode
 
 
 def apply_patches() -> list[str]:
@@ -25,7 +25,7 @@ def apply_patches() -> list[str]:
         cap_idle_poll(cap)
     except (ImportError, RuntimeError) as err:  # pragma: no cover - unexpected flwr layout
         skipped.append(f"fedfsd: SuperNode poll patch skipped: {err}")
-    for site in fast_object_pulls((POLL_MODULE,)):
+    for site in fast_object_pulls((SUPERNODE_SITE,)):
         skipped.append(f"fedfsd: object-pull back-off patch skipped: {site}")
     return skipped
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedfsd.flower.pull_backoff import pull_is_fast
+from fedfsd.flower.pull_backoff import EXECUTOR_SITE, SERVERAPP_SITE, SUPERNODE_SITE, pull_is_fast
 from fedfsd.flower.supernode_poll import POLL_MODULE, idle_poll_cap
 
 
@@ -35,23 +35,21 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         "SuperNode object-pull back-off",
-        f"{POLL_MODULE}.pull_objects",
+        f"{SUPERNODE_SITE}.pull_objects",
         "fedfsd.deploy.supernode_launcher",
-        lambda: pull_is_fast(POLL_MODULE, "pull_objects"),
+        lambda: pull_is_fast(SUPERNODE_SITE, "pull_objects"),
     ),
     Patch(
         "executor object-pull back-off",
-        "flwr.supernode.runtime.run_clientapp.pull_and_inflate_object_from_tree",
+        f"{EXECUTOR_SITE}.pull_and_inflate_object_from_tree",
         "fedfsd.region.executor",
-        lambda: pull_is_fast(
-            "flwr.supernode.runtime.run_clientapp", "pull_and_inflate_object_from_tree"
-        ),
+        lambda: pull_is_fast(EXECUTOR_SITE, "pull_and_inflate_object_from_tree"),
     ),
     Patch(
         "ServerApp object-pull back-off",
-        "flwr.superlink.grid.http_grid.pull_objects",
+        f"{SERVERAPP_SITE}.pull_objects",
         "fedfsd.aggregator.server_app",
-        lambda: pull_is_fast("flwr.superlink.grid.http_grid", "pull_objects"),
+        lambda: pull_is_fast(SERVERAPP_SITE, "pull_objects"),
     ),
 )
 

@@ -26,11 +26,15 @@ from typing import Any
 INITIAL_BACKOFF_S = 0.05
 BACKOFF_CAP_S = 0.5
 
+# The module of each call site: the SuperNode, the region executor, the ServerApp's grid.
+SUPERNODE_SITE = "flwr.supernode.start_client_internal"
+EXECUTOR_SITE = "flwr.supernode.runtime.run_clientapp"
+SERVERAPP_SITE = "flwr.superlink.grid.http_grid"
 # (module, attribute) of each call site's imported pull function.
 CALL_SITES = (
-    ("flwr.supernode.start_client_internal", "pull_objects"),
-    ("flwr.supernode.runtime.run_clientapp", "pull_and_inflate_object_from_tree"),
-    ("flwr.superlink.grid.http_grid", "pull_objects"),
+    (SUPERNODE_SITE, "pull_objects"),
+    (EXECUTOR_SITE, "pull_and_inflate_object_from_tree"),
+    (SERVERAPP_SITE, "pull_objects"),
 )
 
 

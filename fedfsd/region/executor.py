@@ -31,7 +31,7 @@ from typing import Any
 
 from fedfsd.flower import runtime_api
 from fedfsd.flower.bounded_pull import MessageRefused, drain_and_confirm, pull_message_bounded
-from fedfsd.flower.pull_backoff import fast_object_pulls
+from fedfsd.flower.pull_backoff import EXECUTOR_SITE, fast_object_pulls
 
 log = logging.getLogger("fedfsd.executor")
 
@@ -93,7 +93,7 @@ class RegionExecutor:
         self._poll_client = self._make_client(token=None)
         # The SuperNode offers a task before its objects are stored: without this, pulling the
         # task input waits out Flower's 1 s + 2 s back-off (see fedfsd.flower.pull_backoff).
-        for site in fast_object_pulls(("flwr.supernode.runtime.run_clientapp",)):
+        for site in fast_object_pulls((EXECUTOR_SITE,)):
             log.warning("object-pull back-off patch skipped: %s", site)
 
     # -- the SuperNode's Runtime API (fedfsd.flower.runtime_api) ------------------------------
