@@ -44,6 +44,7 @@ from fedfsd.region.egress import (
 
 LOG = logging.getLogger("flwr.fedfsd.region")
 
+
 class SetupError(RuntimeError):
     """The node is not configured as a region (missing node config keys, missing files)."""
 
