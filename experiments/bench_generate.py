@@ -217,7 +217,7 @@ def realism(paths: list[str]) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES
+    from fedfsd.data.feature_spec import FEATURE_NAMES, LABEL_NAMES
     from fedfsd.data.vehicles import load_vehicle_frames
 
     table = Table(

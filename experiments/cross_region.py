@@ -21,7 +21,7 @@ from rich.table import Table
 
 
 def fde3(pred: np.ndarray, y: np.ndarray) -> float:
-    from fedfsd.data.features import LABEL_NAMES
+    from fedfsd.data.feature_spec import LABEL_NAMES
 
     i, j = LABEL_NAMES.index("dx_3s"), LABEL_NAMES.index("dy_3s")
     return float(np.mean(np.hypot(pred[:, i] - y[:, i], pred[:, j] - y[:, j])))
@@ -32,7 +32,7 @@ def train_mlp(x: np.ndarray, y: np.ndarray, steps: int, seed: int):
     (so it starts from a sane physical prior); returns predict(x) -> labels in physical units."""
     import torch
 
-    from fedfsd.data.features import LABEL_SCALES
+    from fedfsd.data.feature_spec import LABEL_SCALES
 
     torch.manual_seed(seed)
     scale = torch.tensor(LABEL_SCALES, dtype=torch.float32)
@@ -64,7 +64,7 @@ def train_mlp(x: np.ndarray, y: np.ndarray, steps: int, seed: int):
 
 
 def constant_velocity(x: np.ndarray) -> np.ndarray:
-    from fedfsd.data.features import constant_velocity_labels
+    from fedfsd.data.feature_spec import constant_velocity_labels
 
     return constant_velocity_labels(x)
 

@@ -158,11 +158,10 @@ def metered_federation(run_dir: Path, regions: dict[str, Any]) -> Any:
 # -- in-process measurements -----------------------------------------------------------------------
 def wire_size(message: Any) -> tuple[int, float]:
     """Bytes and seconds to deflate a Flower 1.39 Message into the objects it sends."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from fedfsd.flower.message_objects import deflated_size
 
     t = time.perf_counter()
-    objs = get_all_nested_objects(message)
-    size = sum(len(o.deflate()) for o in objs.values())
+    size = deflated_size(message)
     return size, time.perf_counter() - t
 
 
@@ -239,7 +238,7 @@ def serialisation_cost(weights: dict[str, np.ndarray], cfg: dict, reps: int) -> 
 def aggregation_cost(weights: dict[str, np.ndarray], n_regions: int, reps: int) -> float:
     """Median seconds of the aggregator's per-round work: verify each update, then FedAvg."""
     from fedfsd.aggregator.strategy import FedAvgMomentum
-    from fedfsd.aggregator.verify import Expectation, verify_update
+    from fedfsd.aggregator.update_checks import Expectation, verify_update
     from fedfsd.region.egress import guard_update, make_manifest
 
     rng = np.random.default_rng(1)

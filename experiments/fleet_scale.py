@@ -295,7 +295,7 @@ def federate(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Federated vehicle-level DP through fedfsd's code path (module doc)."""
     from fedfsd.aggregator.strategy import make_server_optimizer
-    from fedfsd.aggregator.verify import Expectation, verify_update
+    from fedfsd.aggregator.update_checks import Expectation, verify_update
     from fedfsd.privacy.ledger import Ledger
     from fedfsd.privacy.local_round import run_local_round
     from fedfsd.region.egress import guard_update, num_examples, release_manifest

@@ -14,7 +14,8 @@ on a held-out region that took no part in training (default `jp`).
 The federation runs IN-PROCESS but through fedfsd's real code path: each round every region calls
 `fedfsd.privacy.local_round.run_local_round` (its own policy and ledger), the region's egress
 guard (`fedfsd.region.egress.guard_update` + manifest), the aggregator's verification
-(`fedfsd.aggregator.verify.verify_update`) and FedAvg (`fedfsd.aggregator.strategy.FedAvgMomentum`).
+(`fedfsd.aggregator.update_checks.verify_update`) and FedAvg
+(`fedfsd.aggregator.strategy.FedAvgMomentum`).
 That is the algorithm the gRPC deployment runs, minus transport (costed by federation_cost.py).
 
 For a target ε, each region's noise multiplier σ comes from Opacus' `get_noise_multiplier`
@@ -219,7 +220,7 @@ def federate(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The federation in-process: region rounds → egress guard → verify → FedAvg (module doc)."""
     from fedfsd.aggregator.strategy import FedAvgMomentum
-    from fedfsd.aggregator.verify import Expectation, verify_update
+    from fedfsd.aggregator.update_checks import Expectation, verify_update
     from fedfsd.privacy.ledger import Ledger
     from fedfsd.privacy.local_round import run_local_round
     from fedfsd.region.egress import guard_update, make_manifest, num_examples

@@ -6,11 +6,14 @@ commands, so `fedfsd --help` stays fast.
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 import typer
 
 from fedfsd.aggregator.cli import app as aggregator_app
+from fedfsd.aggregator.cli import register as aggregator_register
 from fedfsd.data.cli import app as data_app
 from fedfsd.deploy.cli import app as deploy_app
 from fedfsd.modelhub.cli import app as model_app
@@ -39,6 +42,22 @@ app.add_typer(deploy_app, name="deploy", help="A whole TLS federation on one mac
 app.add_typer(
     model_app, name="model", help="Models: pretrain, evaluate in a region, export for the vehicle."
 )
+
+
+@region_app.command(
+    "register",
+    deprecated=True,
+    help="Moved to `fedfsd aggregator register` (an aggregator-side command); this alias remains.",
+)
+@functools.wraps(aggregator_register)
+def _region_register_alias(*args: Any, **kwargs: Any) -> None:
+    """`fedfsd region register`: the old name, kept so existing scripts keep working."""
+    typer.secho(
+        "`fedfsd region register` moved to `fedfsd aggregator register`; use that name.",
+        err=True,
+        fg=typer.colors.YELLOW,
+    )
+    aggregator_register(*args, **kwargs)
 
 
 @app.command()

@@ -209,7 +209,7 @@ def progress_table(run_dir: Path, cfg: DemoConfig, started: float) -> Table:
     return t
 
 
-def run_federation(
+def run_demo_federation(
     cfg: DemoConfig,
     run_dir: Path,
     data: dict[str, Path],
@@ -448,7 +448,7 @@ def run_demo(
         f"steps per round, lr {plan.lr:g} (predicted ε {plan.epsilon_prv:.2f})"
     )
     (run_dir / "plan.json").write_text(json.dumps(_jsonable_plan(plan), indent=2))
-    run_federation(cfg, run_dir, data, run_id, plan, declared)
+    run_demo_federation(cfg, run_dir, data, run_id, plan, declared)
     t_fed = time.monotonic() - t0 - t_data - t_plan
 
     agg = run_dir / "aggregator"

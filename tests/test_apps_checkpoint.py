@@ -130,7 +130,7 @@ def test_importing_the_server_app_loads_no_data_module() -> None:
     import sys
 
     code = (
-        "import sys, fedfsd.aggregator.server_app, fedfsd.aggregator.verify;"
+        "import sys, fedfsd.aggregator.server_app, fedfsd.aggregator.update_checks;"
         "bad=[m for m in sys.modules if m.startswith(('fedfsd.data','fedfsd.privacy.dpsgd'))];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

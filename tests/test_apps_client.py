@@ -177,7 +177,7 @@ def test_node_config_beats_simulation_keys(tmp_path) -> None:
 
 
 def test_metrics_match_hand_computed_values() -> None:
-    from fedfsd.data.features import LABEL_NAMES
+    from fedfsd.data.feature_spec import LABEL_NAMES
     from fedfsd.region.evaluation import score_predictions
 
     y = np.zeros((2, len(LABEL_NAMES)), np.float32)

@@ -33,7 +33,7 @@ def test_pyproject_run_config_is_valid_for_the_server() -> None:
 
 def test_aggregator_model_widths_match_the_data_side() -> None:
     from fedfsd.aggregator.settings import DEFAULT_N_FEATURES, DEFAULT_N_LABELS
-    from fedfsd.data.features import N_FEATURES, N_LABELS
+    from fedfsd.data.feature_spec import N_FEATURES, N_LABELS
 
     assert (DEFAULT_N_FEATURES, DEFAULT_N_LABELS) == (N_FEATURES, N_LABELS)
 

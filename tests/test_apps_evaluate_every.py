@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedfsd import wire
 from fedfsd.aggregator.server_app import run_federation
 from fedfsd.aggregator.settings import SettingsError, parse_settings
+from fedfsd.flower.message_objects import TaskIdentity
 
 
 class AnsweringGrid:

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Error, Message, Metadata, MetricRecord, Recor
 
 from fedfsd import wire
 from fedfsd.aggregator.server_app import RoundOutcome, judge_train_reply
-from fedfsd.aggregator.verify import Expectation
+from fedfsd.aggregator.update_checks import Expectation
 
 GLOBAL = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
 EXP = Expectation.from_weights(GLOBAL, norm_bound=1.0, run_id="r", round_idx=2)

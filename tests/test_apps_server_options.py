@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import MessageType
-from flwr.supercore.task_identity import TaskIdentity
 from test_apps_evaluate_every import AnsweringGrid
 
 from fedfsd.aggregator import checkpoint as ck
@@ -21,6 +20,7 @@ from fedfsd.aggregator.initial_model import InitialModelError, file_sha256
 from fedfsd.aggregator.server_app import initial_weights, registry_weights, run_federation
 from fedfsd.aggregator.settings import SettingsError, parse_settings
 from fedfsd.aggregator.strategy import FedAdam, FedAvgMomentum, make_server_optimizer
+from fedfsd.flower.message_objects import TaskIdentity
 
 
 def test_fedadam_matches_a_hand_computed_step() -> None:

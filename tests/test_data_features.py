@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES
+from fedfsd.data.feature_spec import FEATURE_NAMES, LABEL_NAMES
 from fedfsd.data.featurize import featurize_episode
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES, N_FEATURES, N_LABELS
+from fedfsd.data.feature_spec import FEATURE_NAMES, LABEL_NAMES, N_FEATURES, N_LABELS
 from fedfsd.data.testing import make_synthetic_frames
 from fedfsd.data.vehicles import VehicleFrames
 

@@ -17,7 +17,7 @@ import tomli_w
 from typer.testing import CliRunner
 
 from fedfsd.cli import app
-from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES
+from fedfsd.data.feature_spec import FEATURE_NAMES, LABEL_NAMES
 from fedfsd.data.generate import generate_dataset
 from fedfsd.data.profiles import RegionProfile, load_region
 from fedfsd.data.validate import DatasetError, sha256_file, validate_dataset

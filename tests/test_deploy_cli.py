@@ -1,5 +1,5 @@
 """The deployment CLI: clear one-line errors, and the production entry points as real processes
-(`fedfsd aggregator start`, `fedfsd region register`, `fedfsd region start`)."""
+(`fedfsd aggregator start`, `fedfsd aggregator register`, `fedfsd region start`)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ POLICY = (
         (["aggregator", "run", "--dir", "/nonexistent/agg"], "no SuperLink connection"),
         (["deploy", "--data", "eu"], "REGION=PATH"),
         (["deploy", "--data", "eu=/nonexistent"], "not a fedfsd dataset"),
-        (["region", "register", "/nonexistent.pub", "--dir", "/nonexistent"],
+        (["aggregator", "register", "/nonexistent.pub", "--dir", "/nonexistent"],
          "no SuperLink connection"),
+        (["region", "register", "/nonexistent.pub", "--dir", "/nonexistent"],
+         "no SuperLink connection"),  # the deprecated alias runs the same command
         (["deploy", "keygen", "../evil"], "alphanumeric"),
     ],
 )  # fmt: skip
@@ -42,6 +44,16 @@ def test_bad_input_is_one_red_line(args: list[str], message: str) -> None:
     assert res.exit_code == 2
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def test_region_register_is_a_deprecated_alias_that_says_where_it_moved() -> None:
+    res = CliRunner().invoke(app, ["region", "register", "/nonexistent.pub", "--dir", "/x"])
+    assert res.exit_code == 2
+    assert "moved to `fedfsd aggregator register`" in res.output
+    assert "run `fedfsd aggregator start --dir /x` first" in res.output  # the real command ran
+    helps = CliRunner().invoke(app, ["region", "--help"]).output
+    assert "deprecated" in helps
+    assert "register" in CliRunner().invoke(app, ["aggregator", "--help"]).output
 
 
 def test_region_start_rejects_bad_policy(tmp_path: Path) -> None:
@@ -136,7 +148,7 @@ def test_production_entry_points(private_tmp: Path) -> None:
             res = runner.invoke(app, ["deploy", "keygen", name, "--out", str(keys)])
             assert res.exit_code == 0
         res = runner.invoke(
-            app, ["region", "register", str(keys / "eu.pub"), "--dir", str(agg_dir)]
+            app, ["aggregator", "register", str(keys / "eu.pub"), "--dir", str(agg_dir)]
         )
         assert res.exit_code == 0, res.output
         assert "registered eu.pub" in res.output

@@ -40,10 +40,11 @@ def test_server_cert_has_sans_and_chains_to_ca(tmp_path: Path) -> None:
 
 def test_node_keys_load_with_flowers_own_loaders(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-    from flwr.cli.supernode.register import try_load_public_key
+
+    from fedfsd.flower.flwr_cli import load_node_public_key
 
     keys = pki.create_node_keys(tmp_path, "eu")
-    assert try_load_public_key(keys.public_key)  # what `flwr supernode register` does
+    assert load_node_public_key(keys.public_key)  # what `flwr supernode register` does
     priv = load_ssh_private_key(keys.private_key.read_bytes(), password=None)
     assert priv.curve.name == "secp384r1"
     other = pki.create_node_keys(tmp_path, "us")

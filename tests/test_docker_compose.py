@@ -103,7 +103,9 @@ def parse_fully(cmd: list[str]) -> list[str]:
         if cmd[0] == "fedfsd":
             from fedfsd.cli import app
         else:
-            from flwr.cli.app import app
+            from fedfsd.flower.flwr_cli import flwr_cli_app
+
+            app = flwr_cli_app()
 
         group: click.Command = typer.main.get_command(app)
         args, path = cmd[1:], [cmd[0]]
@@ -141,7 +143,7 @@ def test_compose_has_the_roles(compose: dict[str, Any]) -> None:
     assert svcs["launcher"]["command"][:3] == ["fedfsd", "aggregator", "run"]
     for r in REGIONS:
         assert svcs[f"region-{r}"]["command"][:3] == ["fedfsd", "region", "start"]
-        assert svcs[f"register-{r}"]["command"][:3] == ["fedfsd", "region", "register"]
+        assert svcs[f"register-{r}"]["command"][:3] == ["fedfsd", "aggregator", "register"]
     for name, svc in svcs.items():
         assert str(svc.get("user", "")).split(":")[0] not in ("", "0", "root"), name
 

@@ -192,7 +192,7 @@ def test_two_rounds_over_tls_then_resume_after_aggregator_crash(
     # The reviewer's path on this real TLS federation: reports from the region ledgers verify
     # independently (Opacus + dp-accounting), and the global summary too.
     from fedfsd.privacy.report import load_json, write_reports
-    from fedfsd.privacy.verify import verify_files
+    from fedfsd.privacy.report_checks import verify_files
 
     written = write_reports(
         [fed.regions[r].ledger_path for r in REGIONS], tmp_path / "reports", formats=("json",)

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from test_apps_evaluate_every import AnsweringGrid
 from typer.testing import CliRunner
 
@@ -27,6 +26,7 @@ from fedfsd.aggregator.server_app import (
     run_federation,
 )
 from fedfsd.aggregator.settings import parse_settings
+from fedfsd.flower.message_objects import TaskIdentity
 
 CFG = {"min-regions": 1, "round-timeout": 5.0, "run-id": "f20", "local-steps": 1}
 

@@ -13,10 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
-from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
 
 from fedfsd import wire
+from fedfsd.flower.message_objects import (
+    InMemoryObjectStore,
+    ObjectTree,
+    get_all_nested_objects,
+    get_object_tree,
+)
 from fedfsd.region.executor import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MessageRefused,
@@ -29,7 +33,7 @@ RUN = 7
 
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedfsd.flower.message_objects import TaskIdentity
 
     monkeypatch.setattr(TaskIdentity, "_run_id", RUN)  # what Flower sets on the sending side
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
@@ -135,8 +139,6 @@ def test_the_bound_comes_from_the_region_policy(tmp_path: Path) -> None:
 
 def test_a_malformed_object_is_refused_not_raised() -> None:
     import hashlib
-
-    from flwr.proto.message_pb2 import ObjectTree  # pylint: disable=E0611
 
     junk = b"not an inflatable object"
     oid = hashlib.sha256(junk).hexdigest()

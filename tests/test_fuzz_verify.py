@@ -28,7 +28,7 @@ from hypothesis.extra.numpy import arrays
 
 from fedfsd import wire
 from fedfsd.aggregator.server_app import RoundOutcome, judge_train_reply
-from fedfsd.aggregator.verify import NORM_ATOL, NORM_RTOL, Expectation, verify_update
+from fedfsd.aggregator.update_checks import NORM_ATOL, NORM_RTOL, Expectation, verify_update
 
 GLOBAL = {
     "net.0.weight": np.zeros((4, 3), np.float32),

@@ -76,7 +76,7 @@ def test_evaluate_gives_the_in_region_numbers_for_model_and_prior(data) -> None:
 
 
 def test_evaluate_the_bev_cnn_and_the_prior_on_its_frames(data) -> None:
-    from fedfsd.data.features import LABEL_SCALES, constant_velocity_labels
+    from fedfsd.data.feature_spec import LABEL_SCALES, constant_velocity_labels
     from fedfsd.data.vehicles import load_vehicle_frames
     from fedfsd.modelhub.files import load_weights
     from fedfsd.region.evaluation import evaluate_weights, score_predictions
@@ -168,7 +168,7 @@ def test_feature_scales_turn_features_back_into_physical_units(data) -> None:
     """The export divides by these scales: they must be featurisation's (checked on real rows)."""
     import pyarrow.parquet as pq
 
-    from fedfsd.data.features import FEATURE_NAMES
+    from fedfsd.data.feature_spec import FEATURE_NAMES
     from fedfsd.data.vehicles import load_vehicle_frames
     from fedfsd.modelhub.schema import feature_scales
 
@@ -204,7 +204,7 @@ def test_exported_graph_holds_prior_and_scaling(data, tmp_path) -> None:
     """A zero-residual model exported to ONNX predicts constant velocity from physical inputs."""
     import onnxruntime as ort
 
-    from fedfsd.data.features import constant_velocity_labels
+    from fedfsd.data.feature_spec import constant_velocity_labels
     from fedfsd.data.vehicles import load_vehicle_frames
     from fedfsd.modelhub.export import export_model
     from fedfsd.modelhub.meta import load_model

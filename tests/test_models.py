@@ -48,7 +48,7 @@ def test_mlp_prior_is_fixed_and_never_in_the_weights():
     """The constant-velocity prior shapes predictions but is not a weight that travels."""
     import torch
 
-    from fedfsd.data.features import (
+    from fedfsd.data.feature_spec import (
         FEATURE_NAMES,
         LABEL_NAMES,
         LABEL_SCALES,
@@ -69,7 +69,7 @@ def test_mlp_prior_is_fixed_and_never_in_the_weights():
 
 
 def _prior_model_and_inputs():
-    from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES
+    from fedfsd.data.feature_spec import FEATURE_NAMES, LABEL_NAMES
     from fedfsd.data.testing import make_synthetic_frames
     from fedfsd.privacy.objective import model_kwargs
 

@@ -165,10 +165,9 @@ class ClientAppGrid:
 
 
 def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **sim) -> list[dict]:
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedfsd.aggregator.server_app import run_federation
     from fedfsd.aggregator.settings import parse_settings
+    from fedfsd.flower.message_objects import TaskIdentity
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
@@ -302,7 +301,7 @@ def _round(tmp_path: Path, policy: RegionPolicy, n: int = 40, **kw):
 
 def test_metric_release_is_accounted_reported_and_verified(tmp_path) -> None:
     from fedfsd.privacy.report import build_report
-    from fedfsd.privacy.verify import verify_report
+    from fedfsd.privacy.report_checks import verify_report
 
     policy = _policy()
     frames, res = _round(tmp_path, policy)

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedfsd.aggregator.receipts import LEDGER_HEADS, ReceiptBook, read_receipts
 from fedfsd.aggregator.server_app import run_federation
 from fedfsd.aggregator.settings import parse_settings
 from fedfsd.config import TrainRequest, parse_policy
 from fedfsd.data.testing import make_synthetic_frames
+from fedfsd.flower.message_objects import TaskIdentity
 from fedfsd.models import build_model, get_weights
 from fedfsd.privacy import signing
 from fedfsd.privacy.ledger import Ledger

@@ -21,7 +21,7 @@ from fedfsd.privacy.report import (
     to_json,
     write_reports,
 )
-from fedfsd.privacy.verify import verify_files, verify_report, verify_summary
+from fedfsd.privacy.report_checks import verify_files, verify_report, verify_summary
 
 
 @pytest.fixture(scope="module")

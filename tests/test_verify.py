@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedfsd.aggregator.verify import Expectation, verify_update
+from fedfsd.aggregator.update_checks import Expectation, verify_update
 from fedfsd.wire import UpdateManifest, array_digest, l2_norm
 
 GLOBAL = {

@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from test_report_fixtures import real_ledgers, written_ledger
 
 from fedfsd.privacy.report import build_global_summary, build_report, to_json
-from fedfsd.privacy.verify import verify_report, verify_summary
+from fedfsd.privacy.report_checks import verify_report, verify_summary
 from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
 
 

@@ -88,7 +88,7 @@ def start(
     typer.echo(f"Control API {control} (loopback only); logs {d.logs}")
     if server is not None:
         typer.echo(f"CA for regions: {server.ca_cert}")
-        typer.echo(f"register regions: fedfsd region register PUBKEY --dir {d.root}")
+        typer.echo(f"register regions: fedfsd aggregator register PUBKEY --dir {d.root}")
     code = block_until_interrupted([proc], "the SuperLink")
     group.stop_all()
     raise typer.Exit(code)
@@ -278,3 +278,30 @@ def run(
     if status != "finished:completed":
         exit_for(f"run {run_id} ended {status}; see {d.logs} and {run_dir}", ExitCode.FAILED)
     typer.secho(f"run {run_id} {status}; results in {run_dir}", fg=typer.colors.GREEN)
+
+
+@app.command("register")
+def register(
+    public_key: Path = typer.Argument(..., help="The region's public key (OpenSSH, NIST EC)."),
+    dir: Path = typer.Option(
+        Path(".fedfsd/aggregator"), "--dir", help="The aggregator's state directory."
+    ),
+) -> None:
+    """Allow a region's SuperNode key on the SuperLink (formerly `fedfsd region register`)."""
+    from fedfsd.deploy.admin import AggregatorDir, need_file
+    from fedfsd.deploy.control import ControlClient, ControlError
+
+    d = AggregatorDir(dir.resolve())
+    d.require_started()
+    key = need_file(public_key, "PUBLIC_KEY")
+    try:
+        from fedfsd.flower.flwr_cli import load_node_public_key
+
+        load_node_public_key(key)
+    except (Exception, SystemExit) as err:  # flwr exits on a bad key
+        exit_for(f"{key}: not an OpenSSH NIST-curve EC public key ({err})")
+    try:
+        node_id = ControlClient(d.flwr_home, d.root).register(key)
+    except ControlError as err:
+        exit_for(str(err).splitlines()[0], ExitCode.USAGE)
+    typer.secho(f"registered {key.name}: SuperNode id {node_id}", fg=typer.colors.GREEN)

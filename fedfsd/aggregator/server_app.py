@@ -38,7 +38,7 @@ from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.aggregator.settings import RunSettings, parse_settings
 from fedfsd.aggregator.strategy import ServerOptimizer, make_server_optimizer
 from fedfsd.aggregator.tracking import RunTracker
-from fedfsd.aggregator.verify import Expectation, verify_update
+from fedfsd.aggregator.update_checks import Expectation, verify_update
 from fedfsd.errors import InputError
 
 LOG = logging.getLogger("flwr.fedfsd.aggregator")
@@ -577,9 +577,9 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedfsd.deploy.latency import fast_object_pulls
+        from fedfsd.flower.pull_backoff import SERVERAPP_SITE, fast_object_pulls
 
-        for site in fast_object_pulls(("flwr.superlink.grid.http_grid",)):
+        for site in fast_object_pulls((SERVERAPP_SITE,)):
             LOG.warning("object-pull back-off patch skipped: %s", site)
         s = parse_settings({**base, **dict(context.run_config)})
         run_dir = Path(s.run_dir) if s.run_dir else Path.cwd() / "runs" / f"flwr-{context.run_id}"

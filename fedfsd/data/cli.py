@@ -108,7 +108,7 @@ def stats(
     from rich.console import Console
     from rich.table import Table
 
-    from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES
+    from fedfsd.data.feature_spec import FEATURE_NAMES, LABEL_NAMES
     from fedfsd.data.loader import load_with_split
     from fedfsd.data.splits import SPLITS, NoValidationSplit
     from fedfsd.data.validate import DatasetError

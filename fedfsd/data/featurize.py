@@ -1,8 +1,8 @@
 """Track table of one episode -> ego-centric object-list features and future-motion labels.
 
 Runs at load time, so an operator who converts their own logs into the track format gets the same
-features. Every scale is a fixed physical constant from `features.py`; sensing noise and range come
-from the dataset's profile (rain shortens range and adds noise) and are seeded per episode.
+features. Every scale is a fixed physical constant from `feature_spec.py`; sensing noise and range
+come from the dataset's profile (rain shortens range and adds noise) and are seeded per episode.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedfsd.data.features import (
+from fedfsd.data.feature_spec import (
     EGO_FEATURES,
     HORIZONS_S,
     LANE_FEATURES,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfsd.data.features import HORIZONS_S
+from fedfsd.data.feature_spec import HORIZONS_S
 from fedfsd.data.fleet import draw_drivers, episode_members, fleet_id, vehicle_ids
 from fedfsd.data.fleet_scale import (
     DEFAULT_APPEARANCES,

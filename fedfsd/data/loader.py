@@ -21,11 +21,11 @@ from fedfsd.data.splits import (
     NoValidationSplit,
     split_episodes,
 )
-from fedfsd.data.splits import test_episodes as test_episodes
+from fedfsd.data.splits import pick_test_episodes as pick_test_episodes
 from fedfsd.data.validate import DatasetError, _read_checked, iter_validated, read_manifest
 from fedfsd.data.vehicles import VehicleFrames
 
-__all__ = ["SPLITS", "TEST_FRACTION", "load_frames", "load_with_split", "test_episodes"]
+__all__ = ["SPLITS", "TEST_FRACTION", "load_frames", "load_with_split", "pick_test_episodes"]
 
 # Track rows kept in memory between the two passes (~0.2 kB each); larger datasets re-read.
 KEEP_ROWS = 2_000_000

@@ -25,7 +25,9 @@ class NoValidationSplit(InputError, ValueError):
     """The dataset was generated before validation splits existed (its manifest has none)."""
 
 
-def test_episodes(episodes: np.ndarray, seed: int, fraction: float = TEST_FRACTION) -> np.ndarray:
+def pick_test_episodes(
+    episodes: np.ndarray, seed: int, fraction: float = TEST_FRACTION
+) -> np.ndarray:
     """The episodes held out for testing: a seeded choice of whole episodes (never frames)."""
     eps = np.unique(episodes)
     if len(eps) < 2:
@@ -89,7 +91,7 @@ def split_episodes(manifest: dict[str, Any], episodes: np.ndarray) -> EpisodeSpl
     """Assign every episode of a dataset to train, val or test from its manifest's settings."""
     cfg = split_config(manifest)
     eps = np.unique(np.asarray(episodes, dtype=np.int64))
-    test = test_episodes(eps, cfg["seed"], cfg["test_fraction"]).astype(np.int64)
+    test = pick_test_episodes(eps, cfg["seed"], cfg["test_fraction"]).astype(np.int64)
     has_val = cfg["val_fraction"] is not None
     val = (
         val_episodes(eps, test, cfg["seed"], cfg["val_fraction"]).astype(np.int64)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedfsd.data.features import N_FEATURES, N_LABELS
+from fedfsd.data.feature_spec import N_FEATURES, N_LABELS
 from fedfsd.data.vehicles import VehicleFrames
 
 FRAMES_PER_EPISODE = 10

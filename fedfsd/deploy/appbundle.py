@@ -15,9 +15,9 @@ PACKAGED_APP_DIR = Path(__file__).resolve().parent.parent / "flwr_app"
 
 def build_fab(app_dir: str | Path = PACKAGED_APP_DIR) -> bytes:
     """The FAB bytes `flwr run <app_dir>` would submit (flwr's own builder)."""
-    from flwr.cli.build import build_fab_from_disk
+    from fedfsd.flower.flwr_cli import build_fab_bytes
 
-    return build_fab_from_disk(Path(app_dir).resolve())
+    return build_fab_bytes(Path(app_dir).resolve())
 
 
 def app_digest(app_dir: str | Path = PACKAGED_APP_DIR) -> str:

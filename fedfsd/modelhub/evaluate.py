@@ -78,7 +78,7 @@ def check_compatible(model: LoadedModel, frames: Any, where: str) -> None:
 
 
 def _prior_scores(model: LoadedModel, frames: Any) -> dict[str, float]:
-    from fedfsd.data.features import LABEL_SCALES, constant_velocity_labels
+    from fedfsd.data.feature_spec import LABEL_SCALES, constant_velocity_labels
     from fedfsd.models import prior_only_weights
     from fedfsd.region.evaluation import evaluate_weights, score_predictions
 

@@ -37,7 +37,7 @@ def torch_model(model: LoadedModel) -> Any:
     arch = model.architecture
     kw: dict[str, Any] = build_kwargs(arch)
     if model.name == "mlp" and model.feature_schema is not None:
-        from fedfsd.data.features import LABEL_SCALES, constant_velocity_labels
+        from fedfsd.data.feature_spec import LABEL_SCALES, constant_velocity_labels
 
         eye = np.eye(arch["n_features"], dtype=np.float32)
         kw["prior"] = (constant_velocity_labels(eye) / np.asarray(LABEL_SCALES, np.float32)).astype(
@@ -53,7 +53,7 @@ def deployable(model: LoadedModel) -> Any:
     import torch
     from torch import nn
 
-    from fedfsd.data.features import LABEL_SCALES
+    from fedfsd.data.feature_spec import LABEL_SCALES
 
     net = torch_model(model)
     schema = model.feature_schema

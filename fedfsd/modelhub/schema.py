@@ -45,7 +45,7 @@ CLIPPED: dict[str, tuple[float, float]] = {"merge_distance": (0.0, 1.0)}
 
 def feature_scales() -> tuple[list[float], list[str]]:
     """(scale, unit) of every feature in FEATURE_NAMES order."""
-    from fedfsd.data.features import FEATURE_NAMES, NEIGHBOUR_FIELDS, NEIGHBOUR_SCALES
+    from fedfsd.data.feature_spec import FEATURE_NAMES, NEIGHBOUR_FIELDS, NEIGHBOUR_SCALES
 
     scales, units = [], []
     for name in FEATURE_NAMES:
@@ -61,7 +61,7 @@ def feature_scales() -> tuple[list[float], list[str]]:
 
 def feature_schema() -> dict[str, Any]:
     """The current object-list schema: names, scales, units, clipping, labels; with a digest."""
-    from fedfsd.data.features import FEATURE_NAMES, LABEL_NAMES, LABEL_SCALES
+    from fedfsd.data.feature_spec import FEATURE_NAMES, LABEL_NAMES, LABEL_SCALES
 
     scales, units = feature_scales()
     body = {

@@ -43,7 +43,7 @@ class _Scorer:
     """Scores a live torch model on fixed validation frames (no copy of the model per eval)."""
 
     def __init__(self, frames: VehicleFramesLike, model_name: str) -> None:
-        from fedfsd.data.features import LABEL_SCALES
+        from fedfsd.data.feature_spec import LABEL_SCALES
 
         self.bev = model_name == "bev_cnn"
         self.x, self.y = frames.all_frames("bev" if self.bev else "objects")

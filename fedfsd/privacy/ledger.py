@@ -36,8 +36,7 @@ import math
 import os
 import re
 import secrets
-import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -70,10 +69,26 @@ class NoSuchLedger(InputError, LedgerError):
     border_reason = LedgerError.border_reason
 
 
-def fault_point(name: str) -> None:
-    """Test-only crash injection: SIGKILL this process at `name` if FEDFSD_FAULT_AT says so."""
-    if os.environ.get("FEDFSD_FAULT_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+# A hook called at each point of a release where a crash must be survivable. Production never
+# installs one; tests/test_privacy_crash.py installs one that SIGKILLs the process there.
+FaultHook = Callable[..., None]
+_fault_hook: FaultHook | None = None
+
+
+def set_fault_hook(hook: FaultHook | None) -> None:
+    """Install `hook(point, **context)` (None removes it); for crash-safety tests only.
+
+    Points: "train" (mid-training), "cache" (weights cached, spend not yet recorded),
+    "record" (spend fsync'd, release not yet returned) and "ledger-line" (just before a ledger
+    line is written; context `file` (the open ledger) and `line` (its bytes))."""
+    global _fault_hook
+    _fault_hook = hook
+
+
+def fault_point(name: str, **context: Any) -> None:
+    """A crash-safety point of a release: calls the installed hook, if any (no-op otherwise)."""
+    if _fault_hook is not None:
+        _fault_hook(name, **context)
 
 
 def update_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -380,11 +395,7 @@ class Ledger:
                 os.fsync(f.fileno())
                 self._torn_tail = None
             f.seek(0, os.SEEK_END)
-            if os.environ.get("FEDFSD_FAULT_AT") == "ledger-torn":  # test-only: half a line
-                f.write(line[: len(line) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                fault_point("ledger-torn")
+            fault_point("ledger-line", file=f, line=line)
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

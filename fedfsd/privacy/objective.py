@@ -16,10 +16,10 @@ if TYPE_CHECKING:
 
 
 def label_scales(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The fixed per-label scales from `fedfsd.data.features`, as a tensor."""
+    """The fixed per-label scales from `fedfsd.data.feature_spec`, as a tensor."""
     import torch
 
-    from fedfsd.data.features import LABEL_SCALES
+    from fedfsd.data.feature_spec import LABEL_SCALES
 
     return torch.tensor(LABEL_SCALES, dtype=torch.float32, device=device)
 
@@ -53,7 +53,7 @@ def model_kwargs(frames: VehicleFramesLike, model_name: str) -> dict[str, object
     """Region-side build arguments that depend on the data: BEV channels, or the MLP's prior.
 
     The object-list MLP starts from constant-velocity extrapolation of the ego
-    (`fedfsd.data.features.constant_velocity_labels`, linear in the features), expressed in the
+    (`fedfsd.data.feature_spec.constant_velocity_labels`, linear in the features), expressed in the
     model's output units (labels / LABEL_SCALES).
     """
     import numpy as np
@@ -63,7 +63,7 @@ def model_kwargs(frames: VehicleFramesLike, model_name: str) -> dict[str, object
         return {"in_channels": int(bev.shape[1])} if bev is not None else {}
     if model_name != "mlp":
         return {}
-    from fedfsd.data.features import FEATURE_NAMES, LABEL_SCALES, constant_velocity_labels
+    from fedfsd.data.feature_spec import FEATURE_NAMES, LABEL_SCALES, constant_velocity_labels
 
     n_features = int(frames.features.shape[1])
     if n_features != len(FEATURE_NAMES):

@@ -100,7 +100,7 @@ def run_verify(
     and with `receipts` (an aggregator run directory) against what the aggregator received.
     """
     from fedfsd.privacy.report import ReportError, load_json
-    from fedfsd.privacy.verify import Verification, confirmation, verify_files
+    from fedfsd.privacy.report_checks import Verification, confirmation, verify_files
     from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
 
     missing = [p for p in paths if not Path(p).is_file()]
@@ -150,7 +150,7 @@ def run_verify(
 def _ledger_checks(paths, ledgers, receipts, load_json, pb) -> list | str:
     """One ledger verification per region report; the ledger is chosen by region and fleet."""
     from fedfsd.privacy.ledger import Ledger, LedgerError
-    from fedfsd.privacy.verify import Verification
+    from fedfsd.privacy.report_checks import Verification
     from fedfsd.privacy.verify_ledger import verify_with_ledger
 
     by_region: dict[tuple[str, str], str] = {}

@@ -28,7 +28,7 @@ from typing import Any
 from fedfsd.privacy import signing
 from fedfsd.privacy.ledger import SPENDING, Ledger, LedgerError
 from fedfsd.privacy.report import history_of, is_metric
-from fedfsd.privacy.verify import (
+from fedfsd.privacy.report_checks import (
     EXACT_RTOL,
     Verification,
     _check_epsilon,

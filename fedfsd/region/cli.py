@@ -382,34 +382,7 @@ def finetune(
     con.print(f"wrote {out} and {side}; recorded in {ledger} as personalised, NOT released")
 
 
-# ---- deployment: a region's SuperNode + executor, and key registration (deploy engineer) ----
-
-
-@app.command("register")
-def register(
-    public_key: Path = typer.Argument(..., help="The region's public key (OpenSSH, NIST EC)."),
-    dir: Path = typer.Option(
-        Path(".fedfsd/aggregator"), "--dir", help="The aggregator's state directory."
-    ),
-) -> None:
-    """(Aggregator side) Allow a region's SuperNode key on the SuperLink."""
-    from fedfsd.deploy.admin import AggregatorDir, need_file
-    from fedfsd.deploy.control import ControlClient, ControlError
-
-    d = AggregatorDir(dir.resolve())
-    d.require_started()
-    key = need_file(public_key, "PUBLIC_KEY")
-    try:
-        from flwr.cli.supernode.register import try_load_public_key
-
-        try_load_public_key(key)
-    except (Exception, SystemExit) as err:  # flwr exits on a bad key
-        exit_for(f"{key}: not an OpenSSH NIST-curve EC public key ({err})")
-    try:
-        node_id = ControlClient(d.flwr_home, d.root).register(key)
-    except ControlError as err:
-        exit_for(str(err).splitlines()[0])
-    typer.secho(f"registered {key.name}: SuperNode id {node_id}", fg=typer.colors.GREEN)
+# ---- deployment: a region's SuperNode + executor (deploy engineer) ----
 
 
 @app.command("start")
@@ -539,6 +512,6 @@ def _start_failure(err: Exception) -> str:
     if any("Failed to activate SuperNode" in ln for ln in lines):
         return (
             "the SuperLink refused this region (Failed to activate SuperNode: "
-            "is its public key registered with `fedfsd region register`?)"
+            "is its public key registered with `fedfsd aggregator register`?)"
         )
     return next((ln for ln in lines if "Failed to" in ln), lines[0] if lines else "failed")

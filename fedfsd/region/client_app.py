@@ -5,16 +5,8 @@ its own SuperNode (`--node-config "region='eu' data-dir='…' policy='…' ledge
 the aggregator sends can point the app at other files.
 
 Simulation mode (`flwr run .` on the local simulation engine, or `run_simulation` in tests) has
-only `partition-id` in the node config. Partition i then becomes a virtual region, configured by
-the *run config* of that local experiment:
-
-- `sim-data-root` set: its sub-directories, sorted by name, are regions; partition i uses the
-  i-th (modulo their number): `<dir>/data` (a dataset from `fedfsd data generate`),
-  `<dir>/policy.toml` and the ledger `<dir>/ledger.jsonl`.
-- otherwise a synthetic fleet (`fedfsd.data.testing.make_synthetic_frames`) named `sim<i>` with
-  `sim-vehicles` × `sim-frames` frames (test split: a second fleet from another seed), a policy
-  built from the `sim-*` keys (SIM_DEFAULTS; `sim-allowed-metrics` is comma-separated), and
-  a ledger in `sim-ledger-dir` (default: the temp dir, one sub-directory per fedfsd run id).
+only `partition-id` in the node config; `fedfsd.region.simulation` turns that partition into a
+virtual region from the run config's `sim-*` keys.
 
 What leaves: a train reply holds the egress-guarded update, its manifest and `num-examples` (1
 or the power-of-two bucket of the accounted fleet size); an evaluate reply holds only metrics the
@@ -31,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +35,7 @@ from flwr.clientapp import ClientApp
 
 from fedfsd import wire
 from fedfsd.errors import InputError, PrivacyRefusal, border_reason
+from fedfsd.region import simulation
 from fedfsd.region.egress import (
     guard_update,
     make_manifest,
@@ -56,18 +48,6 @@ if TYPE_CHECKING:
     from fedfsd.data.frames import VehicleFramesLike
 
 LOG = logging.getLogger("flwr.fedfsd.region")
-
-# Defaults of the synthetic simulation mode (overridable through the run config).
-SIM_DEFAULTS: dict[str, Any] = {
-    "sim-vehicles": 64,
-    "sim-frames": 20,
-    "sim-epsilon-budget": 10.0,
-    "sim-min-noise-multiplier": 0.5,
-    "sim-max-clip-norm": 1.0,
-    "sim-update-norm-bound": 5.0,
-    "sim-weighting": "equal",
-    "sim-allowed-metrics": "",  # nothing but the update leaves unless a policy allows it
-}
 
 
 class BadTrainRequest(InputError, ValueError):
@@ -96,10 +76,7 @@ class RegionSetup:
     def ledger_for(self, run_id: str) -> Path:
         if self.ledger_path is not None:
             return self.ledger_path
-        base = dict(self.sim).get("sim-ledger-dir") or Path(tempfile.gettempdir()) / (
-            "fedfsd-sim-ledgers"
-        )
-        return Path(str(base)) / run_id / f"{self.region}.jsonl"
+        return simulation.synthetic_ledger(self, run_id)
 
 
 def resolve_setup(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> RegionSetup:
@@ -116,28 +93,7 @@ def resolve_setup(node_config: Mapping[str, Any], run_config: Mapping[str, Any])
         )
     if "partition-id" not in node_config:
         raise SetupError("node config names no region (data-dir, policy, ledger)")
-    pid = int(node_config["partition-id"])
-    sim = {**SIM_DEFAULTS, **{k: v for k, v in run_config.items() if str(k).startswith("sim-")}}
-    root = sim.get("sim-data-root")
-    if root:
-        dirs = sorted(d for d in Path(str(root)).iterdir() if d.is_dir())
-        if not dirs:
-            raise SetupError(f"sim-data-root {root} has no region directories")
-        d = dirs[pid % len(dirs)]
-        return RegionSetup(
-            data_dir=d / "data",
-            policy_path=d / "policy.toml",
-            ledger_path=d / "ledger.jsonl",
-            region=d.name,
-        )
-    return RegionSetup(
-        data_dir=None,
-        policy_path=None,
-        ledger_path=Path(str(sim["sim-ledger-path"])) if sim.get("sim-ledger-path") else None,
-        region=f"sim{pid}",
-        synthetic_seed=pid,
-        sim=tuple(sorted(sim.items())),
-    )
+    return simulation.simulated_setup(int(node_config["partition-id"]), run_config)
 
 
 @dataclass
@@ -182,13 +138,13 @@ class _Cache:
                 self._frames[key] = (
                     deps.load_frames(setup.data_dir, split)
                     if setup.data_dir is not None
-                    else _synthetic_frames(setup, split)
+                    else simulation.synthetic_frames(setup, split)
                 )
             return self._frames[key]
 
     def policy(self, setup: RegionSetup, deps: RegionDeps, n_vehicles: int) -> Any:
         if setup.policy_path is None:
-            return _sim_policy(setup, n_vehicles)
+            return simulation.synthetic_policy(setup, n_vehicles)
         try:
             key = (str(setup.policy_path), hashlib.sha256(setup.policy_path.read_bytes()).digest())
         except OSError:
@@ -205,33 +161,6 @@ class _Cache:
 
 
 CACHE = _Cache()
-
-
-def _synthetic_frames(setup: RegionSetup, split: str) -> VehicleFramesLike:
-    from fedfsd.data.testing import make_synthetic_frames
-
-    sim = dict(setup.sim)
-    seed = int(setup.synthetic_seed or 0) + (10_000 if split == "test" else 0)
-    return make_synthetic_frames(
-        int(sim["sim-vehicles"]), int(sim["sim-frames"]), seed, region=str(setup.region)
-    )
-
-
-def _sim_policy(setup: RegionSetup, n_vehicles: int) -> Any:
-    from fedfsd.config import RegionPolicy
-
-    sim = dict(setup.sim)
-    allowed = [m.strip() for m in str(sim["sim-allowed-metrics"]).split(",") if m.strip()]
-    return RegionPolicy(
-        region=str(setup.region),
-        epsilon_budget=float(sim["sim-epsilon-budget"]),
-        delta=min(1e-5, 0.1 / max(n_vehicles, 1)),
-        min_noise_multiplier=float(sim["sim-min-noise-multiplier"]),
-        max_clip_norm=float(sim["sim-max-clip-norm"]),
-        update_norm_bound=float(sim["sim-update-norm-bound"]),
-        allowed_metrics=allowed,
-        weighting=str(sim["sim-weighting"]),
-    )
 
 
 def _request(cfg: Mapping[str, Any]) -> Any:

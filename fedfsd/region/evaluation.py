@@ -23,8 +23,8 @@ BATCH = 8192
 
 
 def _label_layout(n_labels: int) -> tuple[list[tuple[int, int]], int]:
-    """(dx, dy) column pairs per horizon and the accel column, from fedfsd.data.features."""
-    from fedfsd.data.features import HORIZONS_S, LABEL_NAMES
+    """(dx, dy) column pairs per horizon and the accel column, from fedfsd.data.feature_spec."""
+    from fedfsd.data.feature_spec import HORIZONS_S, LABEL_NAMES
 
     if n_labels != len(LABEL_NAMES):
         raise ValueError(f"dataset has {n_labels} labels, expected {len(LABEL_NAMES)}")
@@ -68,7 +68,7 @@ def evaluate_weights(
     frames: VehicleFramesLike, weights: Mapping[str, np.ndarray], model_name: str
 ) -> dict[str, float]:
     """Load `weights` into a fresh `model_name` model and score it on every frame of `frames`."""
-    from fedfsd.data.features import LABEL_SCALES
+    from fedfsd.data.feature_spec import LABEL_SCALES
 
     pred, y = predict_frames(frames, weights, model_name)
     return score_predictions(pred, y, np.asarray(LABEL_SCALES, dtype=np.float64))
@@ -82,7 +82,7 @@ def per_vehicle_scores(
     The vehicle, not the frame, is the unit of privacy: a vehicle's contribution to a released
     metric is one number per metric, whatever its number of frames (vehicles without frames: 0).
     """
-    from fedfsd.data.features import LABEL_SCALES
+    from fedfsd.data.feature_spec import LABEL_SCALES
 
     pred, y = predict_frames(frames, weights, model_name)
     errs = frame_errors(pred, y, np.asarray(LABEL_SCALES, dtype=np.float64))

@@ -1,4 +1,4 @@
-"""fedfsd.deploy.latency: Flower's object pulls retry after 50 ms, not after 1 s and 2 s."""
+"""fedfsd.flower.pull_backoff: Flower's object pulls retry after 50 ms, not after 1 s and 2 s."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ import importlib
 import time
 
 import pytest
-from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
-from fedfsd.deploy.latency import BACKOFF_CAP_S, CALL_SITES, INITIAL_BACKOFF_S, fast_object_pulls
+from fedfsd.flower.message_objects import ObjectUnavailableError
+from fedfsd.flower.pull_backoff import (
+    BACKOFF_CAP_S,
+    CALL_SITES,
+    INITIAL_BACKOFF_S,
+    SERVERAPP_SITE,
+    fast_object_pulls,
+)
 
 
 @pytest.fixture
@@ -34,8 +40,8 @@ def test_every_call_site_is_found_and_patching_is_idempotent(restore_sites) -> N
 
 
 def test_an_object_that_arrives_late_is_pulled_soon_after(restore_sites) -> None:
-    fast_object_pulls(("flwr.superlink.grid.http_grid",))
-    pull_objects = restore_sites["flwr.superlink.grid.http_grid"].pull_objects
+    fast_object_pulls((SERVERAPP_SITE,))
+    pull_objects = restore_sites[SERVERAPP_SITE].pull_objects
     tries = []
 
     def pull_object(object_id: str) -> bytes:

@@ -13,6 +13,8 @@ capped at 0.5 s. Each extra try is one small request, so the byte cost is neglig
 
 Non-public flwr 1.39 internals (flwr is pinned `<1.40`): a call site that is not found is left
 alone and named in the returned list, so a changed layout degrades to Flower's own timing.
+Applied by the SuperNode launcher, the region executor and the ServerApp (`fedfsd.flower.patches`
+lists where, and tests/test_flower_patches.py checks each is in effect).
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from typing import Any
 INITIAL_BACKOFF_S = 0.05
 BACKOFF_CAP_S = 0.5
 
+# The module of each call site: the SuperNode, the region executor, the ServerApp's grid.
+SUPERNODE_SITE = "flwr.supernode.start_client_internal"
+EXECUTOR_SITE = "flwr.supernode.runtime.run_clientapp"
+SERVERAPP_SITE = "flwr.superlink.grid.http_grid"
 # (module, attribute) of each call site's imported pull function.
 CALL_SITES = (
-    ("flwr.supernode.start_client_internal", "pull_objects"),
-    ("flwr.supernode.runtime.run_clientapp", "pull_and_inflate_object_from_tree"),
-    ("flwr.superlink.grid.http_grid", "pull_objects"),
+    (SUPERNODE_SITE, "pull_objects"),
+    (EXECUTOR_SITE, "pull_and_inflate_object_from_tree"),
+    (SERVERAPP_SITE, "pull_objects"),
 )
 
 
@@ -55,3 +61,10 @@ def fast_object_pulls(
             functools.partial(base, initial_backoff=initial_backoff, backoff_cap=backoff_cap),
         )
     return skipped
+
+
+def pull_is_fast(module_name: str, attr: str) -> bool:
+    """Whether the call site `module_name.attr` currently uses our back-off (no import side
+    effect beyond importing the module)."""
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    return isinstance(fn, functools.partial) and fn.keywords.get("initial_backoff") is not None
