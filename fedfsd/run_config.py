@@ -80,7 +80,7 @@ class RunConfig(TrainSchedule):
     """Every key of `[tool.flwr.app.config]`, with the aggregator's defaults."""
 
     num_server_rounds: int = Field(
-        NOMINAL_PLAN["rounds"],
+        int(NOMINAL_PLAN["rounds"]),
         ge=1,
         alias="num-server-rounds",
         description="Federated rounds.",

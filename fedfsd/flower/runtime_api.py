@@ -84,7 +84,7 @@ def pull_task_head(client: Any) -> tuple[Any, Any, Any, Any, Any]:
     if not msgs.messages_list:
         raise RuntimeError("No messages received from Runtime API")
     tree = msgs.message_object_trees[0]
-    head = Message(
+    head = Message(  # type: ignore[call-overload]  # flwr-internal constructor
         metadata=metadata_from_proto(msgs.messages_list[0].metadata), content=RecordDict()
     )
     set_message_id(head, tree.object_id)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -81,7 +81,12 @@ def deployable(model: LoadedModel) -> Any:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if is_mlp:
-                x = torch.maximum(torch.minimum(x / self.feature_scales, self.hi), self.lo)
+                scales, lo, hi = (
+                    cast(torch.Tensor, self.feature_scales),
+                    cast(torch.Tensor, self.lo),
+                    cast(torch.Tensor, self.hi),
+                )
+                x = torch.maximum(torch.minimum(x / scales, hi), lo)
             else:
                 x = x.float() / 255.0
             return self.net(x) * self.label_scales
@@ -111,6 +116,7 @@ def parity_inputs(model: LoadedModel, frames: Any | None, n: int = PARITY_FRAMES
     scaled = np.asarray(scaled, np.float32)
     schema = model.feature_schema
     for name, (a, b) in (schema or {}).get("clipped", {}).items():  # featurisation's ranges
+        assert schema is not None
         col = schema["features"].index(name)
         scaled[:, col] = np.clip(scaled[:, col], a, b)
     scales = np.asarray(schema["feature_scales"], np.float32) if schema else 1.0

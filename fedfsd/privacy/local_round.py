@@ -92,12 +92,12 @@ def _result_from_record(
     private = bool(rec.get("private", True))
     return LocalRoundResult(
         new_weights=weights,
-        epsilon=float(rec["epsilon_prv"]) if private else math.inf,
-        epsilon_rdp=float(rec["epsilon_rdp"]) if private else math.inf,
+        epsilon=float(rec["epsilon_prv"] or math.inf) if private else math.inf,
+        epsilon_rdp=float(rec["epsilon_rdp"] or math.inf) if private else math.inf,
         budget=float(rec["epsilon_budget"]),
         steps=int(rec["steps"]),
         sample_rate=float(rec["sample_rate"]),
-        train_loss=math.nan if rec.get("train_loss") is None else float(rec["train_loss"]),
+        train_loss=float(rec.get("train_loss") or math.nan),
         n_vehicles=int(rec["vehicles"]),
         params=params,
         private=private,
@@ -270,7 +270,7 @@ def _record(
     """Cache, then append and fsync the spend, then mark released: only then may it leave."""
     ledger.write_cache(run_id, round_idx, new_w)
     fault_point("cache")
-    ledger.append(record)
+    ledger.append(dict(record))
     fault_point("record")
     ledger.mark_released(run_id, round_idx)  # the line is durable: the release may leave
 

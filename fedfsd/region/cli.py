@@ -148,7 +148,11 @@ def _start_weights(init: Path | None, model: str, frames: VehicleFrames, data: P
                 return {k: z[k].astype(np.float32) for k in z.files}
         except (OSError, ValueError) as e:
             exit_for(f"{init}: cannot read weights: {e}")
-    kw = {"in_channels": int(frames.bev.shape[1])} if model == "bev_cnn" else {}
+    kw = (
+        {"in_channels": int(frames.bev.shape[1])}
+        if model == "bev_cnn" and frames.bev is not None
+        else {}
+    )
     return get_weights(build_model(model, frames.features.shape[1], frames.labels.shape[1], **kw))
 
 
