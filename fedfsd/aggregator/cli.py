@@ -172,6 +172,9 @@ def run(
     timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
 ) -> None:
     """Start a federation run on the running SuperLink (`flwr run` underneath)."""
+    import uuid
+
+    from fedfsd.aggregator.outcome import SUMMARY_JSON, report_run, write_run_ids
     from fedfsd.aggregator.settings import SettingsError
     from fedfsd.deploy.admin import AggregatorDir, fail, warn
     from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
@@ -203,13 +206,15 @@ def run(
         fail(f"--resume: {run_dir} does not exist")
     from fedfsd.aggregator import checkpoint as ck
 
+    fedfsd_run_id = uuid.uuid4().hex[:12]  # the id regions record; shown beside Flower's
     if resume:  # refuse here, before `flwr run`, what the ServerApp would refuse later
         try:
-            if ck.load_checkpoint(run_dir) is None:
+            if (prev := ck.load_checkpoint(run_dir)) is None:
                 fail(
                     f"--resume: {run_dir / ck.CHECKPOINT} is missing; refusing to start a new "
                     "run there (it would spend the regions' privacy budget again)"
                 )
+            fedfsd_run_id = prev.run_id
         except ck.CheckpointError as err:
             fail(f"--resume: {err}")
     elif existing := ck.holds_a_run(run_dir):
@@ -234,6 +239,7 @@ def run(
         "server-lr": server_lr,
         "update-norm-bound": update_norm_bound,
         "run-dir": str(run_dir),
+        "run-id": fedfsd_run_id,
         "resume": resume,
     }
     if region_keys is not None:
@@ -271,12 +277,21 @@ def run(
     control = ControlClient(d.flwr_home, d.root)
     try:
         run_id = control.start_run(cfg, app_path)
-        typer.echo(f"started run {run_id}; run dir {run_dir}")
+        write_run_ids(run_dir, fedfsd_run_id, run_id)
+        typer.echo(
+            f"started run {run_id} (fedfsd run id {fedfsd_run_id}: ledgers and "
+            f"`fedfsd privacy report --run`); run dir {run_dir}"
+        )
         if not wait:
             return
         status = control.wait_run(run_id, timeout, poll=2.0)
     except RunFailed as err:
         fail(str(err).splitlines()[0] if str(err) else "run failed")
-    if status != "finished:completed":
-        fail(f"run {run_id} ended {status}; see {d.logs} and {run_dir}", code=1)
+    if not report_run(run_dir, status):
+        fail(
+            f"run {run_id} (fedfsd {fedfsd_run_id}) ended {status} with fewer successful rounds "
+            f"than asked; see {run_dir / SUMMARY_JSON}, {d.logs} and "
+            f"`FLWR_HOME={d.flwr_home} flwr log {run_id} fedfsd --show`",
+            code=1,
+        )
     typer.secho(f"run {run_id} {status}; results in {run_dir}", fg=typer.colors.GREEN)

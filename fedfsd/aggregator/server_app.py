@@ -1,7 +1,7 @@
 """The aggregator's Flower ServerApp: rounds with a quorum and timeouts, verification, checkpoints.
 
 The round loop drives the `Grid` itself instead of using `Strategy.start`, for two reasons found
-in Flower 1.39 (../shared/notes/flower-1.39.md): `sample_nodes` waits forever for a dead node,
+in Flower 1.39 (docs/notes/flower-1.39.md): `sample_nodes` waits forever for a dead node,
 and a train reply without arrays (a region refusing over budget) makes the stock strategies
 exit. Here every wait is bounded (`node-wait`, `round-timeout`), a refusal is an ordinary
 outcome, every update is verified before it counts, and a round without quorum is logged as
@@ -32,6 +32,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedfsd import wire
 from fedfsd.aggregator import checkpoint as ck
 from fedfsd.aggregator.initial_model import load_initial_model
+from fedfsd.aggregator.liveness import alive_nodes
+from fedfsd.aggregator.outcome import summarise, write_summary
 from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.aggregator.settings import RunSettings, parse_settings
 from fedfsd.aggregator.strategy import ServerOptimizer, make_server_optimizer
@@ -381,7 +383,11 @@ def _start_state(
 
 
 def run_federation(
-    grid: Grid, s: RunSettings, run_dir: Path, stop: threading.Event | None = None
+    grid: Grid,
+    s: RunSettings,
+    run_dir: Path,
+    stop: threading.Event | None = None,
+    flower_run_id: int | None = None,
 ) -> ck.Checkpoint:
     """All rounds of one run; returns the final state (also on disk).
 
@@ -397,6 +403,8 @@ def run_federation(
         int(k): v for k, v in state.meta.get("node_regions", {}).items()
     }
     failed_list = failed_rounds(state)
+    run_refused: dict[str, str] = dict(state.meta.get("run_refused", {}))
+    ended = ""
     known_eps = last_known_epsilon(run_dir)
     run_meta = {
         "server_optimizer": s.server_optimizer,
@@ -407,12 +415,28 @@ def run_federation(
             LOG.warning("stop requested: ending the run after round %d", state.round)
             break
         t0 = time.monotonic()
-        cfg = {**s.train_request(), "run-id": state.run_id, "round": rnd}
+        cfg = {
+            **s.train_request(),
+            "run-id": state.run_id,
+            "round": rnd,
+            wire.ROUNDS_KEY: s.num_server_rounds,  # for the regions' budget pre-flight
+        }
         if run_meta["initial_model_sha256"]:  # sent only when set: older regions ignore no key
             cfg["initial-model-sha256"] = run_meta["initial_model_sha256"]
-        nodes = wait_for_nodes(grid, s.min_regions, s.node_wait_s, stop=stop)
+        # Only nodes that answer a ping now, of regions that have not refused this run.
+        nodes, listed = alive_nodes(
+            grid, grid.get_node_ids, s.min_regions, s.node_wait_s, rnd, node_regions, stop
+        )
+        nodes = [n for n in nodes if node_regions.get(n) not in run_refused]
         out = RoundOutcome()
-        if len(nodes) >= s.min_regions:
+        note = ""
+        if len(nodes) < s.min_regions:
+            note = (
+                f"not sent: {len(nodes)} of {len(listed)} connected region(s) answer "
+                f"({_names(nodes, node_regions)}), quorum is {s.min_regions}"
+            )
+            LOG.error("round %d %s", rnd, note)
+        else:
             exp = Expectation.from_weights(
                 state.weights, norm_bound=s.update_norm_bound, run_id=state.run_id, round_idx=rnd
             )
@@ -421,6 +445,9 @@ def run_federation(
             out.missing = len(nodes) - len(replies)
             for reply in replies:
                 judge_train_reply(reply, exp, node_regions, out, book)
+            for region, reason in out.refused:
+                if reason.startswith(wire.RUN_REFUSED_PREFIX):
+                    run_refused[region] = reason
         out.epsilon_rows = keep_known_epsilon(
             out.epsilon_rows, {r for r, _ in out.refused}, known_eps
         )
@@ -442,10 +469,11 @@ def run_federation(
             LOG.warning("round %d: %s replied with an error: %s", rnd, region, reason)
         if not ok:
             LOG.error(
-                "round %d FAILED: %d accepted update(s) from %d node(s), quorum is %d",
+                "round %d FAILED: %d accepted update(s) from %d region(s) (%s), quorum is %d",
                 rnd,
                 len(out.accepted),
                 len(nodes),
+                _names(nodes, node_regions),
                 s.min_regions,
             )
         eval_rows = (
@@ -464,11 +492,16 @@ def run_federation(
             "refused": sorted(r for r, _ in out.refused),
             "errors": sorted(r for r, _ in out.errors),
             "missing": out.missing,
+            "refused_reasons": dict(out.refused),
+            "rejected_reasons": dict(out.rejected),
+            "error_reasons": dict(out.errors),
             "epsilon": {row[1]: row[2] for row in out.epsilon_rows},
             "metrics": {f"{r}/{k}": v for _, r, k, v in eval_rows},
             "seconds": round(time.monotonic() - t0, 3),
             "time": _now(),
         }
+        if note:
+            summary["note"] = note
         if run_meta["initial_model_sha256"]:
             summary["initial_model_sha256"] = run_meta["initial_model_sha256"]
         ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, summary)
@@ -479,6 +512,7 @@ def run_federation(
         state.meta = {
             "node_regions": {str(k): v for k, v in node_regions.items()},
             "failed_rounds": failed_list,
+            "run_refused": run_refused,
         }
         state.meta.update(run_meta)
         ck.save_checkpoint(run_dir, state)
@@ -492,6 +526,24 @@ def run_federation(
             out.missing,
             summary["seconds"],
         )
+        left = {node_regions.get(n, f"node-{n}") for n in listed} - set(run_refused)
+        if run_refused and len(left) < s.min_regions:
+            ended = (
+                f"ended after round {rnd}: {', '.join(sorted(run_refused))} refused the run "
+                f"up front and {len(left)} region(s) remain, quorum is {s.min_regions}"
+            )
+            LOG.error("run %s %s", state.run_id, ended)
+            break
+    summary_doc = summarise(
+        run_dir,
+        rounds_asked=s.num_server_rounds,
+        fedfsd_run_id=state.run_id,
+        flower_run_id=flower_run_id,
+        ended=ended,
+        run_refused=run_refused,
+    )
+    write_summary(run_dir, summary_doc)
+    state.meta["ok"] = summary_doc["ok"]
     try:  # never replace the global model with one that lacks or reshapes a layer
         ck.check_same_layout(state.weights, model, "the final global model")
     except ck.CheckpointError as err:
@@ -499,6 +551,11 @@ def run_federation(
     ck.save_global_model(run_dir, state.weights)
     ck.plot_metric(run_dir, s.plot_metric)
     return state
+
+
+def _names(nodes: list[int], node_regions: Mapping[int, str]) -> str:
+    """Region names of nodes (a node not yet named shows as node-<id>)."""
+    return ", ".join(sorted(node_regions.get(n, f"node-{n}") for n in nodes)) or "none"
 
 
 def failed_rounds(state: ck.Checkpoint) -> list[int]:
@@ -523,12 +580,13 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             LOG.warning("object-pull back-off patch skipped: %s", site)
         s = parse_settings({**base, **dict(context.run_config)})
         run_dir = Path(s.run_dir) if s.run_dir else Path.cwd() / "runs" / f"flwr-{context.run_id}"
-        state = run_federation(grid, s, run_dir)
-        if failed := failed_rounds(state):
+        state = run_federation(grid, s, run_dir, flower_run_id=context.run_id)
+        failed = failed_rounds(state)
+        if failed or not state.meta.get("ok", True):
             # Flower then reports the run `finished:failed` and `fedfsd aggregator run` exits 1.
             raise RunRefused(
-                f"{len(failed)} of {state.round} round(s) failed (no quorum): {failed}; "
-                f"see {run_dir / ck.ROUNDS_JSONL}"
+                f"{len(failed)} of {state.round} round(s) failed (no quorum): {failed}, "
+                f"{s.num_server_rounds} asked; see {run_dir / 'summary.json'}"
             )
 
     return server

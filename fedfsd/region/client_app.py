@@ -236,8 +236,34 @@ def _request(cfg: Mapping[str, Any]) -> Any:
     return TrainRequest(**{v: cfg[k] for k, v in keys.items() if k in cfg})
 
 
+def _preflight(
+    ledger: Path, policy: Any, frames: Any, request: Any, run_id: str, rnd: int, rounds: Any
+) -> None:
+    """Refuse the whole run up front when its plan does not fit (fedfsd.region.preflight)."""
+    from fedfsd.privacy.dpsgd import sample_rate
+    from fedfsd.region.preflight import check_run
+
+    params = policy.effective(request)
+    q = sample_rate(params.vehicles_per_step, policy.accounted_vehicles(frames.n_vehicles))
+    check_run(
+        ledger,
+        run_id=run_id,
+        round_idx=rnd,
+        total_rounds=rounds,
+        sigma=params.noise_multiplier,
+        q=q,
+        steps=params.steps,
+        delta=policy.delta,
+        budget=policy.epsilon_budget,
+    )
+
+
 def _refusal_category(exc: BaseException) -> str:
     """A short reason that may cross the border (no paths, no rows, no vehicle ids)."""
+    from fedfsd.errors import FedfsdError
+
+    if isinstance(exc, FedfsdError):
+        return exc.border_safe()
     name = type(exc).__name__
     if name == "BudgetExceeded":
         return str(exc)  # states only ε spent, projected and the budget
@@ -362,6 +388,7 @@ def handle_train(
         ledger.parent.mkdir(parents=True, exist_ok=True)
         received = wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
         request = _request(cfg)
+        _preflight(ledger, policy, frames, request, run_id, rnd, cfg.get(wire.ROUNDS_KEY))
         res = deps.local_round(
             frames,
             policy,
@@ -399,7 +426,7 @@ def handle_train(
                 LOG.warning("region %s: train loss withheld in round %s: %r", region, rnd, e)
     except Exception as e:
         LOG.warning("region %s refused round %s of run %s: %r", region, rnd, run_id, e)
-        if type(e).__name__ == "BudgetExceeded":
+        if type(e).__name__ in ("BudgetExceeded", "RunUnaffordable"):
             eps = float(getattr(e, "spent", 0.0))
         else:
             eps = _ledger_epsilon(ledger, policy.delta) if ledger and policy else 0.0
@@ -487,6 +514,15 @@ def handle_evaluate(
     )
 
 
+def handle_query(message: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    """Answer the aggregator's liveness ping with the region's name; nothing is spent."""
+    try:
+        name = resolve_setup(context.node_config, run_config).region or "unknown"
+    except Exception:  # an unconfigured node is still alive; it says no name
+        name = "unknown"
+    return _reply(message, {wire.REGION: ConfigRecord({"name": name})})
+
+
 class _Refused(RuntimeError):
     """An evaluation this region does not answer; the message is border-safe."""
 
@@ -515,6 +551,10 @@ def make_client_app(
     @client.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         return handle_evaluate(message, context, _deps(), _cfg(context))
+
+    @client.query()
+    def query(message: Message, context: Context) -> Message:
+        return handle_query(message, context, _cfg(context))
 
     return client
 
