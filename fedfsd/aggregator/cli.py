@@ -176,6 +176,7 @@ def run(
 
     from fedfsd.aggregator.outcome import SUMMARY_JSON, report_run, write_run_ids
     from fedfsd.aggregator.settings import SettingsError
+    from fedfsd.aggregator.status import remember_run
     from fedfsd.deploy.admin import AggregatorDir, fail, warn
     from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
     from fedfsd.deploy.control import ControlClient, RunFailed
@@ -278,6 +279,7 @@ def run(
     try:
         run_id = control.start_run(cfg, app_path)
         write_run_ids(run_dir, fedfsd_run_id, run_id)
+        remember_run(d.root, run_id, fedfsd_run_id, run_dir)
         typer.echo(
             f"started run {run_id} (fedfsd run id {fedfsd_run_id}: ledgers and "
             f"`fedfsd privacy report --run`); run dir {run_dir}"
@@ -295,3 +297,28 @@ def run(
             code=1,
         )
     typer.secho(f"run {run_id} {status}; results in {run_dir}", fg=typer.colors.GREEN)
+
+
+@app.command("status")
+def status(
+    dir: Path = typer.Option(Path(".fedfsd/aggregator"), "--dir", help=_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Regions by name (registered, connected), the current run and round, ε per region."""
+    import json
+
+    from rich.console import Console
+
+    from fedfsd.aggregator.status import NoAggregator, collect, render
+    from fedfsd.deploy.admin import AggregatorDir, fail
+    from fedfsd.deploy.control import ControlClient
+
+    d = AggregatorDir(dir.resolve())
+    try:
+        doc = collect(d.root, ControlClient(d.flwr_home, d.root))
+    except NoAggregator as err:
+        fail(str(err), code=1)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=1, sort_keys=True))
+    else:
+        Console(width=160).print(render(doc))

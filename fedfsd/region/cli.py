@@ -351,6 +351,9 @@ def register(
         node_id = ControlClient(d.flwr_home, d.root).register(key)
     except ControlError as err:
         fail(str(err).splitlines()[0])
+    from fedfsd.aggregator.status import remember_region
+
+    remember_region(d.root, node_id, key.name.removesuffix(".pub"))
     typer.secho(f"registered {key.name}: SuperNode id {node_id}", fg=typer.colors.GREEN)
 
 
@@ -396,6 +399,14 @@ def start(
         fail(str(err))
     if not (data / "manifest.json").is_file():
         fail(f"--data: {data} is not a fedfsd dataset (no manifest.json)")
+    from fedfsd.errors import FedfsdError, exit_for
+    from fedfsd.region.startcheck import check_ledger_matches, check_runtime_port
+
+    try:
+        check_ledger_matches(ledger, data, pol)
+        check_runtime_port(runtime_port)
+    except FedfsdError as err:
+        exit_for(f"region {pol.region}: {err}", code=err.exit_code)
     if insecure:
         warn(DEV_WARNING)
         ca_path = key_path = None
