@@ -15,6 +15,7 @@ metrics.csv, epsilon.csv, rejected.jsonl, rounds.jsonl, receipts.jsonl and ledge
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from fedfsd.aggregator import checkpoint as ck
 from fedfsd.aggregator.initial_model import load_initial_model
 from fedfsd.aggregator.liveness import alive_nodes
 from fedfsd.aggregator.outcome import summarise, write_summary
+from fedfsd.aggregator.plots import ALL_REGIONS, EVALUATED, plot_run
 from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.aggregator.settings import RunSettings, parse_settings
 from fedfsd.aggregator.strategy import ServerOptimizer, make_server_optimizer
@@ -190,7 +192,7 @@ def judge_train_reply(
             out.rejected.append((region, "refused manifest but arrays were sent"))
         else:
             out.refused.append((region, manifest.refused_reason))
-            out.epsilon_rows.append(_eps_row(exp.round_idx, region, manifest))
+            out.epsilon_rows.append(_eps_row(exp.round_idx, region, manifest, refused=True))
         return
     if set(content.array_records) != {wire.ARRAYS}:
         out.rejected.append((region, f"expected one ArrayRecord {wire.ARRAYS!r}"))
@@ -219,8 +221,10 @@ def judge_train_reply(
             out.metrics_rows.append((exp.round_idx, region, f"train_{k}", float(v)))
 
 
-def _eps_row(rnd: int, region: str, m: wire.UpdateManifest) -> tuple:
-    return (rnd, region, m.epsilon, m.epsilon_rdp, m.epsilon_budget, m.delta)
+def _eps_row(rnd: int, region: str, m: wire.UpdateManifest, refused: bool = False) -> tuple:
+    """One epsilon.csv row; a refusal's unknown RDP ε (sent as 0) is left empty, not a fake 0."""
+    rdp = None if refused and not m.epsilon_rdp > 0 else m.epsilon_rdp
+    return (rnd, region, m.epsilon, rdp, m.epsilon_budget, m.delta)
 
 
 def last_known_epsilon(run_dir: Path) -> dict[str, tuple]:
@@ -232,7 +236,7 @@ def last_known_epsilon(run_dir: Path) -> dict[str, tuple]:
                 int(r["round"]),
                 r["region"],
                 float(r["epsilon"]),
-                float(r["epsilon_rdp"]),
+                float(r["epsilon_rdp"]) if r["epsilon_rdp"] else None,
                 float(r["epsilon_budget"]),
                 float(r["delta"]),
             )
@@ -248,7 +252,8 @@ def keep_known_epsilon(
     for row in rows:
         prev = known.get(row[1])
         if row[1] in refused and prev is not None and not row[2] >= prev[2]:
-            row = (row[0], row[1], prev[2], max(prev[3], row[3]), row[4], row[5])
+            rdp = max((v for v in (prev[3], row[3]) if v is not None), default=None)
+            row = (row[0], row[1], prev[2], rdp, row[4], row[5])
         known[row[1]] = row
         out.append(row)
     return out
@@ -399,12 +404,14 @@ def run_federation(
     state, strategy = _start_state(s, run_dir, model)
     book = ReceiptBook.from_settings(run_dir, s.region_keys, s.allow_unsigned)
     book.drop_after(state.round)  # receipts of rounds after the checkpoint come again
+    (run_dir / ck.REJECTED_JSONL).touch()  # always present: empty means nothing was rejected
     node_regions: dict[int, str] = {
         int(k): v for k, v in state.meta.get("node_regions", {}).items()
     }
     failed_list = failed_rounds(state)
     run_refused: dict[str, str] = dict(state.meta.get("run_refused", {}))
     ended = ""
+    model_round = _last_model_round(run_dir)  # the round that last changed the global model
     known_eps = last_known_epsilon(run_dir)
     run_meta = {
         "server_optimizer": s.server_optimizer,
@@ -454,8 +461,10 @@ def run_federation(
         # Regions score only a global model they received for training in this run and round
         # (fedfsd.privacy.metrics): evaluation is of the model this round started from.
         sent = state.weights
+        sent_from = model_round
         ok = len(out.accepted) >= s.min_regions
         if ok:
+            model_round = rnd
             state.weights = strategy.step(state.weights, [(u, w) for _, u, w in out.accepted])
         for region, reason in out.rejected:
             LOG.warning("round %d: REJECTED update from %s: %s", rnd, region, reason)
@@ -476,12 +485,17 @@ def run_federation(
                 _names(nodes, node_regions),
                 s.min_regions,
             )
+        evaluated = bool(nodes) and s.evaluates_after(rnd)
         eval_rows = (
             evaluate_round(grid, nodes, sent, cfg, rnd, s.evaluate_timeout_s, node_regions, stop)
-            if nodes and s.evaluates_after(rnd)
+            if evaluated
             else []
         )
-        ck.append_csv(run_dir / ck.METRICS_CSV, ck.METRICS_HEADER, out.metrics_rows + eval_rows)
+        ck.append_csv(
+            run_dir / ck.METRICS_CSV,
+            ck.METRICS_HEADER,
+            [*out.metrics_rows, *eval_rows, *evaluation_marks(rnd, evaluated, sent_from)],
+        )
         ck.append_csv(run_dir / ck.EPSILON_CSV, ck.EPSILON_HEADER, out.epsilon_rows)
         summary = {
             "round": rnd,
@@ -549,8 +563,37 @@ def run_federation(
     except ck.CheckpointError as err:
         raise RunRefused(f"{err}; {run_dir / ck.GLOBAL_MODEL} left as it was") from None
     ck.save_global_model(run_dir, state.weights)
-    ck.plot_metric(run_dir, s.plot_metric)
+    plot_run(run_dir, s.plot_metric)
     return state
+
+
+def evaluation_marks(rnd: int, evaluated: bool, model_round: int) -> list[tuple]:
+    """metrics.csv rows (region "*") that say what a round's scores are, or that it has none.
+
+    `evaluated` 0: no evaluation after this round (the schedule skipped it, or no region
+    answered), so no score of this round is missing by accident. `model_from_round` k < round:
+    the model scored was last changed in round k (a failed round leaves it as it was), so equal
+    numbers are the same model scored again, not a model that did not improve.
+    """
+    marks: list[tuple] = []
+    if not evaluated:
+        marks.append((rnd, ALL_REGIONS, EVALUATED, 0.0))
+    elif model_round < rnd - 1:
+        marks.append((rnd, ALL_REGIONS, "model_from_round", float(model_round)))
+    return marks
+
+
+def _last_model_round(run_dir: Path) -> int:
+    """The last round of rounds.jsonl that changed the global model (0: none)."""
+    path = run_dir / ck.ROUNDS_JSONL
+    last = 0
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                rec = json.loads(line)
+                if rec["status"] == "ok":
+                    last = int(rec["round"])
+    return last
 
 
 def _names(nodes: list[int], node_regions: Mapping[int, str]) -> str:

@@ -49,6 +49,13 @@ class MessageRefused(RuntimeError):
 CLIENT_APP_TASK_TYPE = "flwr-clientapp"
 
 
+def refusal_of(reply: Any) -> str | None:
+    """Why the ClientApp's reply refuses its task (fedfsd.region.replyinfo), or None."""
+    from fedfsd.region.replyinfo import refusal_of as _refusal_of
+
+    return _refusal_of(reply)
+
+
 def fab_digest(content: bytes) -> str:
     """sha256 hex digest of an app bundle's bytes (what ``allowed_app_digests`` lists)."""
     return hashlib.sha256(content).hexdigest()
@@ -434,6 +441,8 @@ class RegionExecutor:
                 try:
                     reply = self.client_app(message=message, context=context)
                     record["app_s"] = round(time.monotonic() - app_started, 4)
+                    if (why := refusal_of(reply)) is not None:  # the app refused the task
+                        record.update(decision="refused", reason=why)
                     sub_status, details = SubStatus.COMPLETED, ""
                 except Exception as ex:  # the ClientApp's failure is reported, not fatal
                     log.exception("ClientApp raised")
