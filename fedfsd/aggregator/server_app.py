@@ -472,6 +472,7 @@ def run_federation(
                 run_dir / ck.REJECTED_JSONL,
                 {"round": rnd, "region": region, "reason": reason, "time": _now()},
             )
+        security_events(run_dir, state.run_id, rnd, out)
         for region, reason in out.refused:
             LOG.warning("round %d: %s refused the round: %s", rnd, region, reason)
         for region, reason in out.errors:
@@ -565,6 +566,24 @@ def run_federation(
     ck.save_global_model(run_dir, state.weights)
     plot_run(run_dir, s.plot_metric)
     return state
+
+
+def security_events(run_dir: Path, run_id: str, rnd: int, out: RoundOutcome) -> None:
+    """Rejected updates and refusals of this round into the run's security.jsonl (fedfsd.audit)."""
+    from fedfsd.audit import SECURITY_LOG, log_event
+
+    for kind, items in (("update_rejected", out.rejected), ("task_refused", out.refused)):
+        for region, reason in items:
+            run_level = kind == "task_refused" and reason.startswith(wire.RUN_REFUSED_PREFIX)
+            log_event(
+                run_dir / SECURITY_LOG,
+                "aggregator",
+                "run_refused" if run_level else kind,
+                region=region,
+                run_id=run_id,
+                round=rnd,
+                reason=reason,
+            )
 
 
 def evaluation_marks(rnd: int, evaluated: bool, model_round: int) -> list[tuple]:

@@ -474,6 +474,16 @@ class RegionExecutor:
         if self.settings.decisions_path:
             with open(self.settings.decisions_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
+            if record.get("decision") == "refused":  # bundle, size, budget, pre-flight, policy
+                from fedfsd.audit import SECURITY_LOG, log_event
+
+                log_event(
+                    Path(self.settings.decisions_path).with_name(SECURITY_LOG),
+                    "region",
+                    "task_refused",
+                    **{k: record.get(k) for k in ("run_id", "message_type", "fab_digest")},
+                    reason=record.get("reason", ""),
+                )
 
     def poll_once(self) -> bool:
         """Serve at most one task; True if one was served."""
