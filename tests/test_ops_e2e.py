@@ -1,10 +1,11 @@
 """Operating a federation through the real `fedfsd aggregator run/status` CLI (issue 14).
 
-A real SuperLink, two SuperNodes + executors (TLS, node auth) on loopback, tiny generated
-fleets. In file order: status with no aggregator; a run whose plan no region can afford (refused
-up front, nothing spent, non-zero exit with the reason); a run that succeeds (summary table and
-JSON, both run ids); status by region name; a run with a dead region (no train message below
-quorum, non-zero exit). One federation is shared by the module (start-up costs tens of seconds).
+A real SuperLink (with fedfsd's ServerApp allow-list), two SuperNodes + executors (TLS, node
+auth) on loopback, tiny generated fleets. In file order: status with no aggregator; a run whose
+plan no region can afford (refused up front, nothing spent, non-zero exit with the reason); a
+run that succeeds (summary table and JSON, both run ids); status by region name; a foreign
+ServerApp refused by the aggregator and logged; a run with a dead region (no train message below
+quorum, non-zero exit). One federation is shared by the module (start-up takes tens of seconds).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from fedfsd.audit import read_events
 from fedfsd.deploy.appbundle import app_digest
 from fedfsd.deploy.federation import LocalFederation, RegionSpec
 from fedfsd.deploy.processes import flower_env
 
 pytestmark = pytest.mark.slow
+
+APPS = Path(__file__).parent / "apps"
 
 REGIONS = ("eu", "us")
 BUDGET = 5.0
@@ -98,7 +102,8 @@ def fed(root: Path):
         pol = root / f"{region}-policy.toml"
         pol.write_text(_policy(region, digest))
         regions[region] = RegionSpec(root / "data" / region, pol, root / f"{region}-ledger.jsonl")
-    with LocalFederation(root / "agg", regions, tls=True) as fed:
+    # The aggregator runs only fedfsd's packaged ServerApp (as `fedfsd aggregator start` does).
+    with LocalFederation(root / "agg", regions, tls=True, serverapp_digests=[digest]) as fed:
         fed.wait_connected(list(REGIONS), timeout=180)
         yield fed
 
@@ -186,6 +191,21 @@ def test_status_names_regions_and_the_last_run(fed: LocalFederation, root: Path)
     assert all(run["regions"][r]["last_accepted_round"] == 1 for r in REGIONS)
     text = _fedfsd("aggregator", "status", "--dir", str(fed.run_dir))
     assert text.returncode == 0 and "eu" in text.stdout and "fedfsd run id" in text.stdout
+
+
+def test_foreign_serverapp_is_refused_on_the_aggregator_and_logged(
+    fed: LocalFederation, root: Path
+) -> None:
+    marker, result = root / "pwned.txt", root / "result.json"
+    foreign = APPS / "foreign_app"
+    run_id = fed.start_run(
+        {"marker-path": str(marker), "result-path": str(result), "min-regions": 2}, foreign
+    )
+    assert fed.wait_run(run_id, timeout=180) == "finished:failed"
+    assert not result.exists() and not marker.exists()  # its ServerApp never ran
+    (event,) = [e for e in read_events(fed.security_log) if e["event"] == "serverapp_refused"]
+    assert event["flower_run_id"] == run_id and event["fab_digest"] == app_digest(foreign)
+    assert "allowed ServerApp digests" in event["reason"]
 
 
 def test_dead_region_gets_no_round_below_quorum(fed: LocalFederation, root: Path) -> None:

@@ -31,6 +31,15 @@ def start(
     cert: Path = typer.Option(None, help="Server certificate (with --ca and --key)."),
     key: Path = typer.Option(None, help="Server private key (with --ca and --cert)."),
     insecure: bool = typer.Option(False, "--insecure", help="Development only: no TLS/auth."),
+    allow_serverapp: list[str] = typer.Option(
+        [],
+        "--allow-serverapp",
+        help="sha256 of a ServerApp bundle this aggregator may run (repeatable; default: "
+        "fedfsd's packaged app only). Any other bundle pushed with `flwr run` is refused.",
+    ),
+    any_serverapp: bool = typer.Option(
+        False, "--any-serverapp", help="Development only: run any pushed ServerApp bundle."
+    ),
 ) -> None:
     """Start the SuperLink with TLS and SuperNode authentication; stays up until Ctrl-C."""
     from fedfsd.deploy import pki
@@ -72,7 +81,12 @@ def start(
     d.runs.mkdir(parents=True, exist_ok=True)
     control = f"127.0.0.1:{control_port}"
     write_connection_config(d.flwr_home, control, server.ca_cert if server else None)
-    argv = superlink_argv(fleet_address, "127.0.0.1", control_port, d.database, server)
+    from fedfsd.deploy.appbundle import app_digest
+
+    digests = None if any_serverapp else (list(allow_serverapp) or [app_digest()])
+    argv = superlink_argv(
+        fleet_address, "127.0.0.1", control_port, d.database, server, digests, d.security_log
+    )
     group = ProcessGroup(d.logs)
     try:
         proc = group.start("superlink", argv, env=flower_env())
@@ -84,6 +98,11 @@ def start(
         fail(str(err).splitlines()[0])
     typer.echo(f"SuperLink up: Fleet API (gRPC{'' if insecure else '+TLS'}) {fleet_address}")
     typer.echo(f"Control API {control} (loopback only); logs {d.logs}")
+    typer.echo(
+        "ServerApp bundles allowed: "
+        + ("any (--any-serverapp)" if digests is None else ", ".join(digests))
+        + f"; refusals logged to {d.security_log}"
+    )
     if server is not None:
         typer.echo(f"CA for regions: {server.ca_cert}")
         typer.echo(f"register regions: fedfsd region register PUBKEY --dir {d.root}")
