@@ -137,6 +137,21 @@ def test_status_without_an_aggregator(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_data_stats_warns_about_a_high_crash_rate(fed: LocalFederation, root: Path) -> None:
+    calm = _fedfsd("data", "stats", str(root / "data" / "eu"))
+    assert calm.returncode == 0 and "crash rate" in calm.stdout
+    rate = json.loads((root / "data" / "eu" / "manifest.json").read_text())["counts"]
+    assert ("warning:" in calm.stderr) == (rate["crash_rate"] > 0.10)
+    crashy = root / "crashy"
+    shutil.copytree(root / "data" / "eu", crashy)
+    manifest = json.loads((crashy / "manifest.json").read_text())
+    manifest["counts"]["crash_rate"] = 0.17  # as in the walkthrough that found no warning
+    (crashy / "manifest.json").write_text(json.dumps(manifest))
+    res = _fedfsd("data", "stats", str(crashy))
+    assert res.returncode == 0, res.stderr
+    assert "warning:" in res.stderr and "crash rate 17.0% is above 10%" in res.stderr
+
+
 def test_unaffordable_plan_is_refused_up_front_and_spends_nothing(
     fed: LocalFederation, root: Path
 ) -> None:

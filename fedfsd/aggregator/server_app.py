@@ -307,7 +307,8 @@ def evaluate_round(
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            LOG.warning("round %d: evaluate error from node %s: %s", rnd, node, reply.error.reason)
+            name = node_regions.get(node, f"node-{node}")
+            LOG.warning("round %d: evaluate error from %s: %s", rnd, name, reply.error.reason)
             continue
         info = reply.content.config_records.get(wire.REGION)
         region = str(info.get("name")) if info and info.get("name") else None

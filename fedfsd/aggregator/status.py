@@ -101,7 +101,17 @@ def collect(root: Path, control: Any) -> dict[str, Any]:
         }
         for n in nodes_doc.get("nodes", [])
     ]
-    doc: dict[str, Any] = {"dir": str(root), "regions": regions, "run": None}
+    from fedfsd.audit import SECURITY_LOG, read_events
+
+    refused_apps = [
+        e for e in read_events(root / SECURITY_LOG) if e.get("event") == "serverapp_refused"
+    ]
+    doc: dict[str, Any] = {
+        "dir": str(root),
+        "regions": regions,
+        "run": None,
+        "refused_serverapps": refused_apps,
+    }
     if runs:
         last = runs[-1]
         run_dir = Path(last["run_dir"])
@@ -153,6 +163,10 @@ def render(doc: dict[str, Any]) -> Any:
     for r in sorted(doc["regions"], key=lambda r: r["region"]):
         nodes.add_row(r["region"], str(r["node_id"]), r["status"])
     parts: list[Any] = [nodes]
+    for e in doc.get("refused_serverapps", []):
+        parts.append(
+            Text(f"refused ServerApp of Flower run {e.get('flower_run_id')}: {e.get('reason')}")
+        )
     run = doc.get("run")
     if run is None:
         parts.append(Text("no run started from this directory yet"))
