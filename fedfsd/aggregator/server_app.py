@@ -431,17 +431,18 @@ def run_federation(
         }
         if run_meta["initial_model_sha256"]:  # sent only when set: older regions ignore no key
             cfg["initial-model-sha256"] = run_meta["initial_model_sha256"]
-        # Only nodes that answer a ping now, of regions that have not refused this run.
+        # Only nodes that answer a ping now; the quorum counts regions that did not refuse the
+        # run (those still get the message and refuse again, spending nothing).
         nodes, listed = alive_nodes(
             grid, grid.get_node_ids, s.min_regions, s.node_wait_s, rnd, node_regions, stop
         )
-        nodes = [n for n in nodes if node_regions.get(n) not in run_refused]
+        able = [n for n in nodes if node_regions.get(n) not in run_refused]
         out = RoundOutcome()
         note = ""
-        if len(nodes) < s.min_regions:
+        if len(able) < s.min_regions:
             note = (
-                f"not sent: {len(nodes)} of {len(listed)} connected region(s) answer "
-                f"({_names(nodes, node_regions)}), quorum is {s.min_regions}"
+                f"not sent: {len(able)} of {len(listed)} connected region(s) answer and take "
+                f"part ({_names(able, node_regions)}), quorum is {s.min_regions}"
             )
             LOG.error("round %d %s", rnd, note)
         else:
