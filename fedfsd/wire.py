@@ -24,6 +24,11 @@ MANIFEST_KEY = "manifest"  # key of the serialised UpdateManifest inside the Con
 REGION = "region"  # evaluate replies: ConfigRecord "region" with key "name"
 NUM_EXAMPLES = "num-examples"
 MANIFEST_SCHEMA = 1
+# A refusal reason that starts with this refuses the whole run, not one round: the region's
+# pre-flight found that the run's plan does not fit its remaining budget (fedfsd.region.preflight).
+RUN_REFUSED_PREFIX = "run refused: "
+# Run config key that tells regions how many rounds the run asks for (their pre-flight needs it).
+ROUNDS_KEY = "num-server-rounds"
 
 __all__ = [
     "ARRAYS",

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedfsd.cli import app
+from fedfsd.deploy.appbundle import app_digest
 from fedfsd.deploy.processes import flower_env, free_ports, port_open, wait_until
 
 POLICY = (
@@ -139,6 +140,7 @@ def test_production_entry_points(private_tmp: Path) -> None:
         agg = _fedfsd(
             "aggregator", "start", "--dir", str(agg_dir), "--fleet-address",
             f"127.0.0.1:{fleet}", "--control-port", str(control),
+            "--allow-serverapp", app_digest(TINY),  # the tiny test app is this run's ServerApp
         )  # fmt: skip
         procs.append(agg)
         _read_until(agg, "register regions", 120)

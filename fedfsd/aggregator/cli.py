@@ -34,6 +34,15 @@ def start(
     cert: Path = typer.Option(None, help="Server certificate (with --ca and --key)."),
     key: Path = typer.Option(None, help="Server private key (with --ca and --cert)."),
     insecure: bool = typer.Option(False, "--insecure", help="Development only: no TLS/auth."),
+    allow_serverapp: list[str] = typer.Option(
+        [],
+        "--allow-serverapp",
+        help="sha256 of a ServerApp bundle this aggregator may run (repeatable; default: "
+        "fedfsd's packaged app only). Any other bundle pushed with `flwr run` is refused.",
+    ),
+    any_serverapp: bool = typer.Option(
+        False, "--any-serverapp", help="Development only: run any pushed ServerApp bundle."
+    ),
 ) -> None:
     """Start the SuperLink with TLS and SuperNode authentication; stays up until Ctrl-C."""
     from fedfsd.deploy import pki
@@ -74,7 +83,12 @@ def start(
     d.runs.mkdir(parents=True, exist_ok=True)
     control = f"127.0.0.1:{control_port}"
     write_connection_config(d.flwr_home, control, server.ca_cert if server else None)
-    argv = superlink_argv(fleet_address, "127.0.0.1", control_port, d.database, server)
+    from fedfsd.deploy.appbundle import app_digest
+
+    digests = None if any_serverapp else (list(allow_serverapp) or [app_digest()])
+    argv = superlink_argv(
+        fleet_address, "127.0.0.1", control_port, d.database, server, digests, d.security_log
+    )
     group = ProcessGroup(d.logs)
     try:
         proc = group.start("superlink", argv, env=flower_env())
@@ -86,6 +100,11 @@ def start(
         exit_for(str(err).splitlines()[0])
     typer.echo(f"SuperLink up: Fleet API (gRPC{'' if insecure else '+TLS'}) {fleet_address}")
     typer.echo(f"Control API {control} (loopback only); logs {d.logs}")
+    typer.echo(
+        "ServerApp bundles allowed: "
+        + ("any (--any-serverapp)" if digests is None else ", ".join(digests))
+        + f"; refusals logged to {d.security_log}"
+    )
     if server is not None:
         typer.echo(f"CA for regions: {server.ca_cert}")
         typer.echo(f"register regions: fedfsd aggregator register PUBKEY --dir {d.root}")
@@ -170,7 +189,11 @@ def run(
     timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
 ) -> None:
     """Start a federation run on the running SuperLink (`flwr run` underneath)."""
+    import uuid
+
+    from fedfsd.aggregator.outcome import SUMMARY_JSON, report_run, write_run_ids
     from fedfsd.aggregator.settings import SettingsError
+    from fedfsd.aggregator.status import remember_run
     from fedfsd.deploy.admin import AggregatorDir, warn
     from fedfsd.deploy.appbundle import PACKAGED_APP_DIR
     from fedfsd.deploy.control import ControlClient, RunFailed
@@ -201,13 +224,15 @@ def run(
         exit_for(f"--resume: {run_dir} does not exist")
     from fedfsd.aggregator import checkpoint as ck
 
+    fedfsd_run_id = uuid.uuid4().hex[:12]  # the id regions record; shown beside Flower's
     if resume:  # refuse here, before `flwr run`, what the ServerApp would refuse later
         try:
-            if ck.load_checkpoint(run_dir) is None:
+            if (prev := ck.load_checkpoint(run_dir)) is None:
                 exit_for(
                     f"--resume: {run_dir / ck.CHECKPOINT} is missing; refusing to start a new "
                     "run there (it would spend the regions' privacy budget again)"
                 )
+            fedfsd_run_id = prev.run_id
         except ck.CheckpointError as err:
             exit_for(f"--resume: {err}")
     elif existing := ck.holds_a_run(run_dir):
@@ -232,6 +257,7 @@ def run(
         "server-lr": server_lr,
         "update-norm-bound": update_norm_bound,
         "run-dir": str(run_dir),
+        "run-id": fedfsd_run_id,
         "resume": resume,
     }
     if region_keys is not None:
@@ -269,14 +295,24 @@ def run(
     control = ControlClient(d.flwr_home, d.root)
     try:
         run_id = control.start_run(cfg, app_path)
-        typer.echo(f"started run {run_id}; run dir {run_dir}")
+        write_run_ids(run_dir, fedfsd_run_id, run_id)
+        remember_run(d.root, run_id, fedfsd_run_id, run_dir)
+        typer.echo(
+            f"started run {run_id} (fedfsd run id {fedfsd_run_id}: ledgers and "
+            f"`fedfsd privacy report --run`); run dir {run_dir}"
+        )
         if not wait:
             return
         status = control.wait_run(run_id, timeout, poll=2.0)
     except RunFailed as err:
         exit_for(str(err).splitlines()[0] if str(err) else "run failed", ExitCode.FAILED)
-    if status != "finished:completed":
-        exit_for(f"run {run_id} ended {status}; see {d.logs} and {run_dir}", ExitCode.FAILED)
+    if not report_run(run_dir, status):
+        exit_for(
+            f"run {run_id} (fedfsd {fedfsd_run_id}) ended {status} with fewer successful rounds "
+            f"than asked; see {run_dir / SUMMARY_JSON}, {d.logs} and "
+            f"`FLWR_HOME={d.flwr_home} flwr log {run_id} fedfsd --show`",
+            ExitCode.FAILED,
+        )
     typer.secho(f"run {run_id} {status}; results in {run_dir}", fg=typer.colors.GREEN)
 
 
@@ -304,4 +340,32 @@ def register(
         node_id = ControlClient(d.flwr_home, d.root).register(key)
     except ControlError as err:
         exit_for(str(err).splitlines()[0], ExitCode.USAGE)
+    from fedfsd.aggregator.status import remember_region
+
+    remember_region(d.root, node_id, key.name.removesuffix(".pub"))
     typer.secho(f"registered {key.name}: SuperNode id {node_id}", fg=typer.colors.GREEN)
+
+
+@app.command("status")
+def status(
+    dir: Path = typer.Option(Path(".fedfsd/aggregator"), "--dir", help=_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Regions by name (registered, connected), the current run and round, ε per region."""
+    import json
+
+    from rich.console import Console
+
+    from fedfsd.aggregator.status import NoAggregator, collect, render
+    from fedfsd.deploy.admin import AggregatorDir
+    from fedfsd.deploy.control import ControlClient
+
+    d = AggregatorDir(dir.resolve())
+    try:
+        doc = collect(d.root, ControlClient(d.flwr_home, d.root))
+    except NoAggregator as err:
+        exit_for(str(err), ExitCode.FAILED)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=1, sort_keys=True))
+    else:
+        Console(width=160).print(render(doc))

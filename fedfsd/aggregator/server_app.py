@@ -1,7 +1,7 @@
 """The aggregator's Flower ServerApp: rounds with a quorum and timeouts, verification, checkpoints.
 
 The round loop drives the `Grid` itself instead of using `Strategy.start`, for two reasons found
-in Flower 1.39 (../shared/notes/flower-1.39.md): `sample_nodes` waits forever for a dead node,
+in Flower 1.39 (docs/notes/flower-1.39.md): `sample_nodes` waits forever for a dead node,
 and a train reply without arrays (a region refusing over budget) makes the stock strategies
 exit. Here every wait is bounded (`node-wait`, `round-timeout`), a refusal is an ordinary
 outcome, every update is verified before it counts, and a round without quorum is logged as
@@ -16,6 +16,7 @@ global_model.npz, its global_model.json sidecar and metrics.png.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -33,7 +34,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedfsd import wire
 from fedfsd.aggregator import checkpoint as ck
 from fedfsd.aggregator.initial_model import load_initial_model
+from fedfsd.aggregator.liveness import alive_nodes
 from fedfsd.aggregator.model_meta import write_global_model_meta
+from fedfsd.aggregator.outcome import summarise, write_summary
+from fedfsd.aggregator.plots import ALL_REGIONS, EVALUATED, plot_run
 from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.aggregator.settings import RunSettings, parse_settings
 from fedfsd.aggregator.strategy import ServerOptimizer, make_server_optimizer
@@ -193,7 +197,7 @@ def judge_train_reply(
             out.rejected.append((region, "refused manifest but arrays were sent"))
         else:
             out.refused.append((region, manifest.refused_reason))
-            out.epsilon_rows.append(_eps_row(exp.round_idx, region, manifest))
+            out.epsilon_rows.append(_eps_row(exp.round_idx, region, manifest, refused=True))
         return
     if set(content.array_records) != {wire.ARRAYS}:
         out.rejected.append((region, f"expected one ArrayRecord {wire.ARRAYS!r}"))
@@ -222,8 +226,10 @@ def judge_train_reply(
             out.metrics_rows.append((exp.round_idx, region, f"train_{k}", float(v)))
 
 
-def _eps_row(rnd: int, region: str, m: wire.UpdateManifest) -> tuple:
-    return (rnd, region, m.epsilon, m.epsilon_rdp, m.epsilon_budget, m.delta)
+def _eps_row(rnd: int, region: str, m: wire.UpdateManifest, refused: bool = False) -> tuple:
+    """One epsilon.csv row; a refusal's unknown RDP ε (sent as 0) is left empty, not a fake 0."""
+    rdp = None if refused and not m.epsilon_rdp > 0 else m.epsilon_rdp
+    return (rnd, region, m.epsilon, rdp, m.epsilon_budget, m.delta)
 
 
 def last_known_epsilon(run_dir: Path) -> dict[str, tuple]:
@@ -235,7 +241,7 @@ def last_known_epsilon(run_dir: Path) -> dict[str, tuple]:
                 int(r["round"]),
                 r["region"],
                 float(r["epsilon"]),
-                float(r["epsilon_rdp"]),
+                float(r["epsilon_rdp"]) if r["epsilon_rdp"] else None,
                 float(r["epsilon_budget"]),
                 float(r["delta"]),
             )
@@ -251,7 +257,8 @@ def keep_known_epsilon(
     for row in rows:
         prev = known.get(row[1])
         if row[1] in refused and prev is not None and not row[2] >= prev[2]:
-            row = (row[0], row[1], prev[2], max(prev[3], row[3]), row[4], row[5])
+            rdp = max((v for v in (prev[3], row[3]) if v is not None), default=None)
+            row = (row[0], row[1], prev[2], rdp, row[4], row[5])
         known[row[1]] = row
         out.append(row)
     return out
@@ -305,7 +312,8 @@ def evaluate_round(
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            LOG.warning("round %d: evaluate error from node %s: %s", rnd, node, reply.error.reason)
+            name = node_regions.get(node, f"node-{node}")
+            LOG.warning("round %d: evaluate error from %s: %s", rnd, name, reply.error.reason)
             continue
         info = reply.content.config_records.get(wire.REGION)
         region = str(info.get("name")) if info and info.get("name") else None
@@ -386,7 +394,11 @@ def _start_state(
 
 
 def run_federation(
-    grid: Grid, s: RunSettings, run_dir: Path, stop: threading.Event | None = None
+    grid: Grid,
+    s: RunSettings,
+    run_dir: Path,
+    stop: threading.Event | None = None,
+    flower_run_id: int | None = None,
 ) -> ck.Checkpoint:
     """All rounds of one run; returns the final state (also on disk).
 
@@ -398,10 +410,14 @@ def run_federation(
     state, strategy = _start_state(s, run_dir, model)
     book = ReceiptBook.from_settings(run_dir, s.region_keys, s.allow_unsigned)
     book.drop_after(state.round)  # receipts of rounds after the checkpoint come again
+    (run_dir / ck.REJECTED_JSONL).touch()  # always present: empty means nothing was rejected
     node_regions: dict[int, str] = {
         int(k): v for k, v in state.meta.get("node_regions", {}).items()
     }
     failed_list = failed_rounds(state)
+    run_refused: dict[str, str] = dict(state.meta.get("run_refused", {}))
+    ended = ""
+    model_round = _last_model_round(run_dir)  # the round that last changed the global model
     known_eps = last_known_epsilon(run_dir)
     run_meta = {
         "server_optimizer": s.server_optimizer,
@@ -413,34 +429,51 @@ def run_federation(
             LOG.warning("stop requested: ending the run after round %d", state.round)
             break
         t0 = time.monotonic()
-        cfg = {**s.train_request(), "run-id": state.run_id, "round": rnd}
+        cfg = {
+            **s.train_request(),
+            "run-id": state.run_id,
+            "round": rnd,
+            wire.ROUNDS_KEY: s.num_server_rounds,  # for the regions' budget pre-flight
+        }
         if run_meta["initial_model_sha256"]:  # sent only when set: older regions ignore no key
             cfg["initial-model-sha256"] = run_meta["initial_model_sha256"]
-        nodes = wait_for_nodes(grid, s.min_regions, s.node_wait_s, stop=stop)
-        out = _train_round(grid, s, state, cfg, rnd, nodes, node_regions, book, stop)
+        nodes, listed = alive_nodes(
+            grid, grid.get_node_ids, s.min_regions, s.node_wait_s, rnd, node_regions, stop
+        )
+        out, note = _train_round(
+            grid, s, state, cfg, rnd, (nodes, len(listed)), node_regions, book, stop, run_refused
+        )
         out.epsilon_rows = keep_known_epsilon(
             out.epsilon_rows, {r for r, _ in out.refused}, known_eps
         )
         # Regions score only a global model they received for training in this run and round
         # (fedfsd.privacy.metrics): evaluation is of the model this round started from.
         sent = state.weights
+        sent_from = model_round
         ok = len(out.accepted) >= s.min_regions
         if ok:
+            model_round = rnd
             state.weights = strategy.step(state.weights, [(u, w) for _, u, w in out.accepted])
-        _log_round_problems(run_dir, rnd, out, ok, len(nodes), s.min_regions)
+        _log_round_problems(run_dir, rnd, out, ok, nodes, node_regions, s.min_regions)
+        security_events(run_dir, state.run_id, rnd, out)
+        evaluated = bool(nodes) and s.evaluates_after(rnd)
         eval_rows = (
             evaluate_round(grid, nodes, sent, cfg, rnd, s.evaluate_timeout_s, node_regions, stop)
-            if nodes and s.evaluates_after(rnd)
+            if evaluated
             else []
         )
-        ck.append_csv(run_dir / ck.METRICS_CSV, ck.METRICS_HEADER, out.metrics_rows + eval_rows)
+        ck.append_csv(
+            run_dir / ck.METRICS_CSV,
+            ck.METRICS_HEADER,
+            [*out.metrics_rows, *eval_rows, *evaluation_marks(rnd, evaluated, sent_from)],
+        )
         ck.append_csv(run_dir / ck.EPSILON_CSV, ck.EPSILON_HEADER, out.epsilon_rows)
-        summary = _round_summary(rnd, ok, len(nodes), out, eval_rows, t0, run_meta)
+        summary = _round_summary(rnd, ok, len(nodes), out, eval_rows, t0, run_meta, note)
         ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, summary)
         tracker.log_round(summary, out, eval_rows)
         if not ok:
             failed_list.append(rnd)
-        _save_round(run_dir, state, strategy, rnd, node_regions, failed_list, run_meta)
+        _save_round(run_dir, state, strategy, rnd, node_regions, failed_list, run_meta, run_refused)
         LOG.info(
             "round %d %s: accepted %s, rejected %s, refused %s, missing %d (%.1f s)",
             rnd,
@@ -451,14 +484,32 @@ def run_federation(
             out.missing,
             summary["seconds"],
         )
+        left = {node_regions.get(n, f"node-{n}") for n in listed} - set(run_refused)
+        if run_refused and len(left) < s.min_regions:
+            ended = (
+                f"ended after round {rnd}: {', '.join(sorted(run_refused))} refused the run "
+                f"up front and {len(left)} region(s) remain, quorum is {s.min_regions}"
+            )
+            LOG.error("run %s %s", state.run_id, ended)
+            break
     tracker.close()
+    summary_doc = summarise(
+        run_dir,
+        rounds_asked=s.num_server_rounds,
+        fedfsd_run_id=state.run_id,
+        flower_run_id=flower_run_id,
+        ended=ended,
+        run_refused=run_refused,
+    )
+    write_summary(run_dir, summary_doc)
+    state.meta["ok"] = summary_doc["ok"]
     try:  # never replace the global model with one that lacks or reshapes a layer
         ck.check_same_layout(state.weights, model, "the final global model")
     except ck.CheckpointError as err:
         raise RunRefused(f"{err}; {run_dir / ck.GLOBAL_MODEL} left as it was") from None
     ck.save_global_model(run_dir, state.weights)
     write_global_model_meta(run_dir, s, state.weights, state.run_id)
-    ck.plot_metric(run_dir, s.plot_metric)
+    plot_run(run_dir, s.plot_metric)
     return state
 
 
@@ -468,15 +519,29 @@ def _train_round(
     state: ck.Checkpoint,
     cfg: dict[str, Any],
     rnd: int,
-    nodes: list[int],
+    alive: tuple[list[int], int],
     node_regions: dict[int, str],
     book: ReceiptBook,
     stop: threading.Event | None,
-) -> RoundOutcome:
-    """Send the train messages and judge every reply (nothing when the quorum is not there)."""
+    run_refused: dict[str, str],
+) -> tuple[RoundOutcome, str]:
+    """Send the train messages and judge every reply; below the quorum nothing is sent.
+
+    `alive`: the nodes that answered the liveness ping, and how many the SuperLink listed. The
+    quorum counts regions that did not refuse the run up front (those still get the message
+    and refuse again, spending nothing). Returns the outcome and a note when nothing was sent;
+    regions that refuse the whole run are added to `run_refused`.
+    """
+    nodes, n_listed = alive
     out = RoundOutcome()
-    if len(nodes) < s.min_regions:
-        return out
+    able = [n for n in nodes if node_regions.get(n) not in run_refused]
+    if len(able) < s.min_regions:
+        note = (
+            f"not sent: {len(able)} of {n_listed} connected region(s) answer and take "
+            f"part ({_names(able, node_regions)}), quorum is {s.min_regions}"
+        )
+        LOG.error("round %d %s", rnd, note)
+        return out, note
     exp = Expectation.from_weights(
         state.weights, norm_bound=s.update_norm_bound, run_id=state.run_id, round_idx=rnd
     )
@@ -485,11 +550,20 @@ def _train_round(
     out.missing = len(nodes) - len(replies)
     for reply in replies:
         judge_train_reply(reply, exp, node_regions, out, book)
-    return out
+    for region, reason in out.refused:
+        if reason.startswith(wire.RUN_REFUSED_PREFIX):
+            run_refused[region] = reason
+    return out, ""
 
 
 def _log_round_problems(
-    run_dir: Path, rnd: int, out: RoundOutcome, ok: bool, n_nodes: int, quorum: int
+    run_dir: Path,
+    rnd: int,
+    out: RoundOutcome,
+    ok: bool,
+    nodes: list[int],
+    node_regions: Mapping[int, str],
+    quorum: int,
 ) -> None:
     """Rejected updates go to rejected.jsonl; refusals, errors and a missed quorum to the log."""
     for region, reason in out.rejected:
@@ -504,10 +578,11 @@ def _log_round_problems(
         LOG.warning("round %d: %s replied with an error: %s", rnd, region, reason)
     if not ok:
         LOG.error(
-            "round %d FAILED: %d accepted update(s) from %d node(s), quorum is %d",
+            "round %d FAILED: %d accepted update(s) from %d region(s) (%s), quorum is %d",
             rnd,
             len(out.accepted),
-            n_nodes,
+            len(nodes),
+            _names(nodes, node_regions),
             quorum,
         )
 
@@ -520,8 +595,9 @@ def _round_summary(
     eval_rows: list,
     t0: float,
     run_meta: dict[str, str],
+    note: str = "",
 ) -> dict[str, Any]:
-    """The rounds.jsonl line of one round."""
+    """The rounds.jsonl line of one round (reasons by region; `note` when nothing was sent)."""
     summary: dict[str, Any] = {
         "round": rnd,
         "status": "ok" if ok else "failed",
@@ -531,11 +607,16 @@ def _round_summary(
         "refused": sorted(r for r, _ in out.refused),
         "errors": sorted(r for r, _ in out.errors),
         "missing": out.missing,
+        "refused_reasons": dict(out.refused),
+        "rejected_reasons": dict(out.rejected),
+        "error_reasons": dict(out.errors),
         "epsilon": {row[1]: row[2] for row in out.epsilon_rows},
         "metrics": {f"{r}/{k}": v for _, r, k, v in eval_rows},
         "seconds": round(time.monotonic() - t0, 3),
         "time": _now(),
     }
+    if note:
+        summary["note"] = note
     if run_meta["initial_model_sha256"]:
         summary["initial_model_sha256"] = run_meta["initial_model_sha256"]
     return summary
@@ -549,6 +630,7 @@ def _save_round(
     node_regions: dict[int, str],
     failed_list: list[int],
     run_meta: dict[str, str],
+    run_refused: dict[str, str],
 ) -> None:
     """Checkpoint after the round: the next start (or a resume) continues from here."""
     state.round = rnd
@@ -556,9 +638,62 @@ def _save_round(
     state.meta = {
         "node_regions": {str(k): v for k, v in node_regions.items()},
         "failed_rounds": failed_list,
+        "run_refused": run_refused,
     }
     state.meta.update(run_meta)
     ck.save_checkpoint(run_dir, state)
+
+
+def security_events(run_dir: Path, run_id: str, rnd: int, out: RoundOutcome) -> None:
+    """Rejected updates and refusals of this round into the run's security.jsonl (fedfsd.audit)."""
+    from fedfsd.audit import SECURITY_LOG, log_event
+
+    for kind, items in (("update_rejected", out.rejected), ("task_refused", out.refused)):
+        for region, reason in items:
+            run_level = kind == "task_refused" and reason.startswith(wire.RUN_REFUSED_PREFIX)
+            log_event(
+                run_dir / SECURITY_LOG,
+                "aggregator",
+                "run_refused" if run_level else kind,
+                region=region,
+                run_id=run_id,
+                round=rnd,
+                reason=reason,
+            )
+
+
+def evaluation_marks(rnd: int, evaluated: bool, model_round: int) -> list[tuple]:
+    """metrics.csv rows (region "*") that say what a round's scores are, or that it has none.
+
+    `evaluated` 0: no evaluation after this round (the schedule skipped it, or no region
+    answered), so no score of this round is missing by accident. `model_from_round` k < round:
+    the model scored was last changed in round k (a failed round leaves it as it was), so equal
+    numbers are the same model scored again, not a model that did not improve.
+    """
+    marks: list[tuple] = []
+    if not evaluated:
+        marks.append((rnd, ALL_REGIONS, EVALUATED, 0.0))
+    elif model_round < rnd - 1:
+        marks.append((rnd, ALL_REGIONS, "model_from_round", float(model_round)))
+    return marks
+
+
+def _last_model_round(run_dir: Path) -> int:
+    """The last round of rounds.jsonl that changed the global model (0: none)."""
+    path = run_dir / ck.ROUNDS_JSONL
+    last = 0
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                rec = json.loads(line)
+                if rec["status"] == "ok":
+                    last = int(rec["round"])
+    return last
+
+
+def _names(nodes: list[int], node_regions: Mapping[int, str]) -> str:
+    """Region names of nodes (a node not yet named shows as node-<id>)."""
+    return ", ".join(sorted(node_regions.get(n, f"node-{n}") for n in nodes)) or "none"
 
 
 def failed_rounds(state: ck.Checkpoint) -> list[int]:
@@ -583,12 +718,13 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             LOG.warning("object-pull back-off patch skipped: %s", site)
         s = parse_settings({**base, **dict(context.run_config)})
         run_dir = Path(s.run_dir) if s.run_dir else Path.cwd() / "runs" / f"flwr-{context.run_id}"
-        state = run_federation(grid, s, run_dir)
-        if failed := failed_rounds(state):
+        state = run_federation(grid, s, run_dir, flower_run_id=context.run_id)
+        failed = failed_rounds(state)
+        if failed or not state.meta.get("ok", True):
             # Flower then reports the run `finished:failed` and `fedfsd aggregator run` exits 1.
             raise RunRefused(
-                f"{len(failed)} of {state.round} round(s) failed (no quorum): {failed}; "
-                f"see {run_dir / ck.ROUNDS_JSONL}"
+                f"{len(failed)} of {state.round} round(s) failed (no quorum): {failed}, "
+                f"{s.num_server_rounds} asked; see {run_dir / 'summary.json'}"
             )
 
     return server

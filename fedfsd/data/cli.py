@@ -84,6 +84,16 @@ def _summary(path: Path) -> None:
         + (" (fleet-scale)" if m.get("fleet_scale", {}).get("enabled") else ""),
         highlight=False,
     )
+    _warn_crashes(c.get("crash_rate"))
+
+
+def _warn_crashes(rate: float | None) -> None:
+    from rich.console import Console
+
+    from fedfsd.data.crashwarn import crash_warning
+
+    if msg := crash_warning(rate):
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
 
 
 @app.command()
@@ -149,6 +159,7 @@ def stats(
         f"merge episodes {c.get('merge_episodes', '?')}",
         highlight=False,
     )
+    _warn_crashes(c.get("crash_rate"))
     t = Table("name", "mean", "std", "min", "max", title="features (fixed scales) and labels")
     for names, arr in ((FEATURE_NAMES, fr.features), (LABEL_NAMES, fr.labels)):
         for j, n in enumerate(names):

@@ -69,6 +69,10 @@ class AggregatorDir:
     def runs(self) -> Path:
         return self.root / "runs"
 
+    @property
+    def security_log(self) -> Path:
+        return self.root / "security.jsonl"
+
     def require_started(self) -> None:
         if not (self.flwr_home / "config.toml").is_file():
             exit_for(

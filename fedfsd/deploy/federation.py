@@ -80,6 +80,7 @@ class LocalFederation:
         app_dir: str | Path | None = None,
         server_names: list[str] | None = None,
         host: str = "127.0.0.1",
+        serverapp_digests: list[str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.regions = dict(regions)
@@ -88,6 +89,8 @@ class LocalFederation:
         self.app_dir = Path(app_dir).resolve() if app_dir else PACKAGED_APP_DIR
         self.server_names = list(server_names or [])
         self.host = host
+        self.serverapp_digests = serverapp_digests  # None: any ServerApp bundle runs
+        self.security_log = self.run_dir / "security.jsonl"
         self.logs = self.run_dir / "logs"
         self.flwr_home = self.run_dir / "flwr_home"
         self.group = ProcessGroup(self.logs)
@@ -155,6 +158,8 @@ class LocalFederation:
             control_port=self.control_port,
             database=self.run_dir / "superlink-state.db",
             server=self.server if self.tls else None,
+            serverapp_digests=self.serverapp_digests,
+            security_log=self.security_log,
         )
 
     def start_superlink(self) -> ManagedProcess:
@@ -329,11 +334,22 @@ def superlink_argv(
     control_port: int,
     database: Path,
     server: pki.ServerPKI | None,
+    serverapp_digests: list[str] | None = None,
+    security_log: Path | None = None,
 ) -> list[str]:
     """`flower-superlink`: Fleet API (gRPC) for regions, Control/Runtime API (HTTPS) for admins,
-    TLS + SuperNode authentication unless ``server`` is None (development only)."""
+    TLS + SuperNode authentication unless ``server`` is None (development only).
+
+    ``serverapp_digests`` (not None): started through fedfsd.flower.superlink_launcher, so only
+    those ServerApp bundles run (refusals go to ``security_log``)."""
+    launcher = [bin_path("flower-superlink")]
+    if serverapp_digests is not None:
+        launcher = [*python_safe(), "-m", "fedfsd.flower.superlink_launcher"]
+        launcher += ["--fedfsd-serverapp-digests", ",".join(serverapp_digests)]
+        if security_log is not None:
+            launcher += ["--fedfsd-security-log", str(security_log)]
     argv = [
-        bin_path("flower-superlink"),
+        *launcher,
         "--fleet-api-address",
         fleet_address,
         "--host",

@@ -409,6 +409,7 @@ def start(
     from fedfsd.deploy.processes import ProcessError, ProcessGroup
 
     pol_path, pol = _start_policy(superlink, policy, data)
+    _start_checks(ledger, data, pol, runtime_port)
     ca_path, key_path = _start_credentials(superlink, ca, key, insecure, pol.region)
     ledger, logs = _start_dirs(ledger, log_dir)
     node_cfg = {
@@ -449,6 +450,18 @@ def _start_policy(superlink: str, policy: Path, data: Path) -> tuple[Path, Regio
     if not (data / "manifest.json").is_file():
         exit_for(f"--data: {data} is not a fedfsd dataset (no manifest.json)")
     return pol_path, pol
+
+
+def _start_checks(ledger: Path, data: Path, pol: RegionPolicy, runtime_port: int) -> None:
+    """The same ledger/dataset refusal as train-local, and a taken runtime port named."""
+    from fedfsd.errors import FedfsdError
+    from fedfsd.region.startcheck import check_ledger_matches, check_runtime_port
+
+    try:
+        check_ledger_matches(ledger, data, pol)
+        check_runtime_port(runtime_port)
+    except FedfsdError as err:
+        exit_for(f"region {pol.region}: {err}", err.exit_code)
 
 
 def _start_credentials(

@@ -193,6 +193,28 @@ def _received(message: Message) -> dict[str, np.ndarray]:
     return wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
 
 
+def _preflight(
+    ledger: Path, policy: Any, frames: Any, request: Any, run_id: str, rnd: int, rounds: Any
+) -> None:
+    """Refuse the whole run up front when its plan does not fit (fedfsd.region.preflight)."""
+    from fedfsd.privacy.dpsgd import sample_rate
+    from fedfsd.region.preflight import check_run
+
+    params = policy.effective(request)
+    q = sample_rate(params.vehicles_per_step, policy.accounted_vehicles(frames.n_vehicles))
+    check_run(
+        ledger,
+        run_id=run_id,
+        round_idx=rnd,
+        total_rounds=rounds,
+        sigma=params.noise_multiplier,
+        q=q,
+        steps=params.steps,
+        delta=policy.delta,
+        budget=policy.epsilon_budget,
+    )
+
+
 def _ledger_epsilon(ledger_path: Path, delta: float) -> float:
     """ε already spent by this fleet (0 when no ledger yet); used in refusals."""
     try:
@@ -306,6 +328,7 @@ def handle_train(
         ledger.parent.mkdir(parents=True, exist_ok=True)
         received = _received(message)
         request = _request(cfg)
+        _preflight(ledger, policy, frames, request, run_id, rnd, cfg.get(wire.ROUNDS_KEY))
         res = deps.local_round(
             frames,
             policy,
@@ -344,9 +367,10 @@ def handle_train(
     except Exception as e:
         LOG.warning("region %s refused round %s of run %s: %r", region, rnd, run_id, e)
         from fedfsd.privacy.local_round import BudgetExceeded
+        from fedfsd.region.preflight import RunUnaffordable
 
-        if isinstance(e, BudgetExceeded):
-            eps = e.spent
+        if isinstance(e, (BudgetExceeded, RunUnaffordable)):
+            eps = float(getattr(e, "spent", 0.0))
         else:
             eps = _ledger_epsilon(ledger, policy.delta) if ledger and policy else 0.0
         return _refuse_train(message, region, run_id, rnd, border_reason(e), policy, eps)
@@ -429,6 +453,15 @@ def handle_evaluate(
     )
 
 
+def handle_query(message: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    """Answer the aggregator's liveness ping with the region's name; nothing is spent."""
+    try:
+        name = resolve_setup(context.node_config, run_config).region or "unknown"
+    except Exception:  # an unconfigured node is still alive; it says no name
+        name = "unknown"
+    return _reply(message, {wire.REGION: ConfigRecord({"name": name})})
+
+
 class _Refused(PrivacyRefusal, RuntimeError):
     """An evaluation this region does not answer; the message is border-safe."""
 
@@ -461,6 +494,10 @@ def make_client_app(
     @client.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         return handle_evaluate(message, context, _deps(), _cfg(context))
+
+    @client.query()
+    def query(message: Message, context: Context) -> Message:
+        return handle_query(message, context, _cfg(context))
 
     return client
 

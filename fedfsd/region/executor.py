@@ -43,6 +43,13 @@ MESSAGE_TOO_LARGE_ERROR_CODE = 4131
 DEFAULT_MAX_MESSAGE_BYTES = 8 << 20  # RegionPolicy.max_message_bytes' default
 
 
+def refusal_of(reply: Any) -> str | None:
+    """Why the ClientApp's reply refuses its task (fedfsd.region.replyinfo), or None."""
+    from fedfsd.region.replyinfo import refusal_of as _refusal_of
+
+    return _refusal_of(reply)
+
+
 def fab_digest(content: bytes) -> str:
     """sha256 hex digest of an app bundle's bytes (what ``allowed_app_digests`` lists)."""
     return hashlib.sha256(content).hexdigest()
@@ -168,6 +175,8 @@ class RegionExecutor:
                 try:
                     reply = self.client_app(message=message, context=context)
                     record["app_s"] = round(time.monotonic() - app_started, 4)
+                    if (why := refusal_of(reply)) is not None:  # the app refused the task
+                        record.update(decision="refused", reason=why)
                     completed, details = True, ""
                 except Exception as ex:  # the ClientApp's failure is reported, not fatal
                     log.exception("ClientApp raised")
@@ -199,6 +208,16 @@ class RegionExecutor:
         if self.settings.decisions_path:
             with open(self.settings.decisions_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
+            if record.get("decision") == "refused":  # bundle, size, budget, pre-flight, policy
+                from fedfsd.audit import SECURITY_LOG, log_event
+
+                log_event(
+                    Path(self.settings.decisions_path).with_name(SECURITY_LOG),
+                    "region",
+                    "task_refused",
+                    **{k: record.get(k) for k in ("run_id", "message_type", "fab_digest")},
+                    reason=record.get("reason", ""),
+                )
 
     def poll_once(self) -> bool:
         """Serve at most one task; True if one was served."""
