@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import MessageType
-from flwr.app.constants import DEFAULT_TTL
-from flwr.common.constant import MESSAGE_TTL_TOLERANCE
-from flwr.server.superlink.linkstate.utils import message_ttl_has_expired
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedfsd.aggregator.server_app import TTL_MARGIN_S, _messages, initial_weights
 from fedfsd.aggregator.settings import RunSettings
+from fedfsd.flower.message_objects import TaskIdentity
+from fedfsd.flower.message_ttl import DEFAULT_TTL, MESSAGE_TTL_TOLERANCE, message_ttl_has_expired
 from fedfsd.region.client_app import make_client_app
 
 SETTINGS = RunSettings(**{"local-steps": 2, "vehicles-per-step": 4, "frames-per-vehicle": 4})

@@ -248,11 +248,11 @@ def test_export_cli_writes_graph_card_and_reports_parity(data, tmp_path) -> None
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from flwr.supercore.task_identity import TaskIdentity
     from test_privacy_metrics import ClientAppGrid, _app
 
     from fedfsd.aggregator.server_app import run_federation
     from fedfsd.aggregator.settings import parse_settings
+    from fedfsd.flower.message_objects import TaskIdentity
 
     tmp = tmp_path_factory.mktemp("run")
     mp = pytest.MonkeyPatch()
@@ -344,11 +344,11 @@ def test_results_documents_go_to_tensorboard(tmp_path) -> None:
 
 
 def test_a_resumed_run_purges_events_after_its_checkpoint(run_dir, tmp_path, monkeypatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
     from test_privacy_metrics import ClientAppGrid, _app
 
     from fedfsd.aggregator.server_app import run_federation
     from fedfsd.aggregator.settings import parse_settings
+    from fedfsd.flower.message_objects import TaskIdentity
 
     for k, v in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, k, v)
