@@ -109,6 +109,9 @@ DOCKER_BUILDKIT=0 docker build --network host -f "$here/Dockerfile" -t "$image" 
   "$repo" >&2
 took=$(( $(date +%s) - t0 ))
 find "$extra" -mindepth 1 ! -name README.md -delete
+# The image this build replaced (same tag) is left untagged: drop it, ~2 GB each time the
+# sources change. Only untagged images with the fedfsd title label go; the build cache stays.
+docker image prune -f --filter "label=org.opencontainers.image.title=fedfsd" >/dev/null
 size=$(docker image inspect -f '{{ .Size }}' "$image")
 say "built $image on $base in $took s"
 printf '%s %s MB\n' "$image" "$(( size / 1000000 ))"
