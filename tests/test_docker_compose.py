@@ -612,8 +612,8 @@ def test_image_is_built_locally_without_build_inputs() -> None:
     probe = (
         "import os, sys, torch, fedfsd; "
         "gone = [p for p in ('/tmp/build-extra', '/tmp/build-extra/ca.pem') if os.path.exists(p)]; "
-        "whl = [f for d, _, fs in os.walk('/') if not d.startswith('/proc') "
-        "for f in fs if f.endswith('.whl') and f.startswith('torch')]; "
+        "whl = [f for top in ('/opt', '/tmp', '/home', '/srv', '/root', '/usr', '/var') "
+        "for _, _, fs in os.walk(top) for f in fs if f.startswith('torch') and '.whl' in f]; "
         "print(os.getuid(), torch.__version__, gone, whl, os.environ.get('PIP_CONFIG_FILE'))"
     )
     out = _docker("run", "--rm", "--network", "none", TEST_IMAGE, "python", "-c", probe)
