@@ -14,9 +14,10 @@
 #   FEDFSD_BASE_IMAGE     base image to make or reuse    (fedfsd-base:bookworm-py311)
 #   FEDFSD_REBUILD_BASE=1 make the base again even if one with this recipe exists
 #   DEBIAN_MIRROR         Debian mirror for debootstrap  (http://deb.debian.org/debian)
-#   PIP_CA                CA bundle pip trusts           (pip's own `cert` setting, else the
-#                                                         system bundle)
-#   WHEEL_DIR             directory with the torch wheel (pip's `find-links` setting)
+#   PIP_CA                CA bundle pip trusts           (PIP_CERT, else pip's `cert` setting,
+#                                                         else the system bundle)
+#   WHEEL_DIR             directory with the torch wheel (PIP_FIND_LINKS, else pip's
+#                                                         `find-links` setting; one directory)
 #   TORCH_SPEC            torch requirement              (torch==2.13.0)
 #   PIP_INDEX             package index for the build    (pip's `index-url`, else PyPI)
 set -euo pipefail
@@ -79,17 +80,19 @@ fi
 extra="$here/build-extra"
 find "$extra" -mindepth 1 ! -name README.md -delete 2>/dev/null || true
 mkdir -p "$extra/wheels"
-ca="${PIP_CA:-$(pip_setting cert)}"
+ca="${PIP_CA:-${PIP_CERT:-$(pip_setting cert)}}"
 ca="${ca:-/etc/ssl/certs/ca-certificates.crt}"
 [ -f "$ca" ] || die "CA bundle $ca not found (set PIP_CA)"
 cp "$ca" "$extra/ca.pem"
-wheels="${WHEEL_DIR:-$(pip_setting find-links)}"
+wheels="${WHEEL_DIR:-${PIP_FIND_LINKS:-$(pip_setting find-links)}}"
 if [ -n "$wheels" ] && [ -d "$wheels" ]; then
   for whl in "$wheels"/torch-*.whl; do
     [ -e "$whl" ] || continue
     ln "$whl" "$extra/wheels/" 2>/dev/null || cp "$whl" "$extra/wheels/"
   done
 fi
+ls "$extra/wheels"/torch-*.whl >/dev/null 2>&1 \
+  || say "note: no local torch wheel (WHEEL_DIR); $torch_spec comes from the index"
 index="${PIP_INDEX:-$(pip_setting index-url)}"
 index="${index:-https://pypi.org/simple}"
 case "$index" in file:*) index=https://pypi.org/simple ;; esac  # a host path is not in the build
