@@ -234,7 +234,8 @@ def test_region_services_mount_their_own_data_policy_and_key(compose: dict[str, 
             for spec in svc["volumes"]
             if spec.startswith((".", "/"))
         }
-        assert mounts[option_value(cmd, "--data")] == (f"{r}-data", True)  # read-only
+        data = Path(option_value(cmd, "--data"))
+        assert mounts[str(data.parent)] == (f"{r}-data", True)  # read-only
         assert mounts[str(Path(option_value(cmd, "--key")).parent)] == (f"{r}-key", True)
         assert mounts[str(Path(option_value(cmd, "--ledger")).parent)] == (f"{r}-state", False)
         assert mounts[str(Path(option_value(cmd, "--ca")).parent)] == ("trust", True)
@@ -243,8 +244,12 @@ def test_region_services_mount_their_own_data_policy_and_key(compose: dict[str, 
         assert load_policy(policy_src).region == r
         data_cmd = services(compose)[f"data-{r}"]["command"]
         assert option_value(data_cmd, "--region") == r
+        # The seeding service writes the dataset the region reads, inside the volume and not at
+        # its root (generate renames a sibling directory into place; a mount point cannot be).
+        out = Path(option_value(data_cmd, "--out"))
+        assert out == data
         assert named_mounts(services(compose)[f"data-{r}"]) == [
-            (f"{r}-data", option_value(data_cmd, "--out"), False)
+            (f"{r}-data", str(out.parent), False)
         ]
 
 
@@ -458,7 +463,8 @@ def test_compose_commands_run_on_loopback(compose: dict[str, Any], procs: Procs)
 
     # region-cn: its own key, CA and policy from its mounts; a dataset stand-in (no round runs)
     region_root = root("region-cn")
-    (vols / "cn-data" / "manifest.json").write_text('{"region": "cn", "vehicles": 30}')
+    (vols / "cn-data" / "fleet").mkdir(parents=True)
+    (vols / "cn-data" / "fleet" / "manifest.json").write_text('{"region": "cn", "vehicles": 30}')
     region_cmd = [str(a) for a in svcs["region-cn"]["command"]]
     region_cmd[region_cmd.index("--superlink") + 1] = f"127.0.0.1:{fleet}"
     region_cmd += ["--runtime-port", str(runtime)]  # several SuperNodes share this host
@@ -523,6 +529,23 @@ def test_pki_init_refuses_bad_input(tmp_path: Path) -> None:
 
 # ---- with a container engine: build the image and run one round ------------------------------
 
+# Under CI (.ci/run sets it) a missing engine fails these tests instead of skipping them.
+REQUIRE_ENGINE = os.environ.get("FEDFSD_REQUIRE_ENGINE") == "1"
+BUILD_LOCAL = DOCKER / "build-local.sh"
+TEST_IMAGE = "fedfsd:0.1.0"
+
+
+def _compose_cli() -> list[str] | None:
+    """`docker compose` (v2 plugin) where present, else Debian's `docker-compose` (1.29)."""
+    for cli in (["docker", "compose"], ["docker-compose"]):
+        try:
+            ok = subprocess.run([*cli, "version"], capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if ok:
+            return cli
+    return None
+
 
 def _engine_problem() -> str | None:
     try:
@@ -534,10 +557,94 @@ def _engine_problem() -> str | None:
             "no container engine: `docker info` failed: "
             + (info.stderr.strip().splitlines() or ["?"])[-1][:200]
         )
-    comp = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
-    if comp.returncode != 0:
-        return "no `docker compose` plugin"
+    if _compose_cli() is None:
+        return "neither `docker compose` nor `docker-compose` runs"
     return None
+
+
+def _need_engine() -> list[str]:
+    """The compose command line; skip without an engine, or fail under FEDFSD_REQUIRE_ENGINE=1
+    or FEDFSD_REQUIRE_NETBED=1 (both set by .ci/run)."""
+    problem = _engine_problem()
+    if problem:
+        if REQUIRE_ENGINE:
+            pytest.fail(f"FEDFSD_REQUIRE_ENGINE=1 but {problem} (.ci/run starts dockerd)")
+        skip_or_fail(problem)
+    cli = _compose_cli()
+    assert cli is not None
+    return cli
+
+
+def _docker(*args: str, timeout: float = 120, check: bool = True) -> str:
+    res = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert res.returncode == 0, f"docker {' '.join(args)}:\n{res.stdout}{res.stderr}"
+    return res.stdout
+
+
+def test_engine_required_under_ci_fails_instead_of_skipping() -> None:
+    """With FEDFSD_REQUIRE_ENGINE=1 and no reachable engine, the engine tests fail (not skip)."""
+    env = dict(os.environ, FEDFSD_REQUIRE_ENGINE="1", DOCKER_HOST="unix:///nonexistent.sock")
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header",
+         f"{__file__}::test_image_is_built_locally_without_build_inputs"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "1 failed" in res.stdout and "FEDFSD_REQUIRE_ENGINE=1 but" in res.stdout, res.stdout
+
+
+def _build_image() -> str:
+    """docker/build-local.sh: base image made (or reused) from Debian packages, image built."""
+    env = dict(os.environ, FEDFSD_IMAGE=TEST_IMAGE)
+    res = subprocess.run(
+        ["bash", str(BUILD_LOCAL)], capture_output=True, text=True, env=env, timeout=2400
+    )
+    assert res.returncode == 0, f"build-local.sh:\n{res.stdout}\n{res.stderr[-6000:]}"
+    assert res.stdout.startswith(f"{TEST_IMAGE} "), res.stdout
+    return res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_image_is_built_locally_without_build_inputs() -> None:
+    """The image builds from a locally made base; the host's CA bundle, pip.conf and torch wheel
+    reached the build stage only, the service user is not root, and fedfsd runs in it."""
+    _need_engine()
+    _build_image()
+    assert sorted(p.name for p in (DOCKER / "build-extra").iterdir()) == ["README.md"]
+    probe = (
+        "import os, sys, torch, fedfsd; "
+        "gone = [p for p in ('/tmp/build-extra', '/tmp/build-extra/ca.pem') if os.path.exists(p)]; "
+        "whl = [f for top in ('/opt', '/tmp', '/home', '/srv', '/root', '/usr', '/var') "
+        "for _, _, fs in os.walk(top) for f in fs if f.startswith('torch') and '.whl' in f]; "
+        "print(os.getuid(), torch.__version__, gone, whl, os.environ.get('PIP_CONFIG_FILE'))"
+    )
+    out = _docker("run", "--rm", "--network", "none", TEST_IMAGE, "python", "-c", probe)
+    uid, version, leftovers, wheels, pipconf = out.split(maxsplit=4)
+    assert uid == "10001" and version.startswith("2.13.0"), out
+    assert (leftovers, wheels, pipconf.strip()) == ("[]", "[]", "None"), out
+    history = _docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", TEST_IMAGE)
+    assert "build-extra" not in history and "ca.pem" not in history, history
+    assert _docker("run", "--rm", "--network", "none", TEST_IMAGE, "fedfsd", "--help")
+
+
+_PROBE = """
+import socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((host, int(port)))
+        print(target, "open")
+    except ConnectionRefusedError:
+        print(target, "refused")
+    except OSError as err:
+        print(target, "blocked", type(err).__name__)
+    finally:
+        s.close()
+"""
 
 
 @pytest.mark.slow
@@ -545,45 +652,116 @@ def _engine_problem() -> str | None:
 def test_compose_federation_runs_one_round() -> None:
     """Build the image, seed tiny fleets, bring the federation up, register the regions and run
     one round through the launcher; the aggregator's run directory gets a checkpoint and each
-    region's ledger one release."""
-    problem = _engine_problem()
-    if problem:
-        skip_or_fail(problem)  # FEDFSD_REQUIRE_NETBED=1 (.ci/run): no engine is a failure
+    region's ledger one release. Then what only containers show: a region reaches the
+    aggregator on its own network and nothing on another region's network, no region publishes
+    a port, data/key/trust/policy mounts are read-only, and the services run as uid 10001."""
+    cli = _need_engine()
     from fedfsd.deploy.processes import free_ports
 
+    _build_image()
     project = f"fedfsd-test-{os.getpid()}"
+    fleet_port = free_ports(1)[0]
     env = dict(
         os.environ,
+        FEDFSD_IMAGE=TEST_IMAGE,
         FEDFSD_ROUNDS="1",
         FEDFSD_LOCAL_STEPS="2",
         FEDFSD_VEHICLES="60",
         FEDFSD_EPISODES="4",
         FLEET_BIND="127.0.0.1",
-        FLEET_PORT=str(free_ports(1)[0]),
+        FLEET_PORT=str(fleet_port),
     )
-    base = ["docker", "compose", "-p", project, "-f", str(COMPOSE)]
+    base = [*cli, "-p", project, "-f", str(COMPOSE)]
 
     def dc(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([*base, *args], capture_output=True, text=True, env=env,
                              timeout=timeout)  # fmt: skip
-        assert res.returncode == 0, f"docker compose {' '.join(args)}:\n{res.stdout}{res.stderr}"
+        assert res.returncode == 0, f"compose {' '.join(args)}:\n{res.stdout}{res.stderr}"
         return res
 
+    def container(service: str) -> str:
+        cid = dc("ps", "-q", service).stdout.strip()
+        assert cid, f"no container for {service}"
+        return cid
+
+    def inspect(cid: str) -> dict[str, Any]:
+        import json
+
+        return json.loads(_docker("inspect", cid))[0]
+
+    def wait_healthy(service: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = inspect(container(service))["State"]
+            if state.get("Health", {}).get("Status") == "healthy":
+                return
+            if not state["Running"] or time.monotonic() > deadline:
+                logs = dc("logs", "--no-color", service).stdout[-3000:]
+                pytest.fail(f"{service} not healthy: {state.get('Status')}\n{logs}")
+            time.sleep(2)
+
     try:
-        dc("build", timeout=1800)
         for r in REGIONS:
-            dc("run", "--rm", f"data-{r}")
-        dc("up", "-d", "--wait", "aggregator")
+            dc("run", "-T", "--rm", f"data-{r}")
+        dc("up", "-d", "aggregator")
+        wait_healthy("aggregator", 180)
         for r in REGIONS:
-            dc("run", "--rm", f"register-{r}")
+            dc("run", "-T", "--rm", f"register-{r}")
         dc("up", "-d", *(f"region-{r}" for r in REGIONS))
-        out = dc("run", "--rm", "launcher", timeout=1800).stdout
-        assert "finished:completed" in out
+        out = dc("run", "-T", "--rm", "launcher", timeout=1800).stdout
+        assert "finished:completed" in out, out[-3000:]
         for r in REGIONS:
             ledger = dc("exec", "-T", f"region-{r}", "cat", "/srv/fedfsd/state/ledger.jsonl").stdout
             assert sum('"kind": "release"' in ln for ln in ledger.splitlines()) == 1, ledger
         ck = dc("exec", "-T", "aggregator", "sh", "-c", "ls /srv/fedfsd/aggregator/runs/*/")
         assert "checkpoint.npz" in ck.stdout
+
+        # ---- what only containers show -----------------------------------------------------
+        agg = inspect(container("aggregator"))
+        agg_ip = {
+            net.removeprefix(f"{project}_"): cfg["IPAddress"]
+            for net, cfg in agg["NetworkSettings"]["Networks"].items()
+        }
+        assert set(agg_ip) == {"region-cn", "region-eu", "region-us", "fleet-edge"}, agg_ip
+        bindings = agg["HostConfig"]["PortBindings"]
+        assert bindings == {"9092/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(fleet_port)}]}
+        regions = {r: inspect(container(f"region-{r}")) for r in REGIONS}
+        for r, info in regions.items():
+            # no published port, only its own network
+            assert not info["HostConfig"]["PortBindings"], info["HostConfig"]["PortBindings"]
+            assert not any(info["NetworkSettings"]["Ports"].values()), info["NetworkSettings"]
+            assert list(info["NetworkSettings"]["Networks"]) == [f"{project}_region-{r}"]
+            # mounts: read-only inputs, writable state, only its own volumes
+            mounts = {m["Destination"]: m for m in info["Mounts"]}
+            ro = {"/srv/fedfsd/data", "/srv/fedfsd/key", "/srv/fedfsd/trust",
+                  "/srv/fedfsd/policy.toml"}  # fmt: skip
+            assert set(mounts) == ro | {"/srv/fedfsd/state"}, sorted(mounts)
+            assert all(not mounts[d]["RW"] for d in ro), {d: mounts[d]["RW"] for d in ro}
+            assert mounts["/srv/fedfsd/state"]["RW"]
+            assert mounts["/srv/fedfsd/data"]["Name"] == f"{project}_{r}-data"
+            assert mounts["/srv/fedfsd/key"]["Name"] == f"{project}_{r}-key"
+            cid = info["Id"]
+            denied = _docker("exec", cid, "sh", "-c",
+                             "touch /srv/fedfsd/data/x 2>&1; touch /srv/fedfsd/key/x 2>&1; id -u",
+                             check=False)  # fmt: skip
+            assert denied.count("Read-only file system") == 2 and denied.split()[-1] == "10001", (
+                denied
+            )
+            assert _docker("exec", cid, "ls", "/srv/fedfsd/key").split() == [r, f"{r}.pub"]
+            # reach: its own side of the aggregator only
+            own = f"{agg_ip[f'region-{r}']}:9092"
+            others = [f"{agg_ip[n]}:9092" for n in agg_ip if n != f"region-{r}"]
+            others += [
+                f"{next(iter(o['NetworkSettings']['Networks'].values()))['IPAddress']}:9094"
+                for q, o in regions.items()
+                if q != r
+            ]
+            probe = _docker("exec", cid, "python", "-c", _PROBE, own, *others, timeout=120)
+            result = dict(line.split(" ", 1) for line in probe.splitlines())
+            assert result[own] == "open", probe
+            for target in others:
+                assert result[target].startswith("blocked"), (r, target, probe)
     finally:
-        subprocess.run([*base, "down", "-v", "--remove-orphans"], env=env, timeout=300,
+        subprocess.run([*base, "--profile", "seed", "--profile", "admin", "down", "-v",
+                        "--remove-orphans"], env=env, timeout=300,
                        capture_output=True)  # fmt: skip
