@@ -10,7 +10,7 @@ from fedfsd.demo import DemoConfig, _print_new_rounds, policy_toml, public_fleet
 from fedfsd.privacy.accounting import compute_epsilon
 from fedfsd.region.client_app import _request
 
-PLAN_FLEET = 1900  # a declared (rounded-down) fleet like the demo's 2,000-vehicle regions
+PLAN_FLEET = 960  # a declared (rounded-down) fleet like the demo's 1,000-vehicle regions
 
 
 @pytest.fixture(scope="module")
