@@ -282,9 +282,14 @@ def _nonprivate(
     From the prior this is the region's own non-private model; from the global model it is the
     personalised model. Neither ever leaves the region (no DP needed, nothing released).
     """
+    import torch
+
     from fedfsd.data.vehicles import load_vehicle_frames
     from fedfsd.region.finetune import finetune_model
 
+    # One BLAS thread per worker: the parent imported torch before forking, so its pool would
+    # otherwise oversubscribe the cores with the other worker's threads.
+    torch.set_num_threads(1)
     train = load_vehicle_frames(data_dir, split="train")
     val = load_vehicle_frames(data_dir, split="val")
     res = finetune_model(
