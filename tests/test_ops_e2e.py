@@ -4,14 +4,17 @@ A real SuperLink (with fedfsd's ServerApp allow-list), two SuperNodes + executor
 auth) on loopback, tiny generated fleets. In file order: status with no aggregator; a run whose
 plan no region can afford (refused up front, nothing spent, non-zero exit with the reason); a
 run that succeeds (summary table and JSON, both run ids); status by region name; a foreign
-ServerApp refused by the aggregator and logged; a run with a dead region (no train message below
-quorum, non-zero exit). One federation is shared by the module (start-up takes tens of seconds).
+ServerApp refused by the aggregator and logged; SuperNode keys refused (never registered, and
+unregistered) logged by the aggregator and shown in its status; a run with a dead region (no
+train message below quorum, non-zero exit). One federation is shared by the module (start-up
+takes tens of seconds).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +25,10 @@ import pytest
 
 from fedfsd.audit import read_events
 from fedfsd.deploy.appbundle import app_digest
+from fedfsd.deploy.control import CONNECTION_NAME
 from fedfsd.deploy.federation import LocalFederation, RegionSpec
-from fedfsd.deploy.processes import flower_env
+from fedfsd.deploy.processes import flower_env, free_ports
+from fedfsd.flower.node_refusals import fingerprint_of_file
 
 pytestmark = pytest.mark.slow
 
@@ -221,6 +226,43 @@ def test_foreign_serverapp_is_refused_on_the_aggregator_and_logged(
     (event,) = [e for e in read_events(fed.security_log) if e["event"] == "serverapp_refused"]
     assert event["flower_run_id"] == run_id and event["fab_digest"] == app_digest(foreign)
     assert "allowed ServerApp digests" in event["reason"]
+
+
+def test_refused_keys_are_logged_by_the_aggregator_and_shown_in_status(
+    fed: LocalFederation, root: Path
+) -> None:
+    agg, keys = fed.run_dir, root / "keys"
+    for name in ("ghost", "mallory"):
+        assert _fedfsd("deploy", "keygen", name, "--out", str(keys)).returncode == 0
+    # ghost: registered, then unregistered the way docs/deploy-local.md says (no docker)
+    reg = _fedfsd("aggregator", "register", str(keys / "ghost.pub"), "--dir", str(agg))
+    assert reg.returncode == 0, reg.stdout + reg.stderr
+    node_id = re.search(r"SuperNode id (\d+)", reg.stdout).group(1)  # type: ignore[union-attr]
+    unreg = fed.flwr("supernode", "unregister", node_id, CONNECTION_NAME)
+    assert unreg.returncode == 0, unreg.stdout + unreg.stderr
+    assert fed.server is not None
+    for name, port in zip(("ghost", "mallory"), free_ports(2, "127.0.0.1"), strict=True):
+        res = _fedfsd(
+            "region", "start", "--superlink", f"127.0.0.1:{fed.fleet_port}",
+            "--ca", str(fed.server.ca_cert), "--key", str(keys / name),
+            "--policy", str(root / "eu-policy.toml"), "--data", str(root / "data" / "eu"),
+            "--ledger", str(root / name / "ledger.jsonl"), "--runtime-port", str(port),
+            timeout=240,
+        )  # fmt: skip
+        assert res.returncode != 0 and "connected to" not in res.stdout, res.stdout + res.stderr
+    ghost, mallory = (fingerprint_of_file(keys / f"{n}.pub") for n in ("ghost", "mallory"))
+    events = {e["fingerprint"]: e for e in read_events(agg / "security.jsonl")
+              if e["event"] == "node_refused"}  # fmt: skip
+    assert set(events) == {ghost, mallory}  # the registered regions never were refused
+    assert events[ghost]["region"] == "ghost" and "region" not in events[mallory]
+    assert events[mallory]["side"] == "aggregator" and events[mallory]["time"]
+    doc = json.loads(_fedfsd("aggregator", "status", "--dir", str(agg), "--json").stdout)
+    rows = {r["fingerprint"]: r for r in doc["refused_nodes"]}
+    assert set(rows) == {ghost, mallory} and rows[ghost]["region"] == "ghost"
+    assert all(r["attempts"] >= 1 for r in rows.values())
+    text = _fedfsd("aggregator", "status", "--dir", str(agg))
+    assert text.returncode == 0 and "refused SuperNode keys" in text.stdout
+    assert mallory in text.stdout and ghost in text.stdout
 
 
 def test_dead_region_gets_no_round_below_quorum(fed: LocalFederation, root: Path) -> None:

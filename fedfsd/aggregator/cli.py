@@ -341,8 +341,11 @@ def register(
     except ControlError as err:
         exit_for(str(err).splitlines()[0], ExitCode.USAGE)
     from fedfsd.aggregator.status import remember_region
+    from fedfsd.flower.node_refusals import remember_key
 
     remember_region(d.root, node_id, key.name.removesuffix(".pub"))
+    # so that a refusal of this key, once unregistered, names its region in security.jsonl
+    remember_key(d.root, key, key.name.removesuffix(".pub"))
     typer.secho(f"registered {key.name}: SuperNode id {node_id}", fg=typer.colors.GREEN)
 
 

@@ -3,8 +3,9 @@
 Why: the state of a federation was spread over Flower's node list (node ids only), `flwr ls`,
 and several files per run dir. This joins them: registered and connected regions by name (the
 names `fedfsd region register` and the ServerApp learnt), the current or last run with both run
-ids and its last round, each region's last accepted round and ε, rejected updates and the runs
-regions refused. Nothing here changes state; the SuperLink is asked through `flwr` only.
+ids and its last round, each region's last accepted round and ε, rejected updates, the runs
+regions refused, and the SuperNode keys the SuperLink refused (from DIR/security.jsonl).
+Nothing here changes state; the SuperLink is asked through `flwr` only.
 """
 
 from __future__ import annotations
@@ -71,6 +72,22 @@ def _node_names(root: Path, runs: list[dict[str, Any]]) -> dict[str, str]:
     return names
 
 
+def refused_nodes(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per refused SuperNode key (security log `node_refused`): first and last
+    attempt, attempts logged, and the region it was once registered as, if any."""
+    rows: dict[str, dict[str, Any]] = {}
+    for e in events:
+        if e.get("event") != "node_refused":
+            continue
+        fp = str(e.get("fingerprint", "?"))
+        row = rows.setdefault(fp, {"fingerprint": fp, "first": e.get("time"), "attempts": 0})
+        row["last"] = e.get("time")
+        row["attempts"] += 1
+        if e.get("region"):
+            row["region"] = e["region"]
+    return list(rows.values())
+
+
 def collect(root: Path, control: Any) -> dict[str, Any]:
     """The status document (what `--json` prints). Raises NoAggregator when none runs here."""
     from fedfsd.deploy.control import CONNECTION_NAME, json_from_output
@@ -103,14 +120,14 @@ def collect(root: Path, control: Any) -> dict[str, Any]:
     ]
     from fedfsd.audit import SECURITY_LOG, read_events
 
-    refused_apps = [
-        e for e in read_events(root / SECURITY_LOG) if e.get("event") == "serverapp_refused"
-    ]
+    events = read_events(root / SECURITY_LOG)
+    refused_apps = [e for e in events if e.get("event") == "serverapp_refused"]
     doc: dict[str, Any] = {
         "dir": str(root),
         "regions": regions,
         "run": None,
         "refused_serverapps": refused_apps,
+        "refused_nodes": refused_nodes(events),
     }
     if runs:
         last = runs[-1]
@@ -167,6 +184,13 @@ def render(doc: dict[str, Any]) -> Any:
         parts.append(
             Text(f"refused ServerApp of Flower run {e.get('flower_run_id')}: {e.get('reason')}")
         )
+    if doc.get("refused_nodes"):
+        refused = Table(title="refused SuperNode keys (not registered)")
+        for col in ("fingerprint", "once registered as", "attempts", "last"):
+            refused.add_column(col)
+        for r in doc["refused_nodes"]:
+            refused.add_row(r["fingerprint"], r.get("region", "-"), str(r["attempts"]), r["last"])
+        parts.append(refused)
     run = doc.get("run")
     if run is None:
         parts.append(Text("no run started from this directory yet"))

@@ -341,12 +341,14 @@ def superlink_argv(
     TLS + SuperNode authentication unless ``server`` is None (development only).
 
     ``serverapp_digests`` (not None): started through fedfsd.flower.superlink_launcher, so only
-    those ServerApp bundles run (refusals go to ``security_log``)."""
+    those ServerApp bundles run; ``security_log`` (not None): the same launcher logs refused
+    bundles and refused SuperNode keys there."""
     launcher = [bin_path("flower-superlink")]
-    if serverapp_digests is not None:
+    if serverapp_digests is not None or security_log is not None:
         launcher = [*python_safe(), "-m", "fedfsd.flower.superlink_launcher"]
-        launcher += ["--fedfsd-serverapp-digests", ",".join(serverapp_digests)]
-        if security_log is not None:
+        if serverapp_digests is not None:
+            launcher += ["--fedfsd-serverapp-digests", ",".join(serverapp_digests)]
+        if security_log is not None:  # refused bundles and refused SuperNode keys
             launcher += ["--fedfsd-security-log", str(security_log)]
     argv = [
         *launcher,

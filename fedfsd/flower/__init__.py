@@ -24,4 +24,6 @@ Modules (each wraps one area):
 - `bounded_pull`: pulling a message's objects under the region's byte bound.
 - `message_objects`: Flower's object tree, object store and task identity (studies, tests).
 - `flwr_cli`: the `flwr` command's FAB builder, node-key loader and typer app.
+- `node_refusals`: refused SuperNode keys (Fleet API activation) to the aggregator's
+  security log, applied by `superlink_launcher` in the SuperLink process.
 """

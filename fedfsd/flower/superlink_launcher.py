@@ -7,7 +7,9 @@ before handing the rest to `flower-superlink`, and puts them in the environment 
 inherits:
 
   --fedfsd-serverapp-digests D1,D2   the ServerApp bundles allowed to run (sha256)
-  --fedfsd-security-log PATH         where refusals are logged (fedfsd.audit)
+  --fedfsd-security-log PATH         where refusals are logged (fedfsd.audit): refused
+                                     bundles (by the SuperExec) and refused SuperNode keys
+                                     (fedfsd.flower.node_refusals, in this process)
 
 flwr 1.39 internals (`flower_superlink._get_superexec_command`); flwr is pinned `<1.40`.
 """
@@ -58,6 +60,10 @@ def main() -> None:
     # The package re-exports the function under the module's name: fetch the module itself.
     fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
     fs._get_superexec_command = wrap_command(fs._get_superexec_command)  # type: ignore[attr-defined]  # noqa: SLF001
+    if log := env.get(ENV_SECURITY_LOG):
+        from fedfsd.flower.node_refusals import install
+
+        install(log)
     from flwr.superlink.cli import flower_superlink
 
     sys.argv = ["flower-superlink", *argv]
