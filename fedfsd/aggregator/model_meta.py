@@ -41,6 +41,9 @@ def architecture(settings: Any) -> dict[str, Any]:
 
 
 def _finite(text: str) -> float | None:
+    """A finite number from a CSV cell; None for an empty cell (ε unknown: a refused round)."""
+    if not str(text).strip():
+        return None
     v = float(text)
     return v if math.isfinite(v) else None
 

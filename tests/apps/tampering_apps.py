@@ -101,6 +101,10 @@ def make_test_client_app(sim: dict[str, Any]) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         return _pick(context)(message, context)
 
+    @app.query()  # the aggregator's liveness ping before each round
+    def query(message: Message, context: Context) -> Message:
+        return _pick(context)(message, context)
+
     return app
 
 
