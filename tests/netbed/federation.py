@@ -152,7 +152,7 @@ def run_config(run_dir: Path, run_id: str, rounds: int = 2, **over: Any) -> dict
         # generous: a loaded 2-core CI box needs tens of seconds for a first DP round; a dead
         # region ends its round early anyway (the SuperLink answers for it after missed pings)
         "round-timeout": 240.0,
-        "node-wait": 60.0,
+        "node-wait": 120.0,  # bounds the liveness ping; ends as soon as a quorum answers
         "update-norm-bound": 5.0,
         "run-dir": str(run_dir),
         "run-id": run_id,
