@@ -230,7 +230,7 @@ def test_killed_region_does_not_stall_the_run(fed: LocalFederation, tmp_path: Pa
         # round fits even on a heavily loaded 2-core machine.
         "round-timeout": 90.0,
         # The live region must answer the liveness ping in this time (the dead one costs the
-        # 15 s grace after the quorum answered); the first message of a run is the slowest.
+        # round timeout); the first message of a run is the slowest.
         "node-wait": 60.0,
         "evaluate-timeout": 10.0,
         "run-dir": str(run_dir),

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_deploy_cli import POLICY, _fedfsd, _read_until, _stop
 
+from fedfsd.deploy.appbundle import app_digest
 from fedfsd.deploy.processes import descendants, flower_env, free_ports, wait_until
 from fedfsd.region.executor import MESSAGE_TOO_LARGE_ERROR_CODE
 
@@ -70,6 +71,7 @@ def test_an_oversized_train_message_is_refused_before_it_is_pulled(private_tmp: 
         agg = _fedfsd(
             "aggregator", "start", "--dir", str(tmp / "agg"), "--insecure",
             "--fleet-address", f"127.0.0.1:{fleet}", "--control-port", str(control),
+            "--allow-serverapp", app_digest(APPS / "oversize_app"),  # this test's ServerApp
         )  # fmt: skip
         procs.append(agg)
         _read_until(agg, "SuperLink up", 120)

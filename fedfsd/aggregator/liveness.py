@@ -7,7 +7,9 @@ region spends budget on) tells which nodes answer; below quorum the round fails 
 a train message.
 
 Any reply counts as alive, an error reply too (a ClientApp without a query handler, a region
-refusing the bundle): the node is there and serving its queue.
+refusing the bundle): the node is there and serving its queue. The wait ends as soon as a quorum
+has answered: the round then goes to every connected region, so a region on a slow link that has
+not answered yet still trains (a dead one costs only the round's timeout, as before).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from flwr.serverapp import Grid
 
 from fedfsd import wire
 
-PING_TIMEOUT_S = 15.0  # one ping's wait; a dead node costs at most this per try
 TTL_MARGIN_S = 5.0
 
 
@@ -54,13 +55,12 @@ def alive_nodes(
     stop: threading.Event | None = None,
     poll: float = 0.25,
 ) -> tuple[list[int], list[int]]:
-    """(answering nodes, listed nodes) once `min_nodes` answer, or what answered by `timeout`.
+    """(answering nodes, listed nodes) as soon as `min_nodes` answer, or what answered by `timeout`.
 
     Pings the listed nodes (again, when new ones appear) and waits for their replies; names
     learnt from replies go into `node_regions`.
     """
     deadline = time.monotonic() + timeout
-    grace_until = 0.0  # once a quorum answered, wait this long for the rest (dead or slow)
     answered: set[int] = set()
     pending: dict[str, int] = {}  # message id -> node
     asked: set[int] = set()
@@ -84,11 +84,7 @@ def alive_nodes(
         live = sorted(n for n in answered if n in listed)
         now = time.monotonic()
         if len(live) >= min_nodes:
-            if not any(n in listed for n in pending.values()):
-                return live, listed
-            grace_until = grace_until or min(deadline, now + PING_TIMEOUT_S)
-            if now >= grace_until:
-                return live, listed
+            return live, listed
         if now >= deadline:
             return live, listed
         if stop is not None and stop.wait(poll):

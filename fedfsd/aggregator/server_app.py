@@ -441,8 +441,10 @@ def run_federation(
             grid, grid.get_node_ids, s.min_regions, s.node_wait_s, rnd, node_regions, stop
         )
         out, note = _train_round(
-            grid, s, state, cfg, rnd, (nodes, len(listed)), node_regions, book, stop, run_refused
+            grid, s, state, cfg, rnd, (nodes, listed), node_regions, book, stop, run_refused
         )
+        if not note:  # a quorum answered: the round (and its evaluation) went to every region
+            nodes = listed
         out.epsilon_rows = keep_known_epsilon(
             out.epsilon_rows, {r for r, _ in out.refused}, known_eps
         )
@@ -519,7 +521,7 @@ def _train_round(
     state: ck.Checkpoint,
     cfg: dict[str, Any],
     rnd: int,
-    alive: tuple[list[int], int],
+    alive: tuple[list[int], list[int]],
     node_regions: dict[int, str],
     book: ReceiptBook,
     stop: threading.Event | None,
@@ -527,17 +529,19 @@ def _train_round(
 ) -> tuple[RoundOutcome, str]:
     """Send the train messages and judge every reply; below the quorum nothing is sent.
 
-    `alive`: the nodes that answered the liveness ping, and how many the SuperLink listed. The
-    quorum counts regions that did not refuse the run up front (those still get the message
-    and refuse again, spending nothing). Returns the outcome and a note when nothing was sent;
-    regions that refuse the whole run are added to `run_refused`.
+    `alive`: the nodes that answered the liveness ping, and the nodes the SuperLink lists. The
+    quorum counts answering regions that did not refuse the run up front. When it is there, the
+    train message goes to every listed region: a slow one still trains, one that refused the
+    run refuses again (spending nothing), a dead one costs only the round's timeout. Returns the
+    outcome and a note when nothing was sent; regions that refuse the whole run are added to
+    `run_refused`.
     """
-    nodes, n_listed = alive
+    answered, listed = alive
     out = RoundOutcome()
-    able = [n for n in nodes if node_regions.get(n) not in run_refused]
+    able = [n for n in answered if node_regions.get(n) not in run_refused]
     if len(able) < s.min_regions:
         note = (
-            f"not sent: {len(able)} of {n_listed} connected region(s) answer and take "
+            f"not sent: {len(able)} of {len(listed)} connected region(s) answer and take "
             f"part ({_names(able, node_regions)}), quorum is {s.min_regions}"
         )
         LOG.error("round %d %s", rnd, note)
@@ -545,9 +549,9 @@ def _train_round(
     exp = Expectation.from_weights(
         state.weights, norm_bound=s.update_norm_bound, run_id=state.run_id, round_idx=rnd
     )
-    msgs = _messages(nodes, MessageType.TRAIN, state.weights, cfg, rnd, s.round_timeout)
+    msgs = _messages(listed, MessageType.TRAIN, state.weights, cfg, rnd, s.round_timeout)
     replies = exchange(grid, msgs, s.round_timeout, stop)
-    out.missing = len(nodes) - len(replies)
+    out.missing = len(listed) - len(replies)
     for reply in replies:
         judge_train_reply(reply, exp, node_regions, out, book)
     for region, reason in out.refused:

@@ -284,7 +284,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # Imported by the first train task anyway. torch, Opacus (its accountants pull in scipy) and
 # torch._dynamo (imported by the first torch.optim optimiser) take several CPU-seconds; loading
-# them while the region waits for its first task takes that time off the first round.
+# them before the executor says it is ready (while the SuperNode connects and the run starts)
+# takes that time off the first round, and the memory they take is there before any task.
 _WARM_MODULES = (
     "torch",
     "torch._dynamo",
@@ -295,20 +296,15 @@ _WARM_MODULES = (
 )
 
 
-def _warm_imports() -> threading.Thread:
-    """Import the training stack in a daemon thread (a failure here only costs the head start)."""
+def _warm_imports() -> None:
+    """Import the training stack now (a failure here only costs the head start)."""
     import importlib
 
-    def load() -> None:
-        for name in _WARM_MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception as err:  # noqa: BLE001 - the task will report a real import error
-                log.debug("warm import of %s failed: %r", name, err)
-
-    thread = threading.Thread(target=load, name="fedfsd-warm-imports", daemon=True)
-    thread.start()
-    return thread
+    for name in _WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - the task will report a real import error
+            log.debug("warm import of %s failed: %r", name, err)
 
 
 def main(argv: list[str] | None = None) -> int:
