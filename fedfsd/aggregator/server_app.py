@@ -77,28 +77,6 @@ def initial_weights(s: RunSettings) -> dict[str, np.ndarray]:
     return initial_model(s)[0]
 
 
-def wait_for_nodes(
-    grid: Grid,
-    min_nodes: int,
-    timeout: float,
-    poll: float = 0.5,
-    stop: threading.Event | None = None,
-) -> list[int]:
-    """Connected node ids once at least `min_nodes` are there, or whatever is there at timeout.
-
-    Returns early when `stop` is set (shutdown requested).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= min_nodes or time.monotonic() >= deadline:
-            return nodes
-        if stop is not None and stop.wait(poll):
-            return nodes
-        if stop is None:
-            time.sleep(poll)
-
-
 def exchange(
     grid: Grid,
     messages: list[Message],
