@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -26,6 +27,17 @@ from fedfsd.secagg.errors import SecAggAbort, SecAggRefused
 from fedfsd.secagg.params import PROTOCOL, RoundParams
 from fedfsd.secagg.quantize import ring_mask
 from fedfsd.secagg.region import Advertisement
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of `obj` with long-term public keys as raw bytes (key objects do not copy)."""
+    if isinstance(obj, Ed25519PublicKey):
+        return obj.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_snapshot(v) for v in obj]
+    return copy.deepcopy(obj)
 
 
 class AggregatorSession:
@@ -250,7 +262,7 @@ class AggregatorSession:
     # -- inspection
     def held_state(self) -> dict[str, Any]:
         """A deep copy of everything this object holds (tests walk it for individual vectors)."""
-        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "_observer"})
+        return {k: _snapshot(v) for k, v in vars(self).items() if k != "_observer"}
 
     def transcript(self) -> dict[str, Any]:
         """Who did what this round, for the aggregator's run directory (JSON-serialisable)."""
