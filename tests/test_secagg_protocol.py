@@ -492,3 +492,39 @@ def test_aggregator_never_holds_an_individual_unmasked_vector(
     assert not any(isinstance(v, bytes) and len(v) >= DIM * 4 for v in vars(r.agg).values())
     want = NAMES if masked is None else masked
     assert np.array_equal(total, _ring_sum(fleet, want))
+
+
+def test_region_state_survives_export_and_restore_between_messages(fleet: dict[str, Any]) -> None:
+    """A ClientApp may run every message in a fresh process: each stage restores from bytes."""
+    p = _params(fleet)
+    agg = AggregatorSession(p, fleet["pub"])
+    saved: dict[str, bytes] = {}
+
+    def step(n: str, call) -> bytes:
+        s = (
+            RegionSession.restore(saved[n], fleet["lt"][n], fleet["pub"])
+            if n in saved
+            else RegionSession(n, fleet["lt"][n], fleet["pub"])
+        )
+        out = call(s)
+        saved[n] = s.export_state()
+        return out
+
+    setup = agg.setup_message()
+    for n in NAMES:
+        agg.receive_advertisement(step(n, lambda s: s.on_setup(setup)))
+    km = agg.keys_message()
+    for n in NAMES:
+        agg.receive_shares(step(n, lambda s: s.on_keys(km)))
+    routed = agg.routed_messages()
+    for n in NAMES[:3]:
+        agg.receive_masked_input(step(n, lambda s, n=n: s.on_routed(routed[n], fleet["z"][n])))
+    req = agg.unmask_request()
+    for n in NAMES[:3]:
+        agg.receive_unmask(step(n, lambda s: s.on_unmask(req)))
+    assert np.array_equal(agg.result(), _ring_sum(fleet, NAMES[:3]))
+    done = RegionSession.restore(saved["cn"], fleet["lt"]["cn"], fleet["pub"])
+    with pytest.raises(SecAggRefused, match="stage"):  # a restored session still answers once
+        done.on_unmask(req)
+    with pytest.raises(SecAggRefused, match="unusable"):
+        RegionSession.restore(b"junk", fleet["lt"]["cn"], fleet["pub"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedfsd.secagg import keys, masks, messages, shamir
 from fedfsd.secagg.errors import SecAggRefused
@@ -85,6 +86,60 @@ class RegionSession:
         self._ads: dict[str, Advertisement] = {}
         self._held: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}  # owner -> shares + sigs
         self.peers_masked_with: list[str] = []
+
+    # -- persistence between Flower messages
+    def export_state(self) -> bytes:
+        """This session as bytes, secrets included, to keep between messages of one round.
+
+        Why: a ClientApp may run each message in a fresh process. The bytes hold this round's
+        X25519 secret keys, self-mask seed and the shares dealt to this region: keep them only
+        inside the region (memory, or a 0600 file) and drop them when the round ends.
+        """
+        k = self._keys
+        state = {
+            "v": messages.VERSION,
+            "region": self.region,
+            "stage": self.stage,
+            "params": self.params.body() if self.params else None,
+            "keys": None
+            if k is None
+            else [keys.raw_private(k.share_sk), keys.raw_private(k.mask_sk), k.self_seed],
+            "ads": {r: a.body() for r, a in self._ads.items()},
+            "held": {r: list(v) for r, v in self._held.items()},
+            "peers": self.peers_masked_with,
+        }
+        return msgpack.packb(state, use_bin_type=True)
+
+    @classmethod
+    def restore(
+        cls,
+        blob: bytes,
+        signing_key: Ed25519PrivateKey,
+        peer_keys: Mapping[str, Ed25519PublicKey],
+        *,
+        accept: Callable[[RoundParams], None] | None = None,
+    ) -> RegionSession:
+        """A session from `export_state` bytes (the region's own, trusted storage)."""
+        try:
+            st = msgpack.unpackb(blob, raw=False)
+            if st.get("v") != messages.VERSION or st["stage"] not in STAGES:
+                raise ValueError("version or stage")
+            s = cls(st["region"], signing_key, peer_keys, accept=accept)
+            s.stage = st["stage"]
+            s.params = RoundParams.from_body(st["params"]) if st["params"] else None
+            if st["keys"] is not None:
+                share, mask, seed = st["keys"]
+                s._keys = keys.RoundKeys(
+                    X25519PrivateKey.from_private_bytes(share),
+                    X25519PrivateKey.from_private_bytes(mask),
+                    seed,
+                )
+            s._ads = {r: Advertisement.from_body(a) for r, a in st["ads"].items()}
+            s._held = {r: (v[0], v[1], v[2], v[3]) for r, v in st["held"].items()}
+            s.peers_masked_with = list(st["peers"])
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+            raise SecAggRefused(f"secagg: unusable saved region state ({e})") from None
+        return s
 
     def _expect(self, stage: str) -> RoundParams:
         if self.stage != stage:
