@@ -528,3 +528,25 @@ def test_region_state_survives_export_and_restore_between_messages(fleet: dict[s
         done.on_unmask(req)
     with pytest.raises(SecAggRefused, match="unusable"):
         RegionSession.restore(b"junk", fleet["lt"]["cn"], fleet["pub"])
+
+
+def test_bench_script_runs(tmp_path, monkeypatch, capsys) -> None:
+    """experiments/bench_secagg.py at one repeat (it also checks the sum it unmasks)."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "bench_secagg.py"
+    spec = importlib.util.spec_from_file_location("bench_secagg", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["bench_secagg.py", "--regions", "3", "--dropped", "0,1", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path)])
+    mod.main()
+    data = json.loads((tmp_path / "bench_secagg.json").read_text())
+    assert data["dim"] == DIM and data["plain_update_bytes"] == 4 * DIM
+    ups = [r for r in data["rows"] if r["part"] == "up" and r["stage"] == "masked input"]
+    assert ups and all(4 * DIM < r["value"] < 4 * DIM + 1024 for r in ups)  # b <= 32: uint32
+    assert "R=3, 1 dropped" in capsys.readouterr().out
