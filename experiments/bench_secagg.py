@@ -177,7 +177,7 @@ def main() -> None:
             f"{1e3 * v.get('region_cpu', 0):.1f}", f"{1e3 * v.get('agg_cpu', 0):.1f}",
             f"{v.get('up', 0):,.0f}", f"{v.get('down', 0):,.0f}",
         )  # fmt: skip
-    Console().print(tab)
+    Console(width=132).print(tab)
     for n, drop in sorted({(r["regions"], r["dropped"]) for r in rows}):
         sel = [r for r in rows if r["regions"] == n and r["dropped"] == drop]
         up = sum(r["value"] for r in sel if r["part"] == "up")
