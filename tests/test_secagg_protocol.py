@@ -251,7 +251,15 @@ def test_region_dropped_after_masking_is_recovered(fleet: dict[str, Any]) -> Non
 
 def test_region_dropped_before_masking_is_excluded(fleet: dict[str, Any]) -> None:
     r = Round(fleet, _params(fleet))
-    total = r.full(masked=["cn", "eu", "jp"])  # "us" shared keys, sent no masked input
+    r.advertise()
+    r.share()
+    r.mask(["cn", "eu", "jp"])  # "us" shared keys, sent no masked input in time
+    late = r.regions["us"].on_routed(r.routed["us"], fleet["z"]["us"])
+    with pytest.raises(SecAggRefused, match="out of stage"):
+        r.agg.receive_masked_input(late)  # too late: it counts as dropped
+    with pytest.raises(SecAggRefused, match="survivor"):
+        r.regions["us"].on_unmask(r.request)  # and it reveals nothing about the others
+    total = r.unmask()
     assert np.array_equal(total, _ring_sum(fleet, ["cn", "eu", "jp"]))
     t = r.agg.transcript()
     assert t["dropped_before_masking"] == ["us"] and t["summed"] == ["cn", "eu", "jp"]
@@ -432,6 +440,22 @@ def test_region_refuses_to_reveal_both_secrets_of_one_peer(fleet: dict[str, Any]
     late = _edit(r.request, survivors=["cn", "eu", "jp"], dropped=["us"])
     with pytest.raises(SecAggRefused, match="stage"):
         r.regions["cn"].on_unmask(late)
+
+
+def test_region_policy_hook_refuses_a_weak_setup(fleet: dict[str, Any]) -> None:
+    """A region whose policy needs min_honest_regions = 3 refuses a round with t = 2."""
+
+    def accept(p: RoundParams) -> None:
+        if p.threshold < 3:
+            raise SecAggRefused(f"threshold {p.threshold} below this region's minimum 3")
+
+    agg = AggregatorSession(_params(fleet, names=("cn", "eu", "jp"), t=2), fleet["pub"])
+    reg = RegionSession("cn", fleet["lt"]["cn"], fleet["pub"], accept=accept)
+    with pytest.raises(SecAggRefused, match="minimum 3"):
+        reg.on_setup(agg.setup_message())
+    assert reg.stage == "setup"
+    ok = AggregatorSession(_params(fleet, names=("cn", "eu", "jp"), t=3), fleet["pub"])
+    ok.receive_advertisement(reg.on_setup(ok.setup_message()))
 
 
 def test_non_participants_are_refused(fleet: dict[str, Any]) -> None:

@@ -60,7 +60,8 @@ class Advertisement:
             params.tag, self.region, self.share_pk, self.mask_pk, self.commitment
         )
         keys.check_signature(long_term, stmt, self.signature, f"advertisement of {self.region}")
-        keys.x25519_public(self.share_pk), keys.x25519_public(self.mask_pk)
+        for raw in (self.share_pk, self.mask_pk):
+            keys.x25519_public(raw)  # refuses anything but a 32-byte X25519 key
 
 
 class RegionSession:
