@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.special import gammaln, logsumexp
+from scipy.special import gammaln, logsumexp  # type: ignore[import-untyped]
 
 from fedfsd.privacy.accounting import AccountantError, normalise_history
 from fedfsd.privacy.skellam import inflated_sensitivities
@@ -222,7 +222,7 @@ def epsilon(
     gaussian_history: Iterable[Sequence[float]] = (),
     orders: Sequence[int] = ORDERS,
 ) -> float:
-    """ε at δ of every distributed release (and the Gaussian history, if any) under one assumption."""
+    """ε at δ of the distributed releases (and any Gaussian history) under one assumption."""
     rdp = gaussian_rdp(gaussian_history, orders)
     for r in normalise_skellam_history(skellam_history):
         rdp = rdp + r.rounds * skellam_round_rdp(r, assumption, orders)

@@ -41,7 +41,9 @@ def _positive(name: str, v: float) -> float:
     return float(v)
 
 
-def share_variance(noise_multiplier: float, scale: float, clip_norm: float, min_honest: int) -> float:
+def share_variance(
+    noise_multiplier: float, scale: float, clip_norm: float, min_honest: int
+) -> float:
     """μ_share = (σ·s·C)² / t: any t honest shares sum to Skellam with variance ≥ (σ·s·C)²."""
     _positive("noise_multiplier", noise_multiplier)
     _positive("scale", scale)
@@ -51,7 +53,9 @@ def share_variance(noise_multiplier: float, scale: float, clip_norm: float, min_
     return (noise_multiplier * scale * clip_norm) ** 2 / min_honest
 
 
-def sample_skellam(variance: float, shape: int | tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+def sample_skellam(
+    variance: float, shape: int | tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
     """Skellam noise of the given variance: Poisson(μ/2) − Poisson(μ/2), int64.
 
     `rng` must be a fresh OS-seeded Generator in production (`np.random.default_rng()`); a seeded
