@@ -13,9 +13,8 @@ Quantisation (done by the secure-aggregation code, fedfsd.secagg) maps the regio
 gradient sum x to z = round(s·x). Rounding moves every coordinate by less than 1 between two
 neighbouring datasets (deterministic rounding: |error| ≤ 1/2 each side; randomised rounding
 floor(y + U) with a shared uniform U: the coupled outputs differ by < |Δy| + 1), so one vehicle
-changes z by at most Δ2 = s·C + √d in L2 and Δ1 = min(s·C·√d + d, Δ2²) in L1 (an integer vector's
-L1 norm is at most its squared L2 norm). `inflated_sensitivities` returns these; the accounting
-uses them, never the unrounded s·C.
+changes z by at most Δ2 = s·C + √d in L2 and Δ1 = √d·Δ2 = s·C·√d + d in L1 (Cauchy-Schwarz).
+`inflated_sensitivities` returns these; the accounting uses them, never the unrounded s·C.
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ def inflated_sensitivities(scale: float, clip_norm: float, dim: int) -> tuple[fl
         raise DistributedNoiseError(f"dimension must be ≥ 1, got {dim}")
     root = math.sqrt(dim)
     l2 = scale * clip_norm + root
-    l1 = min(scale * clip_norm * root + dim, l2 * l2)
+    l1 = scale * clip_norm * root + dim
     return l1, l2
 
 
