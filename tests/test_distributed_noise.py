@@ -233,6 +233,18 @@ def _release_line(pol, led: Ledger, rnd: int, **forge) -> dict:
         "round": rnd,
         "private": True,
         "rng": "numpy Generator seeded from the OS",
+        "time": f"2026-11-29T10:{rnd:02d}:00+00:00",
+        "model": "mlp",
+        "lr": 0.1,
+        "vehicles": 5000,
+        "public_fleet_size": False,
+        "expected_vehicles_per_step": 100,  # q = 100 / 5000 = KW's 0.02
+        "frames_per_vehicle": 4,
+        "normalisation": "sum of clipped vehicle gradients + Skellam share, secure sum",
+        "update_norm": 0.5,
+        "update_sha256": f"{rnd:064x}",
+        "code_version": "test",
+        "method": "per-vehicle gradients",
         **record_fields(plan, pol),
     }
     rec.update(forge)
@@ -320,3 +332,67 @@ def test_old_local_lines_are_unchanged(ledger):
     assert led.distributed_history() == []
     assert led.epsilon(1e-6, accountant="rdp") > 0
     assert "trust_model" not in json.loads(ledger.path.read_text().splitlines()[-1])
+
+
+# ---- reports and `fedfsd privacy verify` -------------------------------------------------------
+
+
+@pytest.fixture
+def distributed_ledger(ledger):
+    pol = policy()
+    for rnd in (1, 2, 3):
+        ledger.append(_release_line(pol, ledger, rnd))
+    return ledger.path
+
+
+def test_report_states_both_eps_and_verifies(distributed_ledger, tmp_path):
+    from fedfsd.privacy.report import build_report
+    from fedfsd.privacy.report_checks import verify_report
+    from fedfsd.privacy.report_render import to_markdown
+    from fedfsd.privacy.verify_ledger import verify_with_ledger
+
+    rep = build_report(distributed_ledger)
+    d = rep.distributed
+    last = Ledger(distributed_ledger).releases()[-1]
+    assert d.epsilon_distributed == pytest.approx(last["epsilon_distributed"])
+    assert d.epsilon_own_noise == pytest.approx(last["epsilon_own_noise"])
+    assert rep.accounting.epsilon == pytest.approx(d.epsilon_own_noise)  # enforced
+    assert d.assumption_distributed == (
+        "if at least 3 regions are honest and secure aggregation holds"
+    )
+    assert "if at least 3 regions are honest" in rep.statement
+    assert "if every other region cheated" in rep.statement
+    v = verify_report(rep)
+    assert v.ok, v.problems
+    v = verify_with_ledger(rep, distributed_ledger)
+    assert v.ok, v.problems
+    md = to_markdown(rep, tmp_path / "r.png")
+    assert "if every other region cheated" in md and "Distributed noise" in md
+
+
+@pytest.mark.parametrize("field", ["epsilon_distributed", "epsilon_own_noise"])
+def test_verify_fails_on_a_forged_report_eps(distributed_ledger, field):
+    from fedfsd.privacy.report import build_report
+    from fedfsd.privacy.report_checks import verify_report
+
+    rep = build_report(distributed_ledger)
+    setattr(rep.distributed, field, getattr(rep.distributed, field) * 0.8)
+    v = verify_report(rep)
+    assert not v.ok
+    assert any("recomputes to" in p for p in v.problems), v.problems
+
+
+def test_cli_verify_ledger_alone(distributed_ledger, capsys):
+    from typer.testing import CliRunner
+
+    from fedfsd.cli import app
+
+    res = CliRunner().invoke(app, ["privacy", "verify", "--ledger", str(distributed_ledger)])
+    assert res.exit_code == 0, res.output
+    assert "OK ledger" in res.output
+    led = Ledger(distributed_ledger)
+    line = _release_line(policy(), led, 4)
+    led.append({**line, "epsilon_own_noise": 0.01})
+    res = CliRunner().invoke(app, ["privacy", "verify", "--ledger", str(distributed_ledger)])
+    assert res.exit_code == 1
+    assert "epsilon_own_noise is recorded as 0.01" in res.output

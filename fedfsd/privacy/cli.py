@@ -261,7 +261,9 @@ def report(
 
 @app.command("verify")
 def verify(
-    reports: list[str] = typer.Argument(..., help="REPORT.json files (reports and summaries)."),
+    reports: list[str] = typer.Argument(
+        None, help="REPORT.json files (reports and summaries); none: --ledger alone."
+    ),
     ledger: list[str] = typer.Option(
         [], "--ledger", help="The region's LEDGER.jsonl (repeat for several regions)."
     ),
@@ -277,4 +279,4 @@ def verify(
     """
     from fedfsd.privacy.report_cli import run_verify
 
-    raise typer.Exit(run_verify(reports, ledger, receipts))
+    raise typer.Exit(run_verify(reports or [], ledger, receipts))

@@ -34,6 +34,7 @@ from fedfsd.privacy.report_checks import (
     _check_epsilon,
     _close,
     _merge,
+    check_distributed,
 )
 from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
 
@@ -194,9 +195,24 @@ def verify_with_ledger(
             delta == rep.accounting.delta,
             f"{path}:1: ledger δ {delta:g} != report δ {rep.accounting.delta:g}",
         )
-        _check_epsilon(
-            v, f"ledger line {i}", hist, delta, rep.accounting.epsilon, rep.accounting.epsilon_rdp
-        )
+        dist_lines = [r for _, r in spending[: len(rep.releases)] if r.get("trust_model")]
+        if dist_lines or rep.HasField("distributed"):
+            if v.check(
+                bool(dist_lines) and rep.HasField("distributed"),
+                f"ledger line {i}: the ledger and the report disagree on whether releases used "
+                "distributed noise",
+            ):
+                ledger_hist = dist_lines[-1].get("distributed_history", [])
+                check_distributed(v, f"ledger line {i}", rep, hist, delta, ledger_hist)
+        else:
+            _check_epsilon(
+                v,
+                f"ledger line {i}",
+                hist,
+                delta,
+                rep.accounting.epsilon,
+                rep.accounting.epsilon_rdp,
+            )
     check_distributed_lines(v, records)
     if receipts_dir is not None:
         _check_receipts(v, led, records, Path(receipts_dir), rep, len(covered))
