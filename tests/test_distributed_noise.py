@@ -396,3 +396,37 @@ def test_cli_verify_ledger_alone(distributed_ledger, capsys):
     res = CliRunner().invoke(app, ["privacy", "verify", "--ledger", str(distributed_ledger)])
     assert res.exit_code == 1
     assert "epsilon_own_noise is recorded as 0.01" in res.output
+
+
+def test_planner_sigma_under_both_assumptions():
+    from fedfsd.privacy.planner import plan_distributed_sigma
+
+    p = plan_distributed_sigma(
+        2000, 3.0, 1e-6, 50, regions=4, min_honest_regions=3, vehicles_per_step=64, dimension=500
+    )
+    assert p.sigma_distributed < p.sigma_own_noise
+    r = SkellamRound(
+        sample_rate=p.sample_rate,
+        share_variance=share_variance(p.sigma_distributed, p.scale, 1.0, 3),
+        min_honest_regions=3,
+        scale=p.scale,
+        clip_norm=1.0,
+        dimension=500,
+        rounds=50,
+    )
+    assert 0.98 * 3.0 <= epsilon([r], 1e-6, "distributed") <= 3.0
+
+
+def test_cli_plan_distributed():
+    from typer.testing import CliRunner
+
+    from fedfsd.cli import app
+
+    args = ["privacy", "plan", "--vehicles", "2000", "--epsilon", "3", "--delta", "1e-6"]
+    args += ["--rounds", "20", "--trust-model", "distributed", "--regions", "3"]
+    res = CliRunner().invoke(app, [*args, "--min-honest", "2", "--dimension", "500", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{") :])
+    assert out["sigma_distributed"] < out["sigma_own_noise"]
+    res = CliRunner().invoke(app, [*args, "--min-honest", "4"])
+    assert res.exit_code == 2 and "--min-honest 4" in res.output
