@@ -275,6 +275,9 @@ def test_ledger_records_both_eps_and_verify_recomputes_them(ledger):
     last = rel[-1]
     assert last["epsilon_distributed"] < last["epsilon_own_noise"] == last["epsilon_prv"]
     assert Ledger(ledger.path).epsilon() == pytest.approx(last["epsilon_own_noise"])
+    # the local path projects ε from history(): refused, it would under-count the Skellam part
+    with pytest.raises(LedgerError, match="distributed-noise releases"):
+        Ledger(ledger.path).history()
     v = verify_ledger_alone(ledger.path)
     assert v.ok, v.problems
 

@@ -135,7 +135,7 @@ def plan_from_ledger(ledger: Any, policy: RegionPolicy, **kw: Any) -> Distribute
     return plan_distributed_release(
         policy,
         skellam_history=ledger.distributed_history(),
-        gaussian_history=ledger.history(),
+        gaussian_history=ledger.gaussian_history(),
         **kw,
     )
 

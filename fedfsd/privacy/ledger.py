@@ -325,7 +325,20 @@ class Ledger:
         return [cast(ReleaseRecord, r) for r in self._load() if r["kind"] == "release"]
 
     def history(self) -> History:
-        """Cumulative (σ, q, steps) history after the last release (Opacus' form)."""
+        """Cumulative (σ, q, steps) history after the last release (Opacus' form).
+
+        Refused (LedgerError) once the ledger has a distributed release: callers that project
+        ε from this Gaussian history alone would under-count the Skellam releases; they must use
+        `epsilon()` or `gaussian_history()` with `distributed_history()`."""
+        if self.distributed_history():
+            raise LedgerError(
+                f"{self.path}: this ledger has distributed-noise releases; ε must include them "
+                "(fedfsd.privacy.distributed_accounting), the Gaussian history alone under-counts"
+            )
+        return self.gaussian_history()
+
+    def gaussian_history(self) -> History:
+        """The Gaussian (DP-SGD and metric) part of the history, without distributed releases."""
         rel = [r for r in self._load() if r["kind"] in SPENDING and r.get("private", True)]
         return normalise_history(rel[-1]["accountant_history"]) if rel else []
 
@@ -351,8 +364,8 @@ class Ledger:
         dist = self.distributed_history()
         if dist:
             which: Assumption = "distributed" if self.enforce_on() == "distributed" else "own_noise"
-            return distributed_epsilon(dist, d, which, self.history())
-        return compute_epsilon(self.history(), d, accountant)
+            return distributed_epsilon(dist, d, which, self.gaussian_history())
+        return compute_epsilon(self.gaussian_history(), d, accountant)
 
     def metric_releases(self) -> list[dict[str, Any]]:
         """Differentially private metric releases (kind "metric"), in ledger order."""
