@@ -272,6 +272,9 @@ def test_ledger_records_both_eps_and_verify_recomputes_them(ledger):
         ledger.append(_release_line(pol, ledger, rnd))
     rel = Ledger(ledger.path).releases()
     assert [r["distributed_history"][0][-1] for r in rel] == [1, 2, 3]
+    from fedfsd.privacy.release_record import RELEASE_KEYS
+
+    assert set(record_fields(plan_from_ledger(ledger, pol, **KW), pol)) <= RELEASE_KEYS
     last = rel[-1]
     assert last["epsilon_distributed"] < last["epsilon_own_noise"] == last["epsilon_prv"]
     assert Ledger(ledger.path).epsilon() == pytest.approx(last["epsilon_own_noise"])
