@@ -13,7 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedfsd.errors import InputError
 from fedfsd.run_config import TrainSchedule
@@ -90,6 +97,14 @@ class RegionPolicy(BaseModel):
     # Largest message the executor pulls (≈25x the largest registry model, 0.32 MB): a bigger
     # one is refused before its arrays are pulled (fedfsd.region.executor.pull_message_bounded).
     max_message_bytes: int = Field(8 << 20, ge=1 << 16)
+    # Who adds the DP noise (issue 15, docs/privacy.md "Distributed noise"). "local": the region
+    # adds all of it (today). "distributed": under secure aggregation it adds a Skellam share so
+    # that any `min_honest_regions` honest shares reach σ; ε is then ledgered under both trust
+    # assumptions and the budget is enforced on `enforce_on` ("own_noise", the default, holds
+    # even if every other region cheats; "distributed" trusts t honest regions and the protocol).
+    trust_model: Literal["local", "distributed"] = "local"
+    min_honest_regions: int | None = Field(None, ge=2)
+    enforce_on: Literal["distributed", "own_noise"] = "own_noise"
 
     @field_validator("epsilon_budget", "delta", "min_noise_multiplier", "max_clip_norm")
     @classmethod
@@ -131,6 +146,22 @@ class RegionPolicy(BaseModel):
             if len(d) != 64 or any(c not in "0123456789abcdef" for c in d.lower()):
                 raise ValueError(f"{d!r} is not a sha256 hex digest")
         return v
+
+    @model_validator(mode="after")
+    def _trust_fields(self) -> RegionPolicy:
+        if self.trust_model == "distributed" and self.min_honest_regions is None:
+            raise ValueError(
+                "min_honest_regions: required when trust_model = 'distributed' (the number t ≥ 2 "
+                "of honest regions whose noise shares together reach the policy's σ)"
+            )
+        if self.trust_model == "local":
+            extra = sorted({"min_honest_regions", "enforce_on"} & self.model_fields_set)
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)}: only applies to trust_model = 'distributed' (this "
+                    "policy is 'local': the region adds all the noise itself)"
+                )
+        return self
 
     def check_dataset(self, region: str, n_vehicles: int) -> None:
         """Refuse data this policy cannot protect: wrong region, or δ not below 1/vehicles."""
@@ -177,6 +208,8 @@ def _first_error(e: ValidationError) -> str:
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    if not err["loc"] and err["type"] == "value_error":  # a model validator names its field
+        return msg.removeprefix("Value error, ") + more
     return f"{field}: {msg}{more}"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -89,8 +89,45 @@ def plan(
         None, help="Largest σ/m: noise std on the averaged gradient, in units of C (0.017)."
     ),
     clip_norm: float = typer.Option(1.0, help="C: per-vehicle clip norm."),
+    trust_model: str = typer.Option(
+        "local",
+        "--trust-model",
+        help="'distributed': σ for ε under both assumptions of distributed noise (issue 15).",
+    ),
+    min_honest: int = typer.Option(
+        None, "--min-honest", help="t: honest regions whose shares reach σ (distributed)."
+    ),
+    regions: int = typer.Option(None, "--regions", help="R: regions in the federation."),
+    vehicles_per_step: int = typer.Option(
+        256, "--vehicles-per-step", help="m: expected vehicles per round (distributed)."
+    ),
+    dimension: int = typer.Option(
+        78_344, "--dimension", help="d: coordinates of the update (default: the object-list MLP)."
+    ),
 ) -> None:
     from fedfsd.privacy import planner as pl
+
+    if trust_model not in ("local", "distributed"):
+        exit_for(pl.PlanError(f"--trust-model {trust_model!r}: one of local, distributed"))
+    if trust_model == "distributed":
+        if min_honest is None or regions is None:
+            exit_for(pl.PlanError("--trust-model distributed needs --min-honest and --regions"))
+        try:
+            dp = pl.plan_distributed_sigma(
+                vehicles,
+                epsilon,
+                delta,
+                rounds,
+                regions=regions,
+                min_honest_regions=min_honest,
+                vehicles_per_step=vehicles_per_step,
+                dimension=dimension,
+                clip_norm=clip_norm,
+            )
+        except pl.PlanError as e:
+            exit_for(e)
+        _print_distributed_plan(dp, json_path)
+        return
 
     kw: dict = {"frames_per_vehicle": frames_per_vehicle, "clip_norm": clip_norm}
     if max_vehicles_per_step is not None:
@@ -148,6 +185,42 @@ def _print_plan(p: Plan, json_path: str | None) -> None:
     con.print(f"planned in {p.plan_seconds:.1f} s; rule {p.rule}")
     if json_path:
         con.print(f"plan written to {json_path} (use: fedfsd aggregator run --plan {json_path})")
+
+
+def _print_distributed_plan(p: Any, json_path: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    text = json.dumps(p.model_dump(), indent=2)
+    if json_path == "-":
+        typer.echo(text)
+        return
+    if json_path:
+        Path(json_path).write_text(text + "\n", encoding="utf-8")
+    t = Table(
+        title=f"σ for ε = {p.epsilon_target:g} after {p.rounds} distributed rounds "
+        f"({p.vehicles:,} vehicles, m = {p.vehicles_per_step}, R = {p.regions}, "
+        f"t = {p.min_honest_regions})"
+    )
+    for col in ("budget enforced on", "σ", "noise on the global mean (units of C)"):
+        t.add_column(col, justify="right" if col != "budget enforced on" else "left")
+    t.add_row(
+        f"distributed: if at least {p.min_honest_regions} regions are honest and secure "
+        "aggregation holds",
+        f"{p.sigma_distributed:.4g}",
+        f"{p.noise_ratio_distributed:.4g}",
+    )
+    t.add_row(
+        "own noise: if every other region cheated",
+        f"{p.sigma_own_noise:.4g}",
+        f"{p.noise_ratio_own_noise:.4g}",
+    )
+    t.add_row(
+        "local (today: each region adds all noise; RDP)",
+        f"{p.sigma_local:.4g}",
+        f"{p.noise_ratio_local:.4g}",
+    )
+    Console().print(t)
 
 
 def _fmt_eps(v: float | None) -> str:
@@ -261,7 +334,9 @@ def report(
 
 @app.command("verify")
 def verify(
-    reports: list[str] = typer.Argument(..., help="REPORT.json files (reports and summaries)."),
+    reports: list[str] = typer.Argument(
+        None, help="REPORT.json files (reports and summaries); none: --ledger alone."
+    ),
     ledger: list[str] = typer.Option(
         [], "--ledger", help="The region's LEDGER.jsonl (repeat for several regions)."
     ),
@@ -277,4 +352,4 @@ def verify(
     """
     from fedfsd.privacy.report_cli import run_verify
 
-    raise typer.Exit(run_verify(reports, ledger, receipts))
+    raise typer.Exit(run_verify(reports or [], ledger, receipts))

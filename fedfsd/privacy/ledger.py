@@ -46,7 +46,19 @@ from fedfsd.durable import atomic_file
 from fedfsd.durable import fsync_dir as _fsync_dir
 from fedfsd.errors import InputError, IntegrityError
 from fedfsd.privacy import signing
-from fedfsd.privacy.accounting import History, compute_epsilon, normalise_history
+from fedfsd.privacy.accounting import (
+    AccountantError,
+    History,
+    compute_epsilon,
+    normalise_history,
+)
+from fedfsd.privacy.distributed_accounting import (
+    Assumption,
+    SkellamHistory,
+    SkellamRound,
+    normalise_skellam_history,
+)
+from fedfsd.privacy.distributed_accounting import epsilon as distributed_epsilon
 from fedfsd.privacy.release_record import ReleaseRecord
 from fedfsd.wire import array_digest
 
@@ -105,6 +117,34 @@ _TORN_RUN = re.compile(r'"run_id": "((?:[^"\\]|\\.)*)"')
 _TORN_ROUND = re.compile(r'"round": (\d+)[,}]')
 
 
+def is_distributed(rec: dict[str, Any]) -> bool:
+    """A release under the distributed trust model (issue 15): Skellam share, secure sum."""
+    return rec.get("trust_model") == "distributed"
+
+
+def distributed_entry(rec: dict[str, Any]) -> SkellamRound:
+    """The one-round Skellam history entry a distributed release line states in its fields."""
+    try:
+        return SkellamRound(
+            sample_rate=rec["sample_rate"],
+            share_variance=rec["noise_share_variance"],
+            min_honest_regions=rec["min_honest_regions"],
+            scale=rec["quantisation_scale"],
+            clip_norm=rec["clip_norm"],
+            dimension=rec["dimension"],
+            rounds=1,
+        )
+    except (KeyError, ValueError) as e:
+        raise LedgerError(f"distributed release lacks a valid mechanism field: {e}") from None
+
+
+def _skellam_history(raw: Any, path: Path, i: int) -> SkellamHistory:
+    try:
+        return normalise_skellam_history(raw or [])
+    except (AccountantError, ValueError, TypeError) as e:
+        raise LedgerError(f"{path}:{i}: invalid distributed_history: {e}") from None
+
+
 def _safe(s: str) -> str:
     return (
         re.sub(r"[^A-Za-z0-9_.-]", "_", s)[:64] + "-" + hashlib.sha256(s.encode()).hexdigest()[:8]
@@ -145,6 +185,7 @@ class Ledger:
         records: list[dict[str, Any]] = []
         hashes: list[str] = []
         prev: History = []
+        prev_d: SkellamHistory = []
         pub = None
         for i, raw in enumerate(lines, start=1):
             try:
@@ -165,12 +206,29 @@ class Ledger:
                 raise LedgerError(f"{self.path}:{i}: unsupported schema {rec.get('schema')!r}")
             if rec["kind"] in SPENDING and rec.get("private", True):
                 hist = normalise_history(rec["accountant_history"])
-                step = (rec["noise_multiplier"], rec["sample_rate"], rec["steps"])
-                if hist != normalise_history([*prev, step]):
-                    raise LedgerError(
-                        f"{self.path}:{i}: accountant_history does not extend the previous "
-                        "release by this release's steps"
-                    )
+                if is_distributed(rec):
+                    # A distributed release spends in the Skellam history, not the Gaussian one.
+                    step_d = distributed_entry(rec)
+                    dist = _skellam_history(rec.get("distributed_history"), self.path, i)
+                    if hist != prev or dist != normalise_skellam_history([*prev_d, step_d]):
+                        raise LedgerError(
+                            f"{self.path}:{i}: distributed_history does not extend the previous "
+                            "release by this release's round (or accountant_history changed)"
+                        )
+                    prev_d = dist
+                else:
+                    step = (rec["noise_multiplier"], rec["sample_rate"], rec["steps"])
+                    if hist != normalise_history([*prev, step]):
+                        raise LedgerError(
+                            f"{self.path}:{i}: accountant_history does not extend the previous "
+                            "release by this release's steps"
+                        )
+                    carried = rec.get("distributed_history")
+                    if carried is not None and _skellam_history(carried, self.path, i) != prev_d:
+                        raise LedgerError(
+                            f"{self.path}:{i}: a Gaussian release may carry distributed_history "
+                            "only unchanged"
+                        )
                 prev = hist
             if i == 1 and rec.get("chain") is not None:
                 if rec["chain"] != CHAIN:
@@ -267,15 +325,47 @@ class Ledger:
         return [cast(ReleaseRecord, r) for r in self._load() if r["kind"] == "release"]
 
     def history(self) -> History:
-        """Cumulative (σ, q, steps) history after the last release (Opacus' form)."""
+        """Cumulative (σ, q, steps) history after the last release (Opacus' form).
+
+        Refused (LedgerError) once the ledger has a distributed release: callers that project
+        ε from this Gaussian history alone would under-count the Skellam releases; they must use
+        `epsilon()` or `gaussian_history()` with `distributed_history()`."""
+        if self.distributed_history():
+            raise LedgerError(
+                f"{self.path}: this ledger has distributed-noise releases; ε must include them "
+                "(fedfsd.privacy.distributed_accounting), the Gaussian history alone under-counts"
+            )
+        return self.gaussian_history()
+
+    def gaussian_history(self) -> History:
+        """The Gaussian (DP-SGD and metric) part of the history, without distributed releases."""
         rel = [r for r in self._load() if r["kind"] in SPENDING and r.get("private", True)]
         return normalise_history(rel[-1]["accountant_history"]) if rel else []
 
+    def distributed_history(self) -> SkellamHistory:
+        """Cumulative Skellam history of the distributed releases (empty if there are none)."""
+        rel = [r for r in self._load() if r["kind"] in SPENDING and is_distributed(r)]
+        return normalise_skellam_history(rel[-1]["distributed_history"]) if rel else []
+
+    def enforce_on(self) -> str:
+        """The assumption the last distributed release enforced the budget on."""
+        dist = [r for r in self.releases() if is_distributed(cast(dict[str, Any], r))]
+        return str(dist[-1].get("enforce_on", "own_noise")) if dist else "own_noise"
+
     def epsilon(self, delta: float | None = None, accountant: str = "prv") -> float:
-        """ε spent so far at `delta` (default: the ledger's own δ); ∞ for a non-private ledger."""
+        """ε spent so far at `delta` (default: the ledger's own δ); ∞ for a non-private ledger.
+
+        With distributed releases on the ledger, ε is the RDP composition of everything under
+        the assumption the budget is enforced on (PRV cannot account Skellam; `accountant` is
+        then ignored)."""
         if not self.private:
             return math.inf
-        return compute_epsilon(self.history(), delta or float(self.header["delta"]), accountant)
+        d = delta or float(self.header["delta"])
+        dist = self.distributed_history()
+        if dist:
+            which: Assumption = "distributed" if self.enforce_on() == "distributed" else "own_noise"
+            return distributed_epsilon(dist, d, which, self.gaussian_history())
+        return compute_epsilon(self.gaussian_history(), d, accountant)
 
     def metric_releases(self) -> list[dict[str, Any]]:
         """Differentially private metric releases (kind "metric"), in ledger order."""

@@ -365,3 +365,109 @@ def plan_schedule(
         limited_by=limited_by,
         plan_seconds=round(time.monotonic() - t0, 2),
     )
+
+
+# ---- distributed noise (issue 15): σ for a target ε under both trust assumptions -------------
+
+
+class DistributedSigmaPlan(BaseModel):
+    """σ a DP-FedSGD schedule (one noisy sum per round) needs for ε, under each assumption."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vehicles: int
+    epsilon_target: float
+    delta: float
+    rounds: int
+    vehicles_per_step: int
+    sample_rate: float
+    regions: int
+    min_honest_regions: int
+    dimension: int
+    clip_norm: float
+    scale: float
+    sigma_distributed: float  # enough if ≥ t regions are honest and secure aggregation holds
+    sigma_own_noise: float  # enough if every other region cheated
+    sigma_local: float  # today's local mode, same schedule (Gaussian, RDP: comparable)
+    # Noise std on the global average of the R regions' summed gradients (units of C): every
+    # region adds variance (σ s C)²/t, so σ/(m·√(R·t)); local mode: σ_local/(m·√R).
+    noise_ratio_distributed: float
+    noise_ratio_own_noise: float
+    noise_ratio_local: float
+
+
+def _sigma_for(target: float, eps_of: Any, lo: float = 0.3, hi: float = 100.0) -> float:
+    """Smallest σ (to _SIGMA_REL_TOL, from above) with eps_of(σ) ≤ target (bisection in log σ)."""
+    if eps_of(hi) > target:
+        raise PlanError(f"ε = {target:g} is unreachable even at σ = {hi:g}")
+    if eps_of(lo) <= target:
+        return lo
+    while hi / lo > 1 + _SIGMA_REL_TOL:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if eps_of(mid) <= target else (mid, hi)
+    return hi
+
+
+def plan_distributed_sigma(
+    vehicles: int,
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    *,
+    regions: int,
+    min_honest_regions: int,
+    vehicles_per_step: int,
+    dimension: int,
+    clip_norm: float = 1.0,
+) -> DistributedSigmaPlan:
+    """σ for ε after `rounds` distributed releases at q = m/N, under each assumption."""
+    from fedfsd.privacy.distributed_accounting import SkellamRound
+    from fedfsd.privacy.distributed_accounting import epsilon as dist_eps
+    from fedfsd.privacy.skellam import choose_scale, share_variance
+
+    if not 2 <= min_honest_regions <= regions:
+        raise PlanError(f"--min-honest {min_honest_regions} must be in 2..regions ({regions})")
+    if not (0 < delta < 1 / vehicles and epsilon > 0 and rounds >= 1 and dimension >= 1):
+        raise PlanError("need ε > 0, 0 < δ < 1/vehicles, rounds ≥ 1 and dimension ≥ 1")
+    m = min(vehicles_per_step, vehicles)
+    q = m / vehicles
+    s = choose_scale(clip_norm, dimension)
+
+    def eps_of(assumption: Any) -> Any:
+        def f(sigma: float) -> float:
+            r = SkellamRound(
+                sample_rate=q,
+                share_variance=share_variance(sigma, s, clip_norm, min_honest_regions),
+                min_honest_regions=min_honest_regions,
+                scale=s,
+                clip_norm=clip_norm,
+                dimension=dimension,
+                rounds=rounds,
+            )
+            return dist_eps([r], delta, assumption)
+
+        return f
+
+    sd = _sigma_for(epsilon, eps_of("distributed"))
+    so = _sigma_for(epsilon, eps_of("own_noise"))
+    sl = _sigma_for(epsilon, lambda sigma: compute_epsilon([(sigma, q, rounds)], delta, "rdp"))
+    root = math.sqrt(regions * min_honest_regions)
+    return DistributedSigmaPlan(
+        vehicles=vehicles,
+        epsilon_target=epsilon,
+        delta=delta,
+        rounds=rounds,
+        vehicles_per_step=m,
+        sample_rate=q,
+        regions=regions,
+        min_honest_regions=min_honest_regions,
+        dimension=dimension,
+        clip_norm=clip_norm,
+        scale=s,
+        sigma_distributed=sd,
+        sigma_own_noise=so,
+        sigma_local=sl,
+        noise_ratio_distributed=sd / (m * root),
+        noise_ratio_own_noise=so / (m * root),
+        noise_ratio_local=sl / (m * math.sqrt(regions)),
+    )

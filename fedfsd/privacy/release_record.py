@@ -48,6 +48,18 @@ class ReleaseRecord(TypedDict):
     train_loss: float | None  # stays in the region unless released as a metric
     train_seconds: float
     initial_model_sha256: NotRequired[str]  # only when the run started from a file
+    # Only on a distributed release (trust_model "distributed", issue 15; one DP-FedSGD step per
+    # round: steps = 1, accountant_history unchanged, the spend is in distributed_history);
+    # epsilon_prv and epsilon_rdp then both hold the enforced ε (RDP: PRV cannot account Skellam).
+    trust_model: NotRequired[Literal["distributed"]]
+    min_honest_regions: NotRequired[int]  # t
+    quantisation_scale: NotRequired[float]  # s
+    dimension: NotRequired[int]  # d, coordinates of the update
+    noise_share_variance: NotRequired[float]  # μ_share = (σ s C)² / t, per coordinate
+    epsilon_distributed: NotRequired[float]  # if ≥ t regions are honest and secure agg. holds
+    epsilon_own_noise: NotRequired[float]  # if every other region cheated
+    enforce_on: NotRequired[Literal["distributed", "own_noise"]]
+    distributed_history: NotRequired[list[list[float]]]  # cumulative [q, μ_share, t, s, C, d, n]
     prev: NotRequired[str]  # the hash chain and signature, added by Ledger.append
     sig: NotRequired[str]
 

@@ -182,6 +182,9 @@ def _release(rec: ReleaseRecord, cumulative: int) -> pb.Release:
         update_norm=float(rec.get("update_norm", 0.0)),
         update_sha256=str(rec.get("update_sha256", "")),
         cumulative_steps=cumulative,
+        distributed=rec.get("trust_model") == "distributed",
+        epsilon_distributed=float(rec.get("epsilon_distributed", 0.0)),
+        epsilon_own_noise=float(rec.get("epsilon_own_noise", 0.0)),
     )
 
 
@@ -268,6 +271,22 @@ def _statement(rep: pb.EpsilonReport) -> str:
         )
     a, m = rep.accounting, rep.mechanism
     n_metric = sum(1 for r in rep.releases if is_metric(r))
+    if rep.HasField("distributed"):
+        d = rep.distributed
+        n_dist = sum(1 for r in rep.releases if r.distributed)
+        return (
+            f"Every vehicle in region {rep.region}'s logs (fleet {rep.fleet_id}; q counts "
+            f"{m.vehicles} training vehicles) is protected at the vehicle level (add/remove one "
+            f"vehicle's data) against anyone who sees what this region released ({m.rounds} "
+            f"model updates, {n_dist} of them with distributed noise under secure aggregation, "
+            f"{n_metric} metric release(s)) and everything derived from them: "
+            f"({d.epsilon_distributed:.3g}, {a.delta:.3g})-DP {d.assumption_distributed}; "
+            f"({d.epsilon_own_noise:.3g}, {a.delta:.3g})-DP {d.assumption_own_noise}. "
+            f"The budget {rep.budget.epsilon_budget:g} is enforced on the {d.enforce_on} ε "
+            f"(remaining {rep.budget.epsilon_remaining:.3g}); accounting RDP throughout. By "
+            f"common practice the enforced ε is {tier(a.epsilon)} (≤ 1 strong, ≤ 10 "
+            "reasonable, above 10 weak)."
+        )
     return (
         f"Every vehicle in region {rep.region}'s logs (fleet {rep.fleet_id}; q counts "
         f"{m.vehicles} training vehicles) is protected by ({a.epsilon:.3g}, {a.delta:.3g})-"
@@ -321,6 +340,8 @@ def build_report(ledger_path: str | Path, run_id: str | None = None) -> pb.Epsil
     delta = float(header.get("delta", last.get("delta", 0.0)))
     vehicles = int(header.get("vehicles", last.get("vehicles", 0)))
     _fill_accounting(rep, rels, last, delta, vehicles, accounted, public_fleet, private, notes)
+    if private and any(r.get("trust_model") == "distributed" for r in chosen):
+        _fill_distributed(rep, chosen, delta, notes)
     budget = float(header.get("epsilon_budget", last.get("epsilon_budget", 0.0)))
     _fill_budget(rep, budget)
     _fill_provenance(rep, chosen, rels, run_id, path, notes)
@@ -438,6 +459,84 @@ def _fill_accounting(
         notes.append("non-private ledger: no differential-privacy guarantee")
 
 
+DISTRIBUTED_SETTING = (
+    " Distributed noise (issue 15): for the releases marked distributed, the region added only a "
+    "Skellam noise share to its rounded integer gradient sum and sent it masked under secure "
+    "aggregation; the aggregator learns only the sum over regions. ε is stated under two "
+    "assumptions, and the budget is enforced on the one named."
+)
+
+
+def skellam_steps(history: Iterable[Any]) -> list[pb.SkellamStep]:
+    """A Skellam history (fedfsd.privacy.distributed_accounting.SkellamRound) as report steps."""
+    return [
+        pb.SkellamStep(
+            sample_rate=r.sample_rate,
+            share_variance=r.share_variance,
+            min_honest_regions=r.min_honest_regions,
+            scale=r.scale,
+            clip_norm=r.clip_norm,
+            dimension=r.dimension,
+            rounds=r.rounds,
+        )
+        for r in history
+    ]
+
+
+def skellam_history_of(steps: Iterable[pb.SkellamStep]) -> list[list[float]]:
+    """Report steps back to the ledger's compact [q, μ_share, t, s, C, d, rounds] form."""
+    return [
+        [
+            s.sample_rate,
+            s.share_variance,
+            s.min_honest_regions,
+            s.scale,
+            s.clip_norm,
+            s.dimension,
+            s.rounds,
+        ]
+        for s in steps
+    ]
+
+
+def _fill_distributed(
+    rep: pb.EpsilonReport, chosen: Sequence[dict], delta: float, notes: list[str]
+) -> None:
+    """Both ε values recomputed from the ledger; the headline is the enforced one (RDP)."""
+    from fedfsd.privacy.distributed_accounting import (
+        METHOD,
+        STATEMENTS,
+        epsilons,
+        normalise_skellam_history,
+    )
+
+    last_d = [r for r in chosen if r.get("trust_model") == "distributed"][-1]
+    hist = normalise_skellam_history(last_d["distributed_history"])
+    gauss = history_of(rep.accounting.history)
+    eps = epsilons(hist, delta, gauss)
+    t = max(r.min_honest_regions for r in hist)
+    d = rep.distributed
+    d.history.extend(skellam_steps(hist))
+    d.enforce_on = str(last_d.get("enforce_on", "own_noise"))
+    d.epsilon_distributed = eps["distributed"]
+    d.assumption_distributed = STATEMENTS["distributed"].format(t=t)
+    d.epsilon_own_noise = eps["own_noise"]
+    d.assumption_own_noise = STATEMENTS["own_noise"]
+    d.method = METHOD
+    acc = rep.accounting
+    acc.headline_accountant = acc.cross_check_accountant = "rdp"
+    acc.epsilon = acc.epsilon_rdp = eps[d.enforce_on]
+    acc.implementation = METHOD
+    rep.trust.setting += DISTRIBUTED_SETTING
+    for key in ("epsilon_distributed", "epsilon_own_noise"):
+        theirs = float(last_d.get(key, math.nan))
+        mine = eps[key.removeprefix("epsilon_")]
+        if not math.isclose(theirs, mine, rel_tol=LEDGER_EPS_RTOL):
+            notes.append(f"the ledger recorded {key} = {theirs:.6g}; recomputed {mine:.6g}")
+    notes[:] = [n for n in notes if not n.startswith("the ledger recorded epsilon_prv")]
+    notes[:] = [n for n in notes if not n.startswith("the ledger recorded epsilon_rdp")]
+
+
 def _fill_budget(rep: pb.EpsilonReport, budget: float) -> None:
     """The budget, what of it is spent and what is left."""
     acc = rep.accounting
@@ -502,6 +601,7 @@ def build_global_summary(
                 releases=len(r.releases),
                 history=list(r.accounting.history),
                 private_training=r.private_training,
+                distributed=r.distributed if r.HasField("distributed") else None,
             )
         )
     g.composition_rule = (
@@ -554,6 +654,12 @@ def build_global_summary(
 
 def compose_overlap(reports: Sequence[pb.EpsilonReport]) -> pb.OverlapGroup:
     """ε of a vehicle in all of `reports`' fleets: the histories composed, at the smallest δ."""
+    if dist := [r.region for r in reports if r.HasField("distributed")]:
+        raise ReportError(
+            f"overlap of {', '.join(dist)}: composing a region with distributed noise across "
+            "fleets is not implemented (its ε is an RDP composition of Skellam releases); report "
+            "overlapping fleets separately"
+        )
     hist = [h for r in reports for h in history_of(r.accounting.history)]
     delta = min(r.accounting.delta for r in reports)
     private = all(r.private_training for r in reports)

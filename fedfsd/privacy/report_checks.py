@@ -180,9 +180,10 @@ def _check_epsilon(
     )
 
 
-def _check_accountants(v: Verification, a: pb.Accounting) -> None:
+def _check_accountants(v: Verification, a: pb.Accounting, distributed: bool = False) -> None:
+    # Distributed releases are accounted in RDP throughout (PRV cannot account Skellam).
     for role, name, want in (
-        ("headline", a.headline_accountant, "prv"),
+        ("headline", a.headline_accountant, "rdp" if distributed else "prv"),
         ("cross-check", a.cross_check_accountant, "rdp"),
     ):
         n = name.lower().strip()
@@ -387,7 +388,8 @@ def verify_report(rep: pb.EpsilonReport) -> Verification:
         "add/remove" in rep.unit.adjacency,
         f"adjacency {rep.unit.adjacency!r} is not add/remove one vehicle's data",
     )
-    _check_accountants(v, a)
+    dist = rep.HasField("distributed")
+    _check_accountants(v, a, dist)
     delta = a.delta
     if v.check(m.vehicles > 0, "mechanism states no vehicle count"):
         v.check(
@@ -398,7 +400,7 @@ def verify_report(rep: pb.EpsilonReport) -> Verification:
     _check_releases(v, rep)
     hist = _merge(history_of(a.history))
     entries_ok = _check_history_entries(v, hist, "accountant history")
-    _check_history_vs_releases(v, hist, list(rep.releases))
+    _check_history_vs_releases(v, hist, [r for r in rep.releases if not r.distributed])
     _check_sampling(v, rep, delta)
     b = rep.budget
     v.check(
@@ -414,9 +416,65 @@ def verify_report(rep: pb.EpsilonReport) -> Verification:
         a.epsilon <= b.epsilon_budget * (1 + 1e-9),
         f"ε {a.epsilon:.6g} exceeds the policy budget {b.epsilon_budget:g}",
     )
-    if entries_ok and 0 < delta < 1:
+    if dist:
+        v.check(
+            any(r.distributed for r in rep.releases),
+            "the report has a distributed-noise section but no distributed release",
+        )
+        if entries_ok and 0 < delta < 1:
+            check_distributed(v, "report", rep, hist, delta)
+    elif entries_ok and 0 < delta < 1:
+        v.check(
+            not any(r.distributed for r in rep.releases),
+            "distributed releases are listed but the report states no distributed ε",
+        )
         _check_epsilon(v, "accountant history", hist, delta, a.epsilon, a.epsilon_rdp)
     return v
+
+
+def check_distributed(
+    v: Verification,
+    what: str,
+    rep: pb.EpsilonReport | pb.RegionEpsilon,
+    gauss: History,
+    delta: float,
+    skellam: list[list[float]] | None = None,
+) -> None:
+    """Both ε of a distributed report recomputed from its histories (or `skellam`, the ledger's),
+    the assumptions spelled out, and the headline equal to the enforced one."""
+    from fedfsd.privacy.distributed_accounting import STATEMENTS, epsilons
+    from fedfsd.privacy.report import skellam_history_of
+
+    d = rep.distributed
+    headline = rep.accounting.epsilon if isinstance(rep, pb.EpsilonReport) else rep.epsilon
+    hist = skellam if skellam is not None else skellam_history_of(d.history)
+    try:
+        got = epsilons(hist, delta, gauss)
+    except (ValueError, TypeError) as e:
+        v.check(False, f"{what}: distributed history cannot be accounted: {e}")
+        return
+    v.recomputed.update({f"{what}:distributed:{k}": x for k, x in got.items()})
+    t = max((int(h[2]) for h in hist), default=0)
+    for key, assumption, said, text in (
+        ("ε (distributed)", "distributed", d.epsilon_distributed, d.assumption_distributed),
+        ("ε (own noise)", "own_noise", d.epsilon_own_noise, d.assumption_own_noise),
+    ):
+        v.check(
+            _close(said, got[assumption], 1e-6),
+            f"{what}: {key} is reported as {said:.6g} but recomputes to {got[assumption]:.6g} "
+            f"from the recorded Skellam parameters at δ = {delta:g}",
+        )
+        v.check(
+            text == STATEMENTS[assumption].format(t=t),
+            f"{what}: the {assumption} assumption is not spelled out as "
+            f"{STATEMENTS[assumption].format(t=t)!r}",
+        )
+    if v.check(d.enforce_on in got, f"{what}: enforce_on {d.enforce_on!r} is not an assumption"):
+        v.check(
+            _close(headline, got[d.enforce_on], 1e-6),
+            f"{what}: headline ε {headline:.6g} is not the enforced ({d.enforce_on}) ε "
+            f"{got[d.enforce_on]:.6g}",
+        )
 
 
 def verify_summary(
@@ -441,7 +499,10 @@ def verify_summary(
                 f"region {r.region}: δ = {r.delta:g} is not below 1/vehicles = 1/{r.vehicles}",
             )
         if _check_history_entries(v, hist, f"region {r.region} history"):
-            _check_epsilon(v, f"region {r.region}", hist, r.delta, r.epsilon, r.epsilon_rdp)
+            if r.HasField("distributed"):
+                check_distributed(v, f"region {r.region}", r, hist, r.delta)
+            else:
+                _check_epsilon(v, f"region {r.region}", hist, r.delta, r.epsilon, r.epsilon_rdp)
     for o in g.overlaps:
         tag = f"overlap {'+'.join(o.regions)}"
         missing = [x for x in o.regions if x not in by_region]

@@ -104,6 +104,8 @@ def run_verify(
     from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
 
     missing = [p for p in paths if not Path(p).is_file()]
+    if not paths and ledgers and receipts is None:
+        return _verify_ledgers_alone(ledgers)
     if not paths or missing:
         _err(f"no such report file: {', '.join(missing)}" if missing else "give a REPORT.json")
         return 2
@@ -144,6 +146,28 @@ def run_verify(
             "report's own history; add --ledger LEDGER.jsonl --receipts RUN_DIR to hold them "
             "against the region's ledger and the aggregator's receipts"
         )
+    return 1 if failed else 0
+
+
+def _verify_ledgers_alone(ledgers: Sequence[str]) -> int:
+    """`verify --ledger L` without a report: the ledger's chain and rules, and both ε of every
+    distributed release recomputed from its recorded parameters."""
+    from fedfsd.privacy.report_checks import confirmation
+    from fedfsd.privacy.verify_ledger import verify_ledger_alone
+
+    if missing := [p for p in ledgers if not Path(p).is_file()]:
+        _err(f"no such ledger file: {', '.join(missing)}")
+        return 2
+    failed = 0
+    for lp in ledgers:
+        v = verify_ledger_alone(lp)
+        if v.ok:
+            print(confirmation(v))
+        else:
+            failed += 1
+            print(f"FAILED {v.subject}: {len(v.problems)} discrepancies ({v.checks} checks)")
+            for msg in v.problems:
+                print(f"  - {msg}")
     return 1 if failed else 0
 
 

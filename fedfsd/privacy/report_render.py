@@ -82,6 +82,35 @@ def _release_kind(r: pb.Release) -> str:
     return f"metrics ({phase}): {names}"
 
 
+def _distributed_blocks(rep: pb.EpsilonReport) -> list[Block]:
+    """Both ε of distributed noise, each with its assumption (the headline above is the enforced
+    one, in RDP)."""
+    d = rep.distributed
+    rows = [
+        [
+            f"ε {d.assumption_distributed}",
+            _fmt(d.epsilon_distributed),
+            "yes" if d.enforce_on == "distributed" else "",
+        ],
+        [
+            f"ε {d.assumption_own_noise}",
+            _fmt(d.epsilon_own_noise),
+            "yes" if d.enforce_on == "own_noise" else "",
+        ],
+    ]
+    steps = [
+        f"{s.rounds} round(s): q = {s.sample_rate:.4g}, noise-share variance μ = "
+        f"{s.share_variance:.6g} per coordinate, t = {s.min_honest_regions}, scale s = "
+        f"{s.scale:.6g}, C = {s.clip_norm:g}, d = {s.dimension}"
+        for s in d.history
+    ]
+    return [
+        ("h", "Distributed noise (secure aggregation)"),
+        ("table", (["ε under the assumption", "value", "budget enforced on it"], rows)),
+        ("ul", [*steps, f"method: {d.method}"]),
+    ]
+
+
 def _region_blocks(rep: pb.EpsilonReport) -> list[Block]:
     a, m, u, b, p = rep.accounting, rep.mechanism, rep.unit, rep.budget, rep.provenance
     blocks: list[Block] = [
@@ -97,8 +126,8 @@ def _region_blocks(rep: pb.EpsilonReport) -> list[Block]:
             (
                 ["quantity", "value"],
                 [
-                    ["ε (PRV, headline)", _fmt(a.epsilon)],
-                    ["ε (RDP, cross-check)", _fmt(a.epsilon_rdp)],
+                    [f"ε ({a.headline_accountant.upper()}, headline)", _fmt(a.epsilon)],
+                    [f"ε ({a.cross_check_accountant.upper()}, cross-check)", _fmt(a.epsilon_rdp)],
                     ["δ", f"{a.delta:g}"],
                     ["δ rule", a.delta_rule],
                     ["budget", f"{b.epsilon_budget:g}"],
@@ -108,6 +137,8 @@ def _region_blocks(rep: pb.EpsilonReport) -> list[Block]:
             ),
         ),
     ]
+    if rep.HasField("distributed"):
+        blocks += _distributed_blocks(rep)
     if a.no_amplification_method:
         blocks.append(
             (

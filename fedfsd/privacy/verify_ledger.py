@@ -34,6 +34,7 @@ from fedfsd.privacy.report_checks import (
     _check_epsilon,
     _close,
     _merge,
+    check_distributed,
 )
 from fedfsd.proto.fedfsd.v1 import report_pb2 as pb
 
@@ -194,9 +195,25 @@ def verify_with_ledger(
             delta == rep.accounting.delta,
             f"{path}:1: ledger δ {delta:g} != report δ {rep.accounting.delta:g}",
         )
-        _check_epsilon(
-            v, f"ledger line {i}", hist, delta, rep.accounting.epsilon, rep.accounting.epsilon_rdp
-        )
+        dist_lines = [r for _, r in spending[: len(rep.releases)] if r.get("trust_model")]
+        if dist_lines or rep.HasField("distributed"):
+            if v.check(
+                bool(dist_lines) and rep.HasField("distributed"),
+                f"ledger line {i}: the ledger and the report disagree on whether releases used "
+                "distributed noise",
+            ):
+                ledger_hist = dist_lines[-1].get("distributed_history", [])
+                check_distributed(v, f"ledger line {i}", rep, hist, delta, ledger_hist)
+        else:
+            _check_epsilon(
+                v,
+                f"ledger line {i}",
+                hist,
+                delta,
+                rep.accounting.epsilon,
+                rep.accounting.epsilon_rdp,
+            )
+    check_distributed_lines(v, records)
     if receipts_dir is not None:
         _check_receipts(v, led, records, Path(receipts_dir), rep, len(covered))
     return v
@@ -289,3 +306,87 @@ def _check_receipts(
             False,
             f"ledger line {i}: release of run {key[0]!r} round {key[1]} has no receipt in {rpath}",
         )
+
+
+# ---- distributed releases (issue 15) ----------------------------------------------------------
+
+DIST_RTOL = 1e-6  # the same deterministic RDP code on the same numbers: agreement to rounding
+
+
+def check_distributed_lines(v: Verification, records: list[dict[str, Any]]) -> None:
+    """Each distributed release line: share size from (σ, s, C, t), σ and t within the rules,
+    and both ε recomputed from the ledger's recorded parameters (not the line's ε fields)."""
+    from fedfsd.privacy.distributed_accounting import STATEMENTS, epsilons
+    from fedfsd.privacy.ledger import is_distributed
+
+    header = records[0]
+    delta = float(header.get("delta", 0.0))
+    for i, rec in enumerate(records, start=1):
+        if rec.get("kind") != "release" or not is_distributed(rec):
+            continue
+        where = f"ledger line {i} (run {rec.get('run_id')!r} round {rec.get('round')}, distributed)"
+        t = int(rec.get("min_honest_regions", 0))
+        v.check(t >= 2, f"{where}: min_honest_regions = {t} must be ≥ 2")
+        sigma, s, c = (
+            float(rec.get(k, 0.0)) for k in ("noise_multiplier", "quantisation_scale", "clip_norm")
+        )
+        want_mu = (sigma * s * c) ** 2 / max(t, 1)
+        v.check(
+            _close_rel(float(rec.get("noise_share_variance", 0.0)), want_mu),
+            f"{where}: noise_share_variance {rec.get('noise_share_variance')!r} is not "
+            f"(σ·s·C)²/t = ({sigma:g}·{s:g}·{c:g})²/{t} = {want_mu:.6g}",
+        )
+        enforce = rec.get("enforce_on")
+        if not v.check(
+            enforce in ("distributed", "own_noise"), f"{where}: enforce_on {enforce!r} unknown"
+        ):
+            continue
+        got = epsilons(rec.get("distributed_history", []), delta, rec.get("accountant_history", []))
+        v.recomputed.update({f"{where}:{k}": x for k, x in got.items()})
+        for key, assumption in (
+            ("epsilon_distributed", "distributed"),
+            ("epsilon_own_noise", "own_noise"),
+        ):
+            said = float(rec.get(key, math.nan))
+            text = STATEMENTS[assumption].format(t=t)
+            v.check(
+                _close_rel(said, got[assumption]),
+                f"{where}: {key} is recorded as {said:.6g} but recomputes to "
+                f"{got[assumption]:.6g} from the recorded parameters ({text})",
+            )
+        enforced = got[str(enforce)]
+        for key in ("epsilon_prv", "epsilon_rdp"):
+            v.check(
+                _close_rel(float(rec.get(key) or math.nan), enforced),
+                f"{where}: {key} = {rec.get(key)!r} is not the enforced ε ({enforce}) "
+                f"{enforced:.6g}",
+            )
+        v.check(
+            enforced <= float(rec.get("epsilon_budget", math.inf)) * (1 + 1e-9),
+            f"{where}: enforced ε {enforced:.6g} exceeds the budget {rec.get('epsilon_budget')}",
+        )
+
+
+def _close_rel(a: float, b: float) -> bool:
+    return (
+        math.isfinite(a)
+        and math.isfinite(b)
+        and math.isclose(a, b, rel_tol=DIST_RTOL, abs_tol=1e-12)
+    )
+
+
+def verify_ledger_alone(ledger_path: str | Path) -> Verification:
+    """A ledger without a report: chain, signatures, the release rules and, for distributed
+    releases, both ε recomputed from the recorded parameters."""
+    path = Path(ledger_path)
+    v = Verification(subject=f"ledger {path}")
+    try:
+        records = Ledger(path).records()
+    except LedgerError as e:
+        v.check(False, f"ledger: {e}")
+        return v
+    for i, rec in enumerate(records, start=1):
+        if rec["kind"] == "release":
+            _check_release_rules(v, i, rec, records[0])
+    check_distributed_lines(v, records)
+    return v

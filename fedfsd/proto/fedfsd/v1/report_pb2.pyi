@@ -91,7 +91,7 @@ class Mechanism(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sampling: _Optional[str] = ..., amplification_by_sampling: _Optional[bool] = ..., vehicles: _Optional[int] = ..., expected_vehicles_per_step: _Optional[int] = ..., sample_rate: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ..., frames_per_vehicle: _Optional[int] = ..., steps_per_round: _Optional[int] = ..., rounds: _Optional[int] = ..., total_steps: _Optional[int] = ..., normalisation: _Optional[str] = ..., rng: _Optional[str] = ..., parameters_constant: _Optional[bool] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("run_id", "round", "time", "model", "lr", "noise_multiplier", "clip_norm", "sample_rate", "vehicles", "expected_vehicles_per_step", "frames_per_vehicle", "steps", "sampling", "epsilon_prv", "epsilon_rdp", "update_norm", "update_sha256", "cumulative_steps")
+    __slots__ = ("run_id", "round", "time", "model", "lr", "noise_multiplier", "clip_norm", "sample_rate", "vehicles", "expected_vehicles_per_step", "frames_per_vehicle", "steps", "sampling", "epsilon_prv", "epsilon_rdp", "update_norm", "update_sha256", "cumulative_steps", "distributed", "epsilon_distributed", "epsilon_own_noise")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,9 @@ class Release(_message.Message):
     UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
     UPDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     CUMULATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_OWN_NOISE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     time: str
@@ -128,7 +131,10 @@ class Release(_message.Message):
     update_norm: float
     update_sha256: str
     cumulative_steps: int
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., time: _Optional[str] = ..., model: _Optional[str] = ..., lr: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ..., sample_rate: _Optional[float] = ..., vehicles: _Optional[int] = ..., expected_vehicles_per_step: _Optional[int] = ..., frames_per_vehicle: _Optional[int] = ..., steps: _Optional[int] = ..., sampling: _Optional[str] = ..., epsilon_prv: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., update_norm: _Optional[float] = ..., update_sha256: _Optional[str] = ..., cumulative_steps: _Optional[int] = ...) -> None: ...
+    distributed: bool
+    epsilon_distributed: float
+    epsilon_own_noise: float
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., time: _Optional[str] = ..., model: _Optional[str] = ..., lr: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ..., sample_rate: _Optional[float] = ..., vehicles: _Optional[int] = ..., expected_vehicles_per_step: _Optional[int] = ..., frames_per_vehicle: _Optional[int] = ..., steps: _Optional[int] = ..., sampling: _Optional[str] = ..., epsilon_prv: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., update_norm: _Optional[float] = ..., update_sha256: _Optional[str] = ..., cumulative_steps: _Optional[int] = ..., distributed: _Optional[bool] = ..., epsilon_distributed: _Optional[float] = ..., epsilon_own_noise: _Optional[float] = ...) -> None: ...
 
 class Accounting(_message.Message):
     __slots__ = ("headline_accountant", "cross_check_accountant", "history", "delta", "delta_rule", "epsilon", "epsilon_rdp", "implementation", "epsilon_no_amplification", "no_amplification_method", "no_amplification_history")
@@ -191,7 +197,7 @@ class Provenance(_message.Message):
     def __init__(self, code_version: _Optional[str] = ..., report_code_version: _Optional[str] = ..., run_id: _Optional[str] = ..., run_ids: _Optional[_Iterable[str]] = ..., fleet_id: _Optional[str] = ..., region: _Optional[str] = ..., ledger_path: _Optional[str] = ..., ledger_sha256: _Optional[str] = ..., generated: _Optional[str] = ...) -> None: ...
 
 class EpsilonReport(_message.Message):
-    __slots__ = ("schema", "region", "fleet_id", "private_training", "unit", "trust", "scope", "mechanism", "accounting", "budget", "releases", "provenance", "statement", "notes")
+    __slots__ = ("schema", "region", "fleet_id", "private_training", "unit", "trust", "scope", "mechanism", "accounting", "budget", "releases", "provenance", "statement", "notes", "distributed")
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     FLEET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +212,7 @@ class EpsilonReport(_message.Message):
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     STATEMENT_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
     schema: int
     region: str
     fleet_id: str
@@ -220,10 +227,47 @@ class EpsilonReport(_message.Message):
     provenance: Provenance
     statement: str
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, schema: _Optional[int] = ..., region: _Optional[str] = ..., fleet_id: _Optional[str] = ..., private_training: _Optional[bool] = ..., unit: _Optional[_Union[UnitOfPrivacy, _Mapping]] = ..., trust: _Optional[_Union[TrustModel, _Mapping]] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mechanism: _Optional[_Union[Mechanism, _Mapping]] = ..., accounting: _Optional[_Union[Accounting, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., statement: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    distributed: DistributedNoise
+    def __init__(self, schema: _Optional[int] = ..., region: _Optional[str] = ..., fleet_id: _Optional[str] = ..., private_training: _Optional[bool] = ..., unit: _Optional[_Union[UnitOfPrivacy, _Mapping]] = ..., trust: _Optional[_Union[TrustModel, _Mapping]] = ..., scope: _Optional[_Union[Scope, _Mapping]] = ..., mechanism: _Optional[_Union[Mechanism, _Mapping]] = ..., accounting: _Optional[_Union[Accounting, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., statement: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., distributed: _Optional[_Union[DistributedNoise, _Mapping]] = ...) -> None: ...
+
+class SkellamStep(_message.Message):
+    __slots__ = ("sample_rate", "share_variance", "min_honest_regions", "scale", "clip_norm", "dimension", "rounds")
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_HONEST_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    sample_rate: float
+    share_variance: float
+    min_honest_regions: int
+    scale: float
+    clip_norm: float
+    dimension: int
+    rounds: int
+    def __init__(self, sample_rate: _Optional[float] = ..., share_variance: _Optional[float] = ..., min_honest_regions: _Optional[int] = ..., scale: _Optional[float] = ..., clip_norm: _Optional[float] = ..., dimension: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
+
+class DistributedNoise(_message.Message):
+    __slots__ = ("history", "enforce_on", "epsilon_distributed", "assumption_distributed", "epsilon_own_noise", "assumption_own_noise", "method")
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ENFORCE_ON_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    ASSUMPTION_DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_OWN_NOISE_FIELD_NUMBER: _ClassVar[int]
+    ASSUMPTION_OWN_NOISE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    history: _containers.RepeatedCompositeFieldContainer[SkellamStep]
+    enforce_on: str
+    epsilon_distributed: float
+    assumption_distributed: str
+    epsilon_own_noise: float
+    assumption_own_noise: str
+    method: str
+    def __init__(self, history: _Optional[_Iterable[_Union[SkellamStep, _Mapping]]] = ..., enforce_on: _Optional[str] = ..., epsilon_distributed: _Optional[float] = ..., assumption_distributed: _Optional[str] = ..., epsilon_own_noise: _Optional[float] = ..., assumption_own_noise: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class RegionEpsilon(_message.Message):
-    __slots__ = ("region", "fleet_id", "vehicles", "epsilon", "epsilon_rdp", "delta", "epsilon_budget", "run_ids", "releases", "history", "private_training")
+    __slots__ = ("region", "fleet_id", "vehicles", "epsilon", "epsilon_rdp", "delta", "epsilon_budget", "run_ids", "releases", "history", "private_training", "distributed")
     REGION_FIELD_NUMBER: _ClassVar[int]
     FLEET_ID_FIELD_NUMBER: _ClassVar[int]
     VEHICLES_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +279,7 @@ class RegionEpsilon(_message.Message):
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_TRAINING_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
     region: str
     fleet_id: str
     vehicles: int
@@ -246,7 +291,8 @@ class RegionEpsilon(_message.Message):
     releases: int
     history: _containers.RepeatedCompositeFieldContainer[AccountantStep]
     private_training: bool
-    def __init__(self, region: _Optional[str] = ..., fleet_id: _Optional[str] = ..., vehicles: _Optional[int] = ..., epsilon: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., run_ids: _Optional[_Iterable[str]] = ..., releases: _Optional[int] = ..., history: _Optional[_Iterable[_Union[AccountantStep, _Mapping]]] = ..., private_training: _Optional[bool] = ...) -> None: ...
+    distributed: DistributedNoise
+    def __init__(self, region: _Optional[str] = ..., fleet_id: _Optional[str] = ..., vehicles: _Optional[int] = ..., epsilon: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., run_ids: _Optional[_Iterable[str]] = ..., releases: _Optional[int] = ..., history: _Optional[_Iterable[_Union[AccountantStep, _Mapping]]] = ..., private_training: _Optional[bool] = ..., distributed: _Optional[_Union[DistributedNoise, _Mapping]] = ...) -> None: ...
 
 class OverlapGroup(_message.Message):
     __slots__ = ("regions", "vehicles", "composed_history", "delta", "epsilon", "epsilon_rdp")
