@@ -58,12 +58,10 @@ class DemoConfig:
     delta: float = 1e-5
     min_noise_multiplier: float = 0.5  # each region's own floor (policy); the plan asks more
     max_vehicles_per_step: int = 512  # CPU time per step on 2 cores
-    # Chosen on validation episodes of the demo's own 1,000-vehicle fleets (5 rounds, ε 7.5;
-    # experiments/demo_schedule.py): pooled val FDE 0.808× the prior alone with 50 steps in all
-    # (256 vehicles per step, σ 1.45) and 0.811× with 100 (σ 1.89); the planner's largest
-    # schedule (300 steps, σ 3.05) had given 1.10× on test. Fewer, less noisy steps, and a sixth
-    # of the DP-SGD CPU of the 300-step plan.
-    max_total_steps: int = 50
+    # The planner's weight-noise budget and step cap: its rule sets the schedule (None: its
+    # defaults, the budget chosen on validation by experiments/demo_schedule.py).
+    noise_budget: float | None = None
+    max_total_steps: int | None = None
     update_norm_bound: float = 20.0
     round_timeout: float = default("round-timeout")
     model: str = default("model")
@@ -88,8 +86,17 @@ class DemoConfig:
             frames_per_vehicle=self.frames_per_vehicle,
             clip_norm=self.clip_norm,
             max_vehicles_per_step=self.max_vehicles_per_step,
-            max_total_steps=self.max_total_steps,
+            **self._planner_overrides(),
         )
+
+    def _planner_overrides(self) -> dict[str, Any]:
+        """The planner knobs this config sets; the rest are the planner's own defaults."""
+        out: dict[str, Any] = {}
+        if self.noise_budget is not None:
+            out["noise_budget"] = self.noise_budget
+        if self.max_total_steps is not None:
+            out["max_total_steps"] = self.max_total_steps
+        return out
 
     def run_config(self, run_dir: Path, run_id: str, plan: Any) -> dict[str, Any]:
         """The aggregator's run config (what it *asks*; each region's policy may tighten it)."""
@@ -270,6 +277,8 @@ def run_demo_federation(
                         break
                 time.sleep(1.0)
             live.update(progress_table(agg_dir, cfg, started))
+        if not console.is_terminal:  # Live's last frame ends without a newline in a log
+            console.print()
         if status != "finished:completed":
             raise RunFailed(f"federation run ended {status!r}; logs in {fed.logs}")
 

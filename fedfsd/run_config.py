@@ -9,8 +9,9 @@ from the two models below; tests/test_apps_components.py checks that both
 pydantic only: the aggregator side imports this module, so it must stay free of data and DP code.
 
 The default schedule is `fedfsd privacy plan` for a nominal fleet of 1,000 vehicles per region,
-ε = 8, δ = 1e-5, 10 rounds: 128 expected vehicles per step, 69 local steps per round (690 in
-all), σ = 2.176 (σ/m = 0.017, the planner's default limit), lr 0.2. The previous default
+ε = 8, δ = 1e-5, 10 rounds: 256 expected vehicles per step, 7 local steps per round (70 in
+all), σ = 1.5247 (weight noise (σ/m)·√T = 0.050, the planner's default budget), lr 0.2. The
+previous default
 (16 vehicles per step, lr 0.05, σ 1.0) is the regime the DP schedule sweep found worst.
 tests/test_planner.py checks these numbers against the planner.
 """
@@ -39,14 +40,14 @@ class TrainSchedule(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
     local_steps: int = Field(
-        69,
+        7,
         ge=1,
         alias="local-steps",
         description="Local DP steps asked per round (a policy's max_local_steps caps it).",
     )
     lr: float = Field(0.2, gt=0, description="Learning rate of the regions' local DP-SGD.")
     noise_multiplier: float = Field(
-        2.176,
+        1.5247,
         ge=0,
         alias="noise-multiplier",
         description="σ asked (a policy's min_noise_multiplier wins if higher).",
@@ -58,7 +59,7 @@ class TrainSchedule(BaseModel):
         description="C asked (a policy's max_clip_norm wins if lower).",
     )
     vehicles_per_step: int = Field(
-        128,
+        256,
         ge=1,
         alias="vehicles-per-step",
         description="Expected vehicles per DP step (q = this / the region's vehicles).",

@@ -85,8 +85,10 @@ def plan(
     max_total_steps: int = typer.Option(
         None, help="Cap on DP steps over all rounds (default 2000)."
     ),
-    noise_ratio: float = typer.Option(
-        None, help="Largest σ/m: noise std on the averaged gradient, in units of C (0.017)."
+    noise_budget: float = typer.Option(
+        None,
+        help="Largest weight noise (σ/m)·√T over the run, in units of C per lr (default 0.05, "
+        "chosen on validation).",
     ),
     clip_norm: float = typer.Option(1.0, help="C: per-vehicle clip norm."),
     trust_model: str = typer.Option(
@@ -134,8 +136,8 @@ def plan(
         kw["max_vehicles_per_step"] = max_vehicles_per_step
     if max_total_steps is not None:
         kw["max_total_steps"] = max_total_steps
-    if noise_ratio is not None:
-        kw["noise_ratio"] = noise_ratio
+    if noise_budget is not None:
+        kw["noise_budget"] = noise_budget
     try:
         p = pl.plan_schedule(vehicles, epsilon, delta, rounds, **kw)
     except pl.PlanError as e:
@@ -166,10 +168,8 @@ def _print_plan(p: Plan, json_path: str | None) -> None:
         ("expected vehicles per step m", f"{p.vehicles_per_step}"),
         ("sample rate q = m/N", f"{p.sample_rate:.4g}"),
         ("noise multiplier σ", f"{p.noise_multiplier:.4g}"),
-        (
-            "σ/m (noise on the mean, units of C)",
-            f"{p.noise_ratio:.4g} (limit {p.noise_ratio_limit:g})",
-        ),
+        ("σ/m (noise on the mean, units of C)", f"{p.noise_ratio:.4g}"),
+        ("weight noise (σ/m)·√T", f"{p.weight_noise:.4g} (budget {p.noise_budget:g})"),
         ("lr", f"{p.lr:g}"),
         ("clip norm C", f"{p.clip_norm:g}"),
         ("frames per vehicle K", f"{p.frames_per_vehicle}"),
