@@ -93,7 +93,7 @@ class Study:
     clip_norm: float = 1.0
     max_vehicles_per_step: int = 512
     max_total_steps: int = 300
-    noise_ratio: float | None = None  # None: the planner's default (calibrated on the sweep)
+    noise_budget: float | None = None  # None: the planner's default (chosen on validation)
     update_norm_bound: float = 20.0
     fedadam_lr: float = 0.03
     # Non-private training (centralised, local, pretraining, fine-tuning): early stopping on
@@ -397,7 +397,7 @@ def plan_for(st: Study, n: int, eps: float) -> Any:
         clip_norm=st.clip_norm,
         max_vehicles_per_step=st.max_vehicles_per_step,
         max_total_steps=st.max_total_steps,
-        **({} if st.noise_ratio is None else {"noise_ratio": st.noise_ratio}),
+        **({} if st.noise_budget is None else {"noise_budget": st.noise_budget}),
     )
 
 
@@ -510,10 +510,10 @@ def study_key(st: Study) -> str:
     Cells kept from an earlier run (`--keep-cells`) join a summary only when their key matches,
     so a table never mixes cells computed under different settings.
     """
-    from fedfsd.privacy.planner import NOISE_RATIO, RULE
+    from fedfsd.privacy.planner import NOISE_BUDGET, RULE
 
     doc = {k: v for k, v in asdict(st).items() if k not in _CELL_SELECTION}
-    doc["planner"] = [RULE, NOISE_RATIO]
+    doc["planner"] = [RULE, NOISE_BUDGET]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -704,7 +704,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "rounds": 2,
         "max_total_steps": 4,
         "max_vehicles_per_step": 16,
-        "noise_ratio": 1.0,  # tiny synthetic fleets: any noise level, it is a smoke run
+        "noise_budget": 10.0,  # tiny synthetic fleets: any noise level, it is a smoke run
         "np_max_steps": 20,
         "np_eval_every": 10,
         "np_vehicles_per_step": 8,
