@@ -200,3 +200,61 @@ def test_region_start_flags_reach_the_client_app_through_the_node_config() -> No
     assert node_config_arg(cfg) == 'workers=3 device="cuda"'
     assert training_options(cfg) == {"workers": 3, "device": "cuda"}
     assert training_options({"data-dir": "/d"}) == {}
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+from fedfsd.config import DPParams
+from fedfsd.data.testing import make_synthetic_frames
+from fedfsd.models import build_model, get_weights
+from fedfsd.privacy.distributed import train_distributed
+from fedfsd.privacy.ledger import set_fault_hook
+
+out = sys.argv[1]
+
+def hook(point, **ctx):
+    if point == "worker-step":
+        if ctx["step"] == 0:
+            with open(os.path.join(out, f"pid-{ctx['rank']}"), "w") as fh:
+                fh.write(str(os.getpid()))
+        time.sleep(0.05)
+
+set_fault_hook(hook)
+frames = make_synthetic_frames(20, 4, seed=0)
+w = get_weights(build_model("mlp", frames.features.shape[1], frames.labels.shape[1]))
+params = DPParams(noise_multiplier=1.0, clip_norm=1.0, steps=100000, vehicles_per_step=5,
+                  frames_per_vehicle=2, lr=0.1, update_norm_bound=1.0)
+train_distributed(frames, "mlp", w, params, [], frames.n_vehicles, workers=2, seed=0)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's new parent may not have reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# About 10 s alone (a fresh interpreter imports torch); up to 25 s on a loaded 2-core machine.
+def test_workers_stop_when_the_training_process_is_killed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(_worker_pids(tmp_path)) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, "the training process ended early"
+            time.sleep(0.1)
+        pids = _worker_pids(tmp_path)
+        assert len(pids) == 2 and all(_running(p) for p in pids)
+    finally:
+        proc.kill()  # SIGKILL: no handler, no cleanup in the parent
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(p) for p in pids), "a worker outlived its killed parent"

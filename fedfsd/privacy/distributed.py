@@ -47,8 +47,9 @@ if TYPE_CHECKING:
     from fedfsd.data.frames import VehicleFramesLike
 
 History = list[tuple[float, float, int]]
-# A gloo collective that waits longer than this means a peer is gone (the parent also watches).
-COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# A collective that waits longer than this means a peer is gone (the parent watches the workers
+# and stops them at once; this bounds only a worker whose parent and peers vanished together).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 class WorkerFailed(EnvironmentFault, RuntimeError):
