@@ -99,6 +99,23 @@ def test_each_vehicle_is_clipped_once_and_noise_drawn_once_per_step(tmp_path: Pa
         assert ranks[0]["noise_draws"] == n_tensors and ranks[1]["noise_draws"] == 0
 
 
+def test_an_empty_poisson_step_adds_noise_once_as_one_worker_does(tmp_path: Path) -> None:
+    frames, w = _fleet("mlp")
+    req = REQ.model_copy(update={"vehicles_per_step": 1, "local_steps": 8})  # q = 1/40
+    pol = parse_policy(POLICY)
+    one = run_local_round(frames, pol, tmp_path / "1.jsonl", w, req, "run", 1, "mlp", seed=4)
+    with distributed.tracing() as events:
+        two = run_local_round(
+            frames, pol, tmp_path / "2.jsonl", w, req, "run", 1, "mlp", seed=4, workers=2
+        )
+    empty = [e for e in events if e["rank"] == 0 and not e["sampled"]]
+    assert empty, "seed 4 should give at least one empty step"
+    assert all(e["noise_draws"] == len(w) for e in empty)  # noised and accounted all the same
+    for k in w:
+        assert np.allclose(one.new_weights[k], two.new_weights[k], rtol=1e-5, atol=1e-6), k
+    assert one.record["accountant_history"] == two.record["accountant_history"]
+
+
 def _worker_pids(tmp_path: Path) -> list[int]:
     return [int(p.read_text()) for p in tmp_path.glob("pid-*")]
 
