@@ -68,6 +68,8 @@ class DistributedResult:
     losses: list[float]
     seconds: float
     trace: list[dict[str, Any]] = field(default_factory=list)
+    # CPU seconds of each worker's training loop, by rank (benchmarks: the critical path)
+    worker_cpu_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +136,8 @@ def train_distributed(
     cuda = device.startswith("cuda")
     method_ctx = "spawn" if cuda else "fork"  # CUDA cannot be forked; fork shares the arrays
     mp = tmp.get_context(method_ctx)
+    if not cuda:
+        _import_before_fork()
     results: Any = mp.Queue()
     with tempfile.TemporaryDirectory(prefix="fedfsd-workers-") as tmpdir:
         job = _Job(
@@ -169,11 +173,24 @@ def train_distributed(
     return out
 
 
+def _import_before_fork() -> None:
+    """Import what every worker uses once, here: forked workers inherit the modules instead of
+    each importing torch.distributed and Opacus (about a CPU-second each) at every round."""
+    import opacus.accountants  # noqa: F401
+    import opacus.optimizers  # noqa: F401
+    import torch.distributed  # noqa: F401
+
+    import fedfsd.models  # noqa: F401
+    import fedfsd.privacy.dpsgd  # noqa: F401
+    import fedfsd.privacy.objective  # noqa: F401
+    import fedfsd.privacy.pervehicle  # noqa: F401
+
+
 def _collect(
     ctx: Any, results: Any, steps: int, progress: Callable[[int, int], None] | None
 ) -> DistributedResult:
     """Relay rank 0's progress; return its result once every worker has exited cleanly."""
-    got: dict[str, Any] = {"done": None, "trace": []}
+    got: dict[str, Any] = {"done": None, "trace": [], "cpu": {}}
 
     def handle(kind: str, payload: Any) -> None:
         if kind == "progress":
@@ -183,6 +200,8 @@ def _collect(
                 fault_point("train")
         elif kind == "trace":
             got["trace"].extend(payload)
+        elif kind == "cpu":
+            got["cpu"][payload[0]] = payload[1]
         elif kind == "done":
             got["done"] = payload
 
@@ -199,6 +218,7 @@ def _collect(
     if done is None:
         raise WorkerFailed("training workers exited without a result")
     done.trace = got["trace"] + done.trace
+    done.worker_cpu_s = [got["cpu"][r] for r in sorted(got["cpu"])]
     return done
 
 
@@ -317,7 +337,7 @@ def _train_rank(rank: int, job: _Job, device: str, results: Any) -> None:
     trace: list[dict[str, Any]] = []
     plist = [p for p in trainer.model.parameters() if p.requires_grad]
     losses: list[float] = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for s in range(params.steps):
         fault_point("worker-step", rank=rank, step=s)
         idx, rows = _broadcast_sample(rank, trainer, frames, params.frames_per_vehicle, device)
@@ -341,6 +361,7 @@ def _train_rank(rank: int, job: _Job, device: str, results: Any) -> None:
         if rank == 0:
             results.put(("progress", s + 1))
     seconds = time.perf_counter() - started
+    results.put(("cpu", (rank, time.process_time() - cpu_started)))
     if trace:
         results.put(("trace", trace))
     if rank != 0:
