@@ -275,3 +275,32 @@ def test_workers_stop_when_the_training_process_is_killed(tmp_path: Path) -> Non
     while any(_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_running(p) for p in pids), "a worker outlived its killed parent"
+
+
+def test_the_client_app_trains_with_the_workers_of_its_node_config(tmp_path: Path) -> None:
+    """`region start --workers 2` reaches the training through the node config."""
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from fedfsd import wire
+    from fedfsd.aggregator.server_app import initial_weights
+    from fedfsd.aggregator.settings import RunSettings
+    from fedfsd.region.client_app import make_client_app
+
+    settings = RunSettings(**{"local-steps": 2, "vehicles-per-step": 8, "frames-per-vehicle": 4})
+    w = initial_weights(settings)
+    md = Metadata(
+        run_id=1, message_id="m1", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=600, message_type="train",
+    )  # fmt: skip
+    config = {**settings.train_request(), "run-id": "run-1", "round": 1}
+    content = RecordDict({wire.ARRAYS: wire.arrays_to_record(w), wire.CONFIG: ConfigRecord(config)})
+    app = make_client_app({"sim-vehicles": 40, "sim-frames": 6, "sim-ledger-dir": str(tmp_path)})
+    node = {"partition-id": 1, "num-partitions": 2, "workers": 2}
+    ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
+    with distributed.tracing() as events:
+        reply = app(Message(metadata=md, content=content), ctx)
+    m = wire.manifest_from_bytes(reply.content.config_records[wire.MANIFEST][wire.MANIFEST_KEY])
+    assert not m.refused_reason and m.steps == 2
+    assert {e["rank"] for e in events} == {0, 1}  # two worker processes trained the round
