@@ -99,7 +99,7 @@ def test_fedavg_weights_and_momentum_state_survive_a_checkpoint(tmp_path: Path) 
         FedAvgMomentum().average([({"w": np.zeros(1)}, 0.0)])
 
 
-FORBIDDEN = ("fedfsd.data", "fedfsd.privacy.dpsgd")
+FORBIDDEN = ("fedfsd.data", "fedfsd.privacy.dpsgd", "fedfsd.privacy.distributed")
 
 
 def _imports(path: Path) -> list[str]:

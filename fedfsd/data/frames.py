@@ -47,6 +47,16 @@ class VehicleFramesLike(Protocol):
         """x [B, K, ...], y [B, K, L], mask [B, K]: at most k frames of each listed vehicle."""
         ...
 
+    def sample_rows(self, vehicle_idx: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """The frame rows `sample` reads: [B, K] int64, -1 for padding (same draws from rng)."""
+        ...
+
+    def gather_rows(
+        self, rows: np.ndarray, modality: str = "objects"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x, y, mask for frame rows [B, K] as `sample` returns them."""
+        ...
+
     def all_frames(self, modality: str = "objects") -> tuple[np.ndarray, np.ndarray]:
         """Every frame for evaluation: x [N, ...], y [N, L]."""
         ...

@@ -97,26 +97,44 @@ class VehicleFrames:
         Returns x [B, K, F] (or [B, K, C, H, W] float32 in [0, 1] for "bev"), y [B, K, L] and a
         mask [B, K] that is True on real frames; padding rows are zero.
         """
+        return self.gather_rows(self.sample_rows(vehicle_idx, k, rng), modality)
+
+    def sample_rows(self, vehicle_idx: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """The frame rows `sample` would read: [B, K] int64, -1 where a vehicle has < k frames.
+
+        Split from `sample` so that one process can draw the rows (from the offsets alone) and
+        other processes read only the rows of their own vehicles (fedfsd.privacy.distributed).
+        """
         if k < 1:
             raise ValueError("k must be >= 1")
-        src = self._inputs(modality)
         idx = np.asarray(vehicle_idx, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_vehicles):
             raise IndexError("vehicle index out of range")
-        b = idx.size
-        x = np.zeros((b, k, *src.shape[1:]), dtype=np.float32)
-        y = np.zeros((b, k, self.labels.shape[1]), dtype=np.float32)
-        mask = np.zeros((b, k), dtype=bool)
+        rows = np.full((idx.size, k), -1, dtype=np.int64)
         for row, v in enumerate(idx):
             lo, hi = int(self.offsets[v]), int(self.offsets[v + 1])
             n = hi - lo
             if n == 0:
                 continue
             take = min(k, n)
-            rows = lo + (rng.choice(n, size=take, replace=False) if n > take else np.arange(n))
-            x[row, :take] = src[rows]
-            y[row, :take] = self.labels[rows]
-            mask[row, :take] = True
+            rows[row, :take] = lo + (
+                rng.choice(n, size=take, replace=False) if n > take else np.arange(n)
+            )
+        return rows
+
+    def gather_rows(
+        self, rows: np.ndarray, modality: str = "objects"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x, y, mask for frame rows [B, K] (-1 = padding), as `sample` returns them."""
+        src = self._inputs(modality)
+        rows = np.asarray(rows, dtype=np.int64)
+        b, k = rows.shape
+        x = np.zeros((b, k, *src.shape[1:]), dtype=np.float32)
+        y = np.zeros((b, k, self.labels.shape[1]), dtype=np.float32)
+        mask = rows >= 0
+        if mask.any():
+            x[mask] = src[rows[mask]]
+            y[mask] = self.labels[rows[mask]]
         if modality == "bev":
             x /= 255.0
         return x, y, mask

@@ -76,10 +76,13 @@ class VehicleDPSGD:
         seed: int | None = None,
         device: str | torch.device = "cpu",
         accounted_vehicles: int | None = None,
+        presummed: bool = False,
     ) -> None:
         """`n_vehicles` are sampled; q divides by `accounted_vehicles` (a public, rounded-down
         count ≤ n_vehicles) when given, so the true rate equals the accounted one and only the
-        public count can be inferred from q."""
+        public count can be inferred from q. `presummed`: the caller writes the clipped
+        per-vehicle sum into each `p.grad` itself (fedfsd.privacy.distributed sums it over
+        worker processes) and the optimizer only adds noise, scales and steps."""
         import torch
 
         from fedfsd.privacy.objective import label_scales, per_vehicle_loss
@@ -120,6 +123,8 @@ class VehicleDPSGD:
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
         cls = DPOptimizerFastGradientClipping if method == "ghost" else DPOptimizer
+        if presummed:  # the noise draws are the same as DPOptimizer's (same generator, order)
+            cls = DPOptimizerFastGradientClipping
         self.optimizer = cls(
             base,
             noise_multiplier=params.noise_multiplier,

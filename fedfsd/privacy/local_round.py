@@ -200,12 +200,24 @@ def _train(
     seed: int | None,
     device: str,
     progress: Callable[[int, int], None] | None,
+    workers: int = 1,
 ) -> _Training:
     """params.steps steps of vehicle-level DP-SGD from the received weights.
 
     In private mode the sample rate Opacus recorded and the accountant history must equal what
-    the budget was projected with (``after``), or nothing is released.
+    the budget was projected with (``after``), or nothing is released. ``workers`` > 1 trains
+    the same mechanism over several processes (fedfsd.privacy.distributed).
     """
+    if workers > 1:
+        from fedfsd.privacy.distributed import train_distributed
+
+        out = train_distributed(
+            frames, model_name, global_weights, params, history, accounted,
+            workers=workers, method=method, seed=seed, device=device, progress=progress,
+        )  # fmt: skip
+        if out.history != after:
+            raise RuntimeError(f"accountant history {out.history} != projected {after}")
+        return _Training(out.weights, out.history, out.method, out.losses, out.seconds)
     import torch
 
     from fedfsd.models import build_model, get_weights, set_weights
@@ -291,6 +303,7 @@ def run_local_round(
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     fleet_vehicles: int | None = None,
+    workers: int = 1,
 ) -> LocalRoundResult:
     """Train one local round under the region's policy and ledger (see module doc).
 
@@ -298,8 +311,13 @@ def run_local_round(
     splits; default: the training vehicles). δ must be below 1/fleet_vehicles, and the ledger
     opens with that count. DP-SGD samples the training vehicles with q = vehicles per step /
     the policy's `public_fleet_size` (a rounded-down public count) or the exact training count.
+    `workers` processes train it together (the same mechanism and ledger line as one; see
+    fedfsd.privacy.distributed) on `device` ("cpu" or "cuda"; refused when absent).
     """
+    from fedfsd.privacy.device import check_device
     from fedfsd.privacy.dpsgd import sample_rate
+
+    device = check_device(device, workers, private=private)
 
     all_vehicles = max(int(fleet_vehicles or 0), frames.n_vehicles)
     policy.check_dataset(frames.region, all_vehicles)
@@ -328,6 +346,7 @@ def run_local_round(
             seed=seed,
             device=device,
             progress=progress,
+            workers=workers,
         )
         if private:
             eps = projected  # the same history (checked in _train), so the same ε

@@ -20,6 +20,22 @@ if TYPE_CHECKING:  # the CLI imports torch, Flower and the data side only when a
 
 app = typer.Typer(no_args_is_help=True)
 
+WORKERS_HELP = (
+    "Training processes (one thread each); vehicles are sharded across them, one worker "
+    "samples and adds the noise, so the guarantee and the ledger line are one worker's."
+)
+DEVICE_HELP = "cpu, cuda or cuda:N (refused when no CUDA device is present)."
+
+
+def _check_device(device: str, workers: int, *, private: bool = True) -> None:
+    """--device / --workers refused before any data is loaded (exit 2)."""
+    from fedfsd.privacy.device import check_device
+
+    try:
+        check_device(device, workers, private=private)
+    except ValueError as e:
+        exit_for(e)
+
 
 @app.command("train-local")
 def train_local(
@@ -52,9 +68,13 @@ def train_local(
     synthetic: int = typer.Option(
         None, hidden=True, help="Use a synthetic in-memory fleet of N vehicles (tests, demos)."
     ),
+    workers: int = typer.Option(1, help=WORKERS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Train one local round outside any federation; print ε spent and left."""
     from rich.console import Console
+
+    _check_device(device, workers, private=not non_private)
 
     fields = {
         "local_steps": steps,
@@ -84,6 +104,8 @@ def train_local(
         round_idx,
         private=not non_private,
         seed=seed,
+        workers=workers,
+        device=device,
     )
     if out is not None:
         import numpy as np
@@ -180,12 +202,15 @@ def _trial_round(
     *,
     private: bool,
     seed: int | None,
+    workers: int = 1,
+    device: str = "cpu",
 ) -> LocalRoundResult:
     """run_local_round behind a progress bar; a refusal or failure stops with its exit code."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from fedfsd.config import PolicyError
     from fedfsd.privacy.accounting import AccountantError
+    from fedfsd.privacy.distributed import WorkerFailed
     from fedfsd.privacy.ledger import LedgerError
     from fedfsd.privacy.local_round import BudgetExceeded, run_local_round
 
@@ -212,8 +237,12 @@ def _trial_round(
                 private=private,
                 seed=seed,
                 progress=lambda s, n: prog.update(task, completed=s),
+                workers=workers,
+                device=device,
             )
     except (BudgetExceeded, PolicyError, LedgerError, AccountantError, ValueError) as e:
+        exit_for(e)
+    except WorkerFailed as e:  # nothing was recorded or released
         exit_for(e)
 
 
@@ -403,11 +432,14 @@ def start(
     ),
     log_dir: Path = typer.Option(None, help="Logs (default: next to the ledger)."),
     insecure: bool = typer.Option(False, "--insecure", help="Development only: no TLS/auth."),
+    workers: int = typer.Option(1, help=WORKERS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Run this region: a SuperNode (process isolation) + the region's own executor."""
     from fedfsd.deploy.admin import block_until_interrupted
     from fedfsd.deploy.processes import ProcessError, ProcessGroup
 
+    _check_device(device, workers)
     pol_path, pol = _start_policy(superlink, policy, data)
     _start_checks(ledger, data, pol, runtime_port)
     ca_path, key_path = _start_credentials(superlink, ca, key, insecure, pol.region)
@@ -417,6 +449,7 @@ def start(
         "data-dir": str(data.resolve()),
         "policy": str(pol_path),
         "ledger": str(ledger),
+        **training_node_config(workers, device),
     }
     group = ProcessGroup(logs)
     try:
@@ -434,6 +467,16 @@ def start(
     code = block_until_interrupted(procs, f"region {pol.region}")
     group.stop_all()
     raise typer.Exit(code)
+
+
+def training_node_config(workers: int, device: str) -> dict[str, int | str]:
+    """The node-config keys the ClientApp trains with (absent at the defaults: one CPU worker)."""
+    cfg: dict[str, int | str] = {}
+    if workers != 1:
+        cfg["workers"] = workers
+    if device != "cpu":
+        cfg["device"] = device
+    return cfg
 
 
 def _start_policy(superlink: str, policy: Path, data: Path) -> tuple[Path, RegionPolicy]:

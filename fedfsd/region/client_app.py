@@ -96,6 +96,16 @@ def resolve_setup(node_config: Mapping[str, Any], run_config: Mapping[str, Any])
     return simulation.simulated_setup(int(node_config["partition-id"]), run_config)
 
 
+def training_options(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """`workers` / `device` from `fedfsd region start --workers/--device` (absent: defaults)."""
+    opts: dict[str, Any] = {}
+    if "workers" in node_config:
+        opts["workers"] = int(node_config["workers"])
+    if "device" in node_config:
+        opts["device"] = str(node_config["device"])
+    return opts
+
+
 @dataclass
 class RegionDeps:
     """The region-side components the handlers call (the real ones unless a test swaps one)."""
@@ -339,6 +349,7 @@ def handle_train(
             rnd,
             request.model,
             fleet_vehicles=_fleet_vehicles(setup, deps),
+            **training_options(context.node_config),
         )
         release = guard_update(received, res.new_weights, policy.update_norm_bound)
         refuse_personalised(ledger, received, res.new_weights, release)

@@ -291,6 +291,8 @@ _WARM_MODULES = (
     "torch._dynamo",
     "opacus",
     "fedfsd.privacy.local_round",
+    "torch.distributed",  # forked training workers (`region start --workers N`) inherit it
+    "fedfsd.privacy.distributed",
     "fedfsd.data.vehicles",
     "fedfsd.region.client_app",
 )
