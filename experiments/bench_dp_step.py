@@ -28,7 +28,7 @@ REPEATS = 5
 K = 8
 VARIANTS = {  # model -> [(mode, method)]
     "mlp": [("non-private", "auto"), ("dp", "ghost"), ("dp", "vmap")],
-    "bev_cnn": [("non-private", "auto"), ("dp", "vmap")],
+    "bev_cnn": [("non-private", "auto"), ("dp", "ghost"), ("dp", "vmap")],
 }
 
 
