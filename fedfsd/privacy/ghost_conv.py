@@ -15,7 +15,7 @@ unfolded patch for a conv, width D; g: gradient at the layer output, width O). T
 * Gram form, ‖G_b‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t'): about T²(D + O) per vehicle, memory B·T²;
 * direct form, G_b materialised: about T·D·O per vehicle, memory B·D·O.
 
-The Gram form wins when T(D + O) < D·O (few tokens, wide layers: the MLP's hidden layers); on the
+The Gram form wins when T(D + O) ≤ D·O (few tokens, wide layers: the MLP's hidden layers); on the
 BEV CNN every conv has hundreds to thousands of tokens per vehicle, so the direct form wins there.
 Norm layers (GroupNorm, LayerNorm) have per-channel weight and bias: their per-vehicle gradients
 (Σ_t g·x̂ and Σ_t g, x̂ the normalised input) are tiny and computed exactly, never approximated.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ Form = Literal["auto", "gram", "direct"]
 class Part:
     """One trainable parameter's share: per-vehicle squared norms [B] and Σ_b c_b G_b(c)."""
 
-    param: nn.Parameter
+    param: torch.Tensor
     sq: torch.Tensor
     clipped: Callable[[torch.Tensor], torch.Tensor]
 
@@ -96,7 +96,7 @@ PER_FRAME_PARAM_FREE = (
 FEDFSD_PARAM_FREE = ("_bev_cnn.<locals>.ScaleUint8",)
 
 
-def _trainable(p: torch.Tensor | None) -> bool:
+def _trainable(p: Any) -> bool:
     return p is not None and p.requires_grad
 
 
@@ -107,14 +107,14 @@ def use_gram(tokens: int, d_in: int, d_out: int, form: Form) -> bool:
     return tokens * (d_in + d_out) <= d_in * d_out
 
 
-def materialised(param: nn.Parameter, per_vehicle: torch.Tensor) -> Part:
+def materialised(param: torch.Tensor, per_vehicle: torch.Tensor) -> Part:
     """A part whose per-vehicle gradients [B, ...] are in hand: norms and Σ_b c_b G_b direct."""
     flat = per_vehicle.reshape(per_vehicle.shape[0], -1)
     return Part(param, flat.pow(2).sum(-1), lambda c: (c @ flat).reshape(param.shape))
 
 
 def gram_part(
-    param: nn.Parameter,
+    param: torch.Tensor,
     a: torch.Tensor,
     g: torch.Tensor,
     weighted_sum: Callable[[torch.Tensor], torch.Tensor],
@@ -129,6 +129,7 @@ def linear_rule(
     m: nn.Module, inp: torch.Tensor, g: torch.Tensor, lay: Layout, form: Form
 ) -> list[Part]:
     """nn.Linear on [B·K, ..., D]: tokens are the frames (and any extra leading dims)."""
+    m = cast("nn.Linear", m)
     b = lay.b
     a3 = lay.by_vehicle(inp).reshape(b, -1, inp.shape[-1])  # [B, T, D]
     g3 = lay.by_vehicle(g).reshape(b, -1, g.shape[-1])  # [B, T, O]
@@ -140,11 +141,11 @@ def linear_rule(
                 gc = g3 * c[:, None, None]
                 return gc.reshape(-1, g3.shape[-1]).T @ a3.reshape(-1, a3.shape[-1])
 
-            parts.append(gram_part(m.weight, a3, g3, weighted_sum))  # type: ignore[arg-type]
+            parts.append(gram_part(m.weight, a3, g3, weighted_sum))
         else:
-            parts.append(materialised(m.weight, g3.transpose(1, 2) @ a3))  # type: ignore[arg-type]
+            parts.append(materialised(m.weight, g3.transpose(1, 2) @ a3))
     if _trainable(m.bias):
-        parts.append(materialised(m.bias, g3.sum(1)))  # type: ignore[arg-type]
+        parts.append(materialised(m.bias, g3.sum(1)))
     return parts
 
 
@@ -159,43 +160,47 @@ def conv2d_rule(
     groups (input [K, B·Cin, H, W], output gradient [K, B·O, H', W'], groups = B), which sums
     over a vehicle's frames and positions at about the cost of the non-private weight gradient.
     """
-    import torch
     import torch.nn.functional as F
+    from torch.nn.grad import conv2d_weight
 
+    m = cast("nn.Conv2d", m)
     b, k = lay.b, lay.k
     cin, o = inp.shape[1], g.shape[1]
     w = m.weight
+    pad = cast("tuple[int, ...]", m.padding)  # never a string: `supports_layer_chain` refuses it
     parts: list[Part] = []
     if _trainable(w):
         d = cin * w.shape[2] * w.shape[3]
         tokens = k * g.shape[2] * g.shape[3]
         if use_gram(tokens, d, o, form):
-            patches = F.unfold(inp, m.kernel_size, m.dilation, m.padding, m.stride)  # [N, D, P]
+            patches = F.unfold(inp, m.kernel_size, m.dilation, pad, m.stride)  # [N, D, P]
             a_t = lay.by_vehicle(patches.transpose(1, 2)).reshape(b, tokens, d)
             g_t = lay.by_vehicle(g.flatten(2).transpose(1, 2)).reshape(b, tokens, o)
 
             def weighted_sum(c: torch.Tensor) -> torch.Tensor:
                 gc = g * lay.per_row(c)[:, None, None, None]
-                return torch.nn.grad.conv2d_weight(
-                    inp, w.shape, gc, m.stride, m.padding, m.dilation, 1
-                )
+                return conv2d_weight(inp, w.shape, gc, m.stride, pad, m.dilation, 1)
 
-            parts.append(gram_part(w, a_t, g_t, weighted_sum))  # type: ignore[arg-type]
+            parts.append(gram_part(w, a_t, g_t, weighted_sum))
         else:
             xg = lay.by_frame(inp).reshape(k, b * cin, *inp.shape[2:])
             gg = lay.by_frame(g).reshape(k, b * o, *g.shape[2:])
-            pv = torch.nn.grad.conv2d_weight(
-                xg, (b * o, *w.shape[1:]), gg, m.stride, m.padding, m.dilation, b
+            pv = conv2d_weight(
+                xg, (b * o, *w.shape[1:]), gg, m.stride, pad, m.dilation, b
             )  # [B·O, Cin, kh, kw]: vehicle b's gradient in rows b·O .. (b+1)·O
-            parts.append(materialised(w, pv.reshape(b, *w.shape)))  # type: ignore[arg-type]
-    if _trainable(m.bias):
+            parts.append(materialised(w, pv.reshape(b, *w.shape)))
+    if m.bias is not None and m.bias.requires_grad:
         gb = lay.by_vehicle(g).sum((1, 3, 4))  # [B, O]
-        parts.append(materialised(m.bias, gb))  # type: ignore[arg-type]
+        parts.append(materialised(m.bias, gb))
     return parts
 
 
 def _affine_norm_parts(
-    m: nn.Module, xhat: torch.Tensor, g: torch.Tensor, lay: Layout, channel_dim: int
+    m: nn.GroupNorm | nn.LayerNorm,
+    xhat: torch.Tensor,
+    g: torch.Tensor,
+    lay: Layout,
+    channel_dim: int,
 ) -> list[Part]:
     """Per-channel scale and shift, out = x̂·w + β: G_b(w) = Σ_t g·x̂, G_b(β) = Σ_t g, exact.
 
@@ -210,11 +215,11 @@ def _affine_norm_parts(
 
     parts: list[Part] = []
     if _trainable(m.weight):
-        pw = per_vehicle(g * xhat, m.weight.shape)  # type: ignore[union-attr]
-        parts.append(materialised(m.weight, pw))  # type: ignore[arg-type]
+        pw = per_vehicle(g * xhat, m.weight.shape)
+        parts.append(materialised(m.weight, pw))
     if _trainable(m.bias):
-        pb = per_vehicle(g, m.bias.shape)  # type: ignore[union-attr]
-        parts.append(materialised(m.bias, pb))  # type: ignore[arg-type]
+        pb = per_vehicle(g, m.bias.shape)
+        parts.append(materialised(m.bias, pb))
     return parts
 
 
@@ -224,7 +229,8 @@ def group_norm_rule(
     """nn.GroupNorm: per-frame statistics, so x̂ of a frame depends on that frame alone."""
     import torch.nn.functional as F
 
-    xhat = F.group_norm(inp, m.num_groups, eps=m.eps)  # type: ignore[arg-type]
+    m = cast("nn.GroupNorm", m)
+    xhat = F.group_norm(inp, m.num_groups, eps=m.eps)
     return _affine_norm_parts(m, xhat, g, lay, channel_dim=1)
 
 
@@ -234,7 +240,8 @@ def layer_norm_rule(
     """nn.LayerNorm over the trailing `normalized_shape` of each token."""
     import torch.nn.functional as F
 
-    xhat = F.layer_norm(inp, m.normalized_shape, eps=m.eps)  # type: ignore[arg-type]
+    m = cast("nn.LayerNorm", m)
+    xhat = F.layer_norm(inp, m.normalized_shape, eps=m.eps)
     return _affine_norm_parts(m, xhat, g, lay, channel_dim=-1)
 
 
@@ -265,7 +272,9 @@ def _rule_applies(m: nn.Module) -> bool:
 def _param_free_per_frame(m: nn.Module) -> bool:
     from torch import nn
 
-    if list(m.parameters()) or list(m.buffers()) or list(m.children()):
+    if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+        return False
+    if any(True for _ in m.children()):
         return False
     t = type(m)
     if t.__module__.startswith("torch.nn.modules.") and t.__name__ in PER_FRAME_PARAM_FREE:
