@@ -63,6 +63,12 @@ class Layout:
             return t.reshape(self.k, self.b, *t.shape[1:]).transpose(0, 1)
         return t.reshape(self.b, self.k, *t.shape[1:])
 
+    def sum_frames(self, t: torch.Tensor) -> torch.Tensor:
+        """[B·K, *rest] rows -> [B, *rest], each vehicle's rows summed (no copy of t)."""
+        if self.frame_major:
+            return t.reshape(self.k, self.b, *t.shape[1:]).sum(0)
+        return t.reshape(self.b, self.k, *t.shape[1:]).sum(1)
+
     def per_row(self, c: torch.Tensor) -> torch.Tensor:
         """A per-vehicle value [B] spread over the B·K rows."""
         return c.repeat(self.k) if self.frame_major else c.repeat_interleave(self.k)
@@ -190,7 +196,7 @@ def conv2d_rule(
             )  # [B·O, Cin, kh, kw]: vehicle b's gradient in rows b·O .. (b+1)·O
             parts.append(materialised(w, pv.reshape(b, *w.shape)))
     if m.bias is not None and m.bias.requires_grad:
-        gb = lay.by_vehicle(g).sum((1, 3, 4))  # [B, O]
+        gb = lay.sum_frames(g.sum((2, 3)))  # [B, O]
         parts.append(materialised(m.bias, gb))
     return parts
 
@@ -208,10 +214,10 @@ def _affine_norm_parts(
     """
 
     def per_vehicle(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        v = lay.by_vehicle(t)  # [B, K, ...]
-        if channel_dim == 1:  # [B, K, C, *] -> [B, C]
-            return v.reshape(lay.b, lay.k, v.shape[2], -1).sum((1, 3))
-        return v.reshape(lay.b, -1, *shape).sum(1)  # [B, K, ..., *shape] -> [B, *shape]
+        if channel_dim == 1:  # [N, C, *] -> [N, C] -> [B, C]
+            return lay.sum_frames(t.reshape(t.shape[0], t.shape[1], -1).sum(-1))
+        # [N, ..., *shape] -> [N, *shape] -> [B, *shape]
+        return lay.sum_frames(t.reshape(t.shape[0], -1, *shape).sum(1))
 
     parts: list[Part] = []
     if _trainable(m.weight):
