@@ -43,8 +43,14 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def _setup(model_name: str, mode: str, method: str, device: str, b: int) -> tuple[Any, ...]:
-    """A trainer for one variant, its fleet and the fixed batch of vehicles it steps on."""
+def _setup(
+    model_name: str, mode: str, method: str, device: str, b: int, bev_repeat: int = 1
+) -> tuple[Any, ...]:
+    """A trainer for one variant, its fleet and the fixed batch of vehicles it steps on.
+
+    `bev_repeat` r blows the 16 × 32 test rasters up to 16r × 32r (pixel repetition), e.g. 3 for
+    48 × 96, close to the 48 × 128 rasters of real fleet logs.
+    """
     import numpy as np
 
     from fedfsd.config import DPParams
@@ -54,6 +60,8 @@ def _setup(model_name: str, mode: str, method: str, device: str, b: int) -> tupl
 
     bev = model_name == "bev_cnn"
     frames = make_synthetic_frames(4 * b, 2 * K, seed=0, with_bev=bev)
+    if bev and bev_repeat > 1:
+        frames.bev = frames.bev.repeat(bev_repeat, axis=2).repeat(bev_repeat, axis=3)
     kw = {"in_channels": frames.bev.shape[1]} if bev else {}
     model = build_model(model_name, frames.features.shape[1], frames.labels.shape[1], **kw)
     params = DPParams(
@@ -74,11 +82,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_group(model_name: str, device: str, b: int, steps: int) -> dict[str, dict[str, float]]:
+def time_group(
+    model_name: str, device: str, b: int, steps: int, bev_repeat: int = 1
+) -> dict[str, dict[str, float]]:
     """Wall and CPU ms/step of every variant of one model, timed in interleaved blocks (each the
     minimum block mean)."""
     setups = {
-        f"{m}/{meth}": _setup(model_name, m, meth, device, b) for m, meth in VARIANTS[model_name]
+        f"{m}/{meth}": _setup(model_name, m, meth, device, b, bev_repeat)
+        for m, meth in VARIANTS[model_name]
     }
     for tr, fr, idx in setups.values():  # warm-up
         for _ in range(2):
@@ -97,11 +108,13 @@ def time_group(model_name: str, device: str, b: int, steps: int) -> dict[str, di
     return best
 
 
-def peak_memory(model_name: str, mode: str, method: str, device: str, b: int) -> float:
+def peak_memory(
+    model_name: str, mode: str, method: str, device: str, b: int, bev_repeat: int = 1
+) -> float:
     """Peak extra MiB of a few steps of one variant (run alone in this process)."""
     import torch
 
-    tr, fr, idx = _setup(model_name, mode, method, device, b)
+    tr, fr, idx = _setup(model_name, mode, method, device, b, bev_repeat)
     tr.step_fixed_batch(fr, idx)
     _sync(device)
     cuda = device.startswith("cuda")
@@ -141,6 +154,13 @@ def main() -> None:
         default=",".join(VARIANTS),
         help=f"comma-separated subset of {', '.join(VARIANTS)}",
     )
+    ap.add_argument(
+        "--bev-repeat",
+        type=int,
+        default=1,
+        help="BEV rasters 16r × 32r instead of 16 × 32 (3: 48 × 96, near real 48 × 128)",
+    )
+    ap.add_argument("--batches", help="comma-separated vehicles per step (default 64,256)")
     ap.add_argument("--child-time", help=argparse.SUPPRESS)
     ap.add_argument("--child-mem", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -159,6 +179,9 @@ def main() -> None:
         ap.error(f"unknown model(s) {unknown}; choose from {', '.join(VARIANTS)}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     batches = [64] if a.quick else [64, 256]
+    if a.batches:
+        batches = [int(v) for v in a.batches.split(",")]
+    rep = max(1, a.bev_repeat)
     rows = []
     for device in devices:
         for b in batches:
@@ -167,10 +190,13 @@ def main() -> None:
                 steps = (4 if a.quick else 10) if model_name == "mlp" else (1 if a.quick else 3)
                 steps *= 5 if device == "cuda" else 1
                 ms = _child(
-                    "time", dict(model_name=model_name, device=device, b=b, steps=steps), a.threads
+                    "time",
+                    dict(model_name=model_name, device=device, b=b, steps=steps, bev_repeat=rep),
+                    a.threads,
                 )
                 for mode, method in variants:
-                    cfg = dict(model_name=model_name, mode=mode, method=method, device=device, b=b)
+                    cfg = dict(model_name=model_name, mode=mode, method=method, device=device, b=b,
+                               bev_repeat=rep)  # fmt: skip
                     mem = _child("mem", cfg, a.threads)
                     t, base = ms[f"{mode}/{method}"], ms[f"non-private/{variants[0][1]}"]
                     rows.append(dict(device=device, model=model_name, b=b, mode=mode,
@@ -180,7 +206,7 @@ def main() -> None:
                                      cpu_ratio=t["cpu_ms"] / base["cpu_ms"]))  # fmt: skip
     print(
         f"vehicle-level DP-SGD step vs non-private (K = {K} frames/vehicle, "
-        f"{a.threads} CPU thread(s), torch {torch.__version__})"
+        f"{a.threads} CPU thread(s), BEV {16 * rep} × {32 * rep}, torch {torch.__version__})"
     )
     print(
         "| device | model | vehicles/step | mode | method | ms/step | CPU ms/step | "
