@@ -1,15 +1,18 @@
 """Benchmark: vehicle-level DP-SGD step vs the non-private step of the same model and batch.
 
-Prints a table (time per step, peak extra memory, ratio to non-private) for the object-list MLP
-(ghost-norm path, and the vmap fallback for comparison) and the BEV CNN (vmap path), on CPU and
-on CUDA when present.
+Prints a table (time per step, CPU time per step, peak extra memory, ratio to non-private) for
+the object-list MLP and the BEV CNN, each with the per-vehicle ghost path (Gram/direct norms per
+layer, `fedfsd.privacy.ghost_conv`) and the vmap reference, on CPU and on CUDA when present.
 
 Timing: all variants of one (device, model, batch) are built in one process and timed in
 interleaved blocks; each variant's time is the minimum block mean, so variants see the same
-machine load (these boxes are shared) and the ratio is fair. Memory: each variant runs in its
-own subprocess, so peak memory (VmHWM on CPU, max_memory_allocated on CUDA) is its own.
+machine load (these boxes are shared) and the ratio is fair. CPU time (process time of this
+one-threaded process) is reported beside wall time: it does not count time the process spent
+waiting for a core, so its ratio is the steadier one on a loaded machine. Memory: each variant
+runs in its own subprocess, so peak memory (VmHWM on CPU, max_memory_allocated on CUDA) is its
+own.
 
-    .venv/bin/python experiments/bench_dp_step.py [--quick] [--threads 1] [--json out.json]
+    .venv/bin/python experiments/bench_dp_step.py [--quick] [--threads 1] [--models bev_cnn]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ REPEATS = 5
 K = 8
 VARIANTS = {  # model -> [(mode, method)]
     "mlp": [("non-private", "auto"), ("dp", "ghost"), ("dp", "vmap")],
-    "bev_cnn": [("non-private", "auto"), ("dp", "vmap")],
+    "bev_cnn": [("non-private", "auto"), ("dp", "ghost"), ("dp", "vmap")],
 }
 
 
@@ -40,8 +43,14 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def _setup(model_name: str, mode: str, method: str, device: str, b: int) -> tuple[Any, ...]:
-    """A trainer for one variant, its fleet and the fixed batch of vehicles it steps on."""
+def _setup(
+    model_name: str, mode: str, method: str, device: str, b: int, bev_repeat: int = 1
+) -> tuple[Any, ...]:
+    """A trainer for one variant, its fleet and the fixed batch of vehicles it steps on.
+
+    `bev_repeat` r blows the 16 × 32 test rasters up to 16r × 32r (pixel repetition), e.g. 3 for
+    48 × 96, close to the 48 × 128 rasters of real fleet logs.
+    """
     import numpy as np
 
     from fedfsd.config import DPParams
@@ -51,6 +60,8 @@ def _setup(model_name: str, mode: str, method: str, device: str, b: int) -> tupl
 
     bev = model_name == "bev_cnn"
     frames = make_synthetic_frames(4 * b, 2 * K, seed=0, with_bev=bev)
+    if bev and bev_repeat > 1:
+        frames.bev = frames.bev.repeat(bev_repeat, axis=2).repeat(bev_repeat, axis=3)
     kw = {"in_channels": frames.bev.shape[1]} if bev else {}
     model = build_model(model_name, frames.features.shape[1], frames.labels.shape[1], **kw)
     params = DPParams(
@@ -71,31 +82,39 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_group(model_name: str, device: str, b: int, steps: int) -> dict[str, float]:
-    """ms/step of every variant of one model, timed in interleaved blocks (min block mean)."""
+def time_group(
+    model_name: str, device: str, b: int, steps: int, bev_repeat: int = 1
+) -> dict[str, dict[str, float]]:
+    """Wall and CPU ms/step of every variant of one model, timed in interleaved blocks (each the
+    minimum block mean)."""
     setups = {
-        f"{m}/{meth}": _setup(model_name, m, meth, device, b) for m, meth in VARIANTS[model_name]
+        f"{m}/{meth}": _setup(model_name, m, meth, device, b, bev_repeat)
+        for m, meth in VARIANTS[model_name]
     }
     for tr, fr, idx in setups.values():  # warm-up
         for _ in range(2):
             tr.step_fixed_batch(fr, idx)
-    best = {name: math.inf for name in setups}
+    best = {name: {"ms": math.inf, "cpu_ms": math.inf} for name in setups}
     for _ in range(REPEATS):
         for name, (tr, fr, idx) in setups.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 tr.step_fixed_batch(fr, idx)
             _sync(device)
-            best[name] = min(best[name], (time.perf_counter() - t0) / steps * 1e3)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            best[name]["ms"] = min(best[name]["ms"], wall / steps * 1e3)
+            best[name]["cpu_ms"] = min(best[name]["cpu_ms"], cpu / steps * 1e3)
     return best
 
 
-def peak_memory(model_name: str, mode: str, method: str, device: str, b: int) -> float:
+def peak_memory(
+    model_name: str, mode: str, method: str, device: str, b: int, bev_repeat: int = 1
+) -> float:
     """Peak extra MiB of a few steps of one variant (run alone in this process)."""
     import torch
 
-    tr, fr, idx = _setup(model_name, mode, method, device, b)
+    tr, fr, idx = _setup(model_name, mode, method, device, b, bev_repeat)
     tr.step_fixed_batch(fr, idx)
     _sync(device)
     cuda = device.startswith("cuda")
@@ -130,6 +149,18 @@ def main() -> None:
         help="directory for dp_step.json (the table) and dp_step.png (the ratio plot)",
     )
     ap.add_argument("--json", help="also write the rows as JSON at this exact path")
+    ap.add_argument(
+        "--models",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {', '.join(VARIANTS)}",
+    )
+    ap.add_argument(
+        "--bev-repeat",
+        type=int,
+        default=1,
+        help="BEV rasters 16r × 32r instead of 16 × 32 (3: 48 × 96, near real 48 × 128)",
+    )
+    ap.add_argument("--batches", help="comma-separated vehicles per step (default 64,256)")
     ap.add_argument("--child-time", help=argparse.SUPPRESS)
     ap.add_argument("--child-mem", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -143,34 +174,50 @@ def main() -> None:
         print(json.dumps(peak_memory(**json.loads(a.child_mem))))
         return
 
+    models = [m for m in a.models.split(",") if m]
+    if unknown := sorted(set(models) - set(VARIANTS)):
+        ap.error(f"unknown model(s) {unknown}; choose from {', '.join(VARIANTS)}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     batches = [64] if a.quick else [64, 256]
+    if a.batches:
+        batches = [int(v) for v in a.batches.split(",")]
+    rep = max(1, a.bev_repeat)
     rows = []
     for device in devices:
         for b in batches:
-            for model_name, variants in VARIANTS.items():
+            for model_name in models:
+                variants = VARIANTS[model_name]
                 steps = (4 if a.quick else 10) if model_name == "mlp" else (1 if a.quick else 3)
                 steps *= 5 if device == "cuda" else 1
                 ms = _child(
-                    "time", dict(model_name=model_name, device=device, b=b, steps=steps), a.threads
+                    "time",
+                    dict(model_name=model_name, device=device, b=b, steps=steps, bev_repeat=rep),
+                    a.threads,
                 )
                 for mode, method in variants:
-                    cfg = dict(model_name=model_name, mode=mode, method=method, device=device, b=b)
+                    cfg = dict(model_name=model_name, mode=mode, method=method, device=device, b=b,
+                               bev_repeat=rep)  # fmt: skip
                     mem = _child("mem", cfg, a.threads)
-                    t = ms[f"{mode}/{method}"]
+                    t, base = ms[f"{mode}/{method}"], ms[f"non-private/{variants[0][1]}"]
                     rows.append(dict(device=device, model=model_name, b=b, mode=mode,
-                                     method=method if mode == "dp" else "-", ms=t, peak_mib=mem,
-                                     ratio=t / ms[f"non-private/{variants[0][1]}"]))  # fmt: skip
+                                     method=method if mode == "dp" else "-", ms=t["ms"],
+                                     cpu_ms=t["cpu_ms"], peak_mib=mem,
+                                     ratio=t["ms"] / base["ms"],
+                                     cpu_ratio=t["cpu_ms"] / base["cpu_ms"]))  # fmt: skip
     print(
         f"vehicle-level DP-SGD step vs non-private (K = {K} frames/vehicle, "
-        f"{a.threads} CPU thread(s), torch {torch.__version__})"
+        f"{a.threads} CPU thread(s), BEV {16 * rep} × {32 * rep}, torch {torch.__version__})"
     )
-    print("| device | model | vehicles/step | mode | method | ms/step | peak extra MiB | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| device | model | vehicles/step | mode | method | ms/step | CPU ms/step | "
+        "peak extra MiB | ratio | CPU ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['device']} | {r['model']} | {r['b']} | {r['mode']} | {r['method']} | "
-            f"{r['ms']:.2f} | {r['peak_mib']:.1f} | {r['ratio']:.2f}× |"
+            f"{r['ms']:.2f} | {r['cpu_ms']:.2f} | {r['peak_mib']:.1f} | {r['ratio']:.2f}× | "
+            f"{r['cpu_ratio']:.2f}× |"
         )
     if a.json:
         with open(a.json, "w") as f:

@@ -62,7 +62,7 @@ def test_ghost_and_vmap_agree_on_the_mlp():
     frames = make_synthetic_frames(30, 12, seed=0)
     model = _trained_like(build_model("mlp", frames.features.shape[1], frames.labels.shape[1]))
     assert supports_ghost(model)
-    assert not supports_ghost(build_model("bev_cnn", 0, 7, in_channels=2))
+    assert supports_ghost(build_model("bev_cnn", 0, 7, in_channels=2))  # tests/test_ghost_conv.py
     x, y, m = tensors(frames, range(20))
     m[3, 2:] = False  # a vehicle with only 2 of 8 frames
     g_sum, g_norms = ghost_sum(model, x, y, m, clip=0.17)
@@ -137,7 +137,7 @@ def test_empty_poisson_batch_still_steps_with_noise(name):
         seed=0,
         modality="bev" if name == "bev_cnn" else "objects",
     )
-    assert tr.method == ("ghost" if name == "mlp" else "vmap")
+    assert tr.method == "ghost"  # both models have per-vehicle ghost rules
     before = [p.detach().clone() for p in model.parameters()]
     r = tr.step_fixed_batch(frames, np.array([], dtype=np.int64))
     assert r.n_vehicles == 0

@@ -430,13 +430,15 @@ def test_supports_ghost_accepts_only_proven_structures() -> None:
 
     assert supports_ghost(build_model("mlp", 10, 7))
     assert supports_ghost(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
-    assert not supports_ghost(build_model("bev_cnn", 10, 7, in_channels=2))
+    assert supports_ghost(build_model("bev_cnn", 10, 7, in_channels=2))  # conv ghost rules
     shared = nn.Linear(4, 4)
     assert not supports_ghost(nn.Sequential(shared, nn.GELU(), shared))  # applied twice
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight
     assert not supports_ghost(nn.Sequential(a, nn.GELU(), b))  # shared parameter
-    assert not supports_ghost(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)))
+    assert not supports_ghost(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)))  # mixes frames
+    assert not supports_ghost(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten()))
+    assert not supports_ghost(nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 2)))
 
     class Twice(nn.Module):
         def __init__(self) -> None:

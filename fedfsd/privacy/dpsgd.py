@@ -112,7 +112,10 @@ class VehicleDPSGD:
         if method == "auto":
             method = "ghost" if supports_ghost(model) else "vmap"
         if method == "ghost" and not supports_ghost(model):
-            raise ValueError("method 'ghost' needs a model of Linear + element-wise layers")
+            raise ValueError(
+                "method 'ghost' needs a per-frame nn.Sequential of Linear/Conv2d/GroupNorm/"
+                "LayerNorm and parameter-free layers (see pervehicle.supports_ghost)"
+            )
         self.method = method
         base = torch.optim.SGD(self.model.parameters(), lr=params.lr)
         self.accountant: Any = None

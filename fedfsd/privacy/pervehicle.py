@@ -5,14 +5,17 @@ Opacus clips per *sample*; it has no notion of a unit (a vehicle) that owns many
 and `DPOptimizerFastGradientClipping` accepts an already clipped-and-summed gradient. This module
 computes those, two ways:
 
-* `ghost` (Linear + element-wise models, i.e. the object-list MLP): for a Linear layer the
-  gradient of vehicle b is G_b = Σ_k g_bk a_bkᵀ (a = layer input, g = gradient at the layer
-  output, k over the vehicle's frames), so ‖G_b‖² = Σ_{k,k'} (a_bk·a_bk')(g_bk·g_bk') — the
-  Gram-matrix trick of ghost clipping, summed within a vehicle. One backward to the layer
-  outputs gives every norm; the clipped sum Σ_b c_b G_b is then one matmul per layer with g
-  re-weighted by the clip factors c_b (no second backward through the network).
-* `vmap` (any model, e.g. the BEV CNN): `torch.func.vmap(grad(vehicle_loss))` materialises
-  one full gradient per vehicle. General, but 3-12× the non-private step on the MLP.
+* `ghost` (the object-list MLP and the BEV CNN): for a Linear layer the gradient of vehicle b
+  is G_b = Σ_k g_bk a_bkᵀ (a = layer input, g = gradient at the layer output, k over the
+  vehicle's frames), so ‖G_b‖² = Σ_{k,k'} (a_bk·a_bk')(g_bk·g_bk') — the Gram-matrix trick of
+  ghost clipping, summed within a vehicle; a Conv2d is the same over its unfolded patches, with
+  tokens = frames × output positions, and GroupNorm/LayerNorm get exact per-vehicle gradients
+  (`fedfsd.privacy.ghost_conv` has the per-layer rules and picks the Gram or the direct form by
+  flops). One backward to the layer outputs gives every norm; the clipped sum Σ_b c_b G_b is then
+  one weighted sum per layer (no second backward through the network).
+* `vmap` (any model; the reference the ghost path is tested against):
+  `torch.func.vmap(grad(vehicle_loss))` materialises one full gradient per vehicle. General, but
+  2-12× the non-private step.
 
 Both use Opacus' clip factor, min(1, C / (‖g_b‖ + 1e-6)), so they agree to float precision.
 """
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from fedfsd.privacy.ghost_conv import Form
+
 LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
@@ -34,38 +39,17 @@ def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return (clip_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
-# Parameter-free element-wise layers: the Gram trick needs every parametrised layer to be a
-# Linear applied once per frame, with nothing between them that mixes frames or features.
-ELEMENTWISE = ("GELU", "ReLU", "Tanh", "Sigmoid", "SiLU", "LeakyReLU", "ELU", "Identity")
-
-
-def _linear_chain(seq: nn.Module) -> bool:
-    """An nn.Sequential of distinct Linear layers and parameter-free element-wise layers."""
-    from torch import nn
-
-    if type(seq) is not nn.Sequential:
-        return False
-    children = list(seq._modules.values())  # children() would hide a repeated layer
-    if len({id(c) for c in children}) != len(children):  # a layer applied more than once
-        return False
-    for c in children:
-        if type(c) is nn.Linear:
-            continue
-        if type(c).__name__ not in ELEMENTWISE or type(c).__module__ != nn.GELU.__module__:
-            return False
-        if len(list(c.parameters(recurse=True))) or len(list(c.children())):
-            return False
-    return any(type(c) is nn.Linear for c in children)
-
-
 def supports_ghost(model: nn.Module) -> bool:
-    """True only for structures the per-vehicle Gram-norm trick is proven for.
+    """True only for structures the per-vehicle ghost rules are proven for.
 
-    Accepted: an nn.Sequential of distinct nn.Linear layers and element-wise activations, or
-    fedfsd's PriorMLP wrapping one (its prior is a fixed buffer). Refused: any other
-    parametrised module, shared parameters, a Linear applied more than once, custom forwards.
+    Accepted: an nn.Sequential of distinct layers that each act on one frame alone (Linear,
+    Conv2d, GroupNorm, LayerNorm, parameter-free activations/pooling/flatten, fedfsd's uint8
+    scaling; see `ghost_conv.supports_layer_chain`), i.e. the object-list MLP's net and the BEV
+    CNN, or fedfsd's PriorMLP wrapping one (its prior is a fixed buffer). Refused: any other
+    parametrised module (BatchNorm mixes frames), shared parameters, a layer applied more than
+    once, custom forwards.
     """
-    from torch import nn
+    from fedfsd.privacy.ghost_conv import supports_layer_chain
 
     net = model
     if type(model).__name__ == "PriorMLP" and type(model).__module__ == "fedfsd.models":
@@ -73,17 +57,8 @@ def supports_ghost(model: nn.Module) -> bool:
         if set(children) != {"net"} or list(model.parameters(recurse=False)):
             return False
         net = children["net"]
-    if not _linear_chain(net):
+    if not supports_layer_chain(net):
         return False
-    seen: set[int] = set()
-    for m in net._modules.values():
-        if isinstance(m, nn.Linear):
-            for p in m._parameters.values():  # parameters() would hide a shared tensor
-                if p is None:
-                    continue
-                if id(p) in seen:
-                    return False
-                seen.add(id(p))
     return any(p.requires_grad for p in model.parameters())
 
 
@@ -94,62 +69,70 @@ def ghost_clipped_sum(
     mask: torch.Tensor,
     clip_norm: float,
     loss_fn: LossFn,
+    form: Form = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write Σ_b clip(∇L_b) into each `p.grad`; return (per-vehicle losses, norms) [B].
+    """Write Σ_b clip(∇L_b) into each trainable `p.grad`; return (per-vehicle losses, norms) [B].
 
-    `x` is [B, K, F]; the model must be per-frame and satisfy `supports_ghost`.
+    `x` is [B, K, *frame]; the model must be per-frame and satisfy `supports_ghost`. One
+    forward, one backward to the outputs of the parametrised layers, then each layer's rule
+    (`fedfsd.privacy.ghost_conv`) gives the vehicles' squared norms and, after clipping, the
+    layer's clipped sum. `form` forces the Gram or direct form everywhere (tests); "auto" picks
+    the cheaper one per layer.
     """
     import torch
     from torch import nn
 
+    from fedfsd.privacy.ghost_conv import Layout, rule_for
+
     b, k = x.shape[:2]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if b == 0:  # empty Poisson batch: the clipped sum is zero, the step adds noise only
-        for p in model.parameters():
+        for p in trainable:
             p.grad = torch.zeros_like(p)
         empty = torch.zeros(0, device=x.device)
         return empty, empty
+    layers = [
+        m
+        for m in model.modules()
+        if rule_for(m) is not None and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
     seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         if mod in seen:
-            raise RuntimeError("ghost clipping needs each Linear to be applied once per frame")
+            raise RuntimeError("ghost clipping needs each layer to be applied once per frame")
         seen[mod] = (inp[0].detach(), out)
 
-    handles = [m.register_forward_hook(hook) for m in linears]
+    # Convs run frame-major (row k·B + b), which makes their per-vehicle layout a free view.
+    lay = Layout(b, k, frame_major=any(isinstance(m, nn.Conv2d) for m in layers))
+    frames = x.transpose(0, 1) if lay.frame_major else x  # [K, B, ...] or [B, K, ...]
+    handles = [m.register_forward_hook(hook) for m in layers]
     try:
-        out = model(x.reshape(b * k, *x.shape[2:])).reshape(b, k, -1)
+        out = model(frames.reshape(b * k, *x.shape[2:]))
     finally:
         for h in handles:
             h.remove()
-    losses = loss_fn(out, y, mask)
-    used = [m for m in linears if m in seen]
+    losses = loss_fn(lay.by_vehicle(out.reshape(b * k, -1)), y, mask)
+    used = [m for m in layers if m in seen]
     outs = [seen[m][1] for m in used]
-    gs = torch.autograd.grad(losses.sum(), outs)
+    gs = torch.autograd.grad(losses.sum(), outs, allow_unused=True, materialize_grads=True)
 
     sq = torch.zeros(b, dtype=out.dtype, device=out.device)
-    acts: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+    parts = []
     for m, g in zip(used, gs, strict=True):
-        a = seen[m][0].reshape(b, k, -1)
-        g = g.reshape(b, k, -1)
-        acts.append((m, a, g))
-        if k * (a.shape[-1] + g.shape[-1]) <= a.shape[-1] * g.shape[-1]:  # Gram is cheaper
-            sq += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
-        else:  # long windows: materialising the per-vehicle weight gradient is cheaper
-            sq += torch.einsum("bko,bki->boi", g, a).pow(2).sum((1, 2))
-        if m.bias is not None:
-            sq += g.sum(1).pow(2).sum(-1)
+        rule = rule_for(m)
+        assert rule is not None
+        for part in rule(m, seen[m][0], g, lay, form):
+            sq = sq + part.sq
+            parts.append(part)
     norms = sq.clamp_min(0).sqrt()
     c = clip_factors(norms, clip_norm)
-    for m, a, g in acts:
-        gc = g * c[:, None, None]
-        m.weight.grad = gc.reshape(b * k, -1).T @ a.reshape(b * k, -1)
-        if m.bias is not None:
-            m.bias.grad = gc.sum((0, 1))
-    for m in linears:
-        if m not in seen:  # unused layer: contributes nothing, but Opacus needs a grad
-            for p in m.parameters():
-                p.grad = torch.zeros_like(p)
+    for part in parts:
+        part.param.grad = part.clipped(c)
+    done = {id(part.param) for part in parts}
+    for p in trainable:
+        if id(p) not in done:  # unused layer: contributes nothing, but Opacus needs a grad
+            p.grad = torch.zeros_like(p)
     return losses.detach(), norms.detach()
 
 
