@@ -165,6 +165,13 @@ def wire_size(message: Any) -> tuple[int, float]:
     return size, time.perf_counter() - t
 
 
+def object_count(message: Any) -> int:
+    """Flower objects a Message deflates into: each one is moved by its own Fleet API request."""
+    from fedfsd.flower.message_objects import get_all_nested_objects
+
+    return len(get_all_nested_objects(message))
+
+
 def _message(content: Any, kind: str, reply_to: str = "") -> Any:
     """A Message with explicit metadata (outside a Flower run there is no task identity)."""
     from flwr.app import Message, Metadata
@@ -187,22 +194,16 @@ def train_messages(
     weights: dict[str, np.ndarray], update: dict[str, np.ndarray], cfg: dict, manifest: bytes
 ) -> tuple[Any, Any]:
     """The train instruction and reply, with the records the ServerApp and ClientApp put in."""
-    from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
+    from flwr.app import MessageType, MetricRecord, RecordDict
 
     from fedfsd import wire
 
-    ins = _message(
-        RecordDict(
-            {wire.ARRAYS: wire.arrays_to_record(weights), wire.CONFIG: ConfigRecord(dict(cfg))}
-        ),
-        MessageType.TRAIN,
-    )
+    ins = _message(RecordDict(wire.packed_records(weights, wire.CONFIG, cfg)), MessageType.TRAIN)
     reply = _message(
         RecordDict(
             {
-                wire.ARRAYS: wire.arrays_to_record(update),
+                **wire.packed_records(update, wire.MANIFEST, {wire.MANIFEST_KEY: manifest}),
                 wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1, "loss": 0.5}),
-                wire.MANIFEST: ConfigRecord({wire.MANIFEST_KEY: manifest}),
             }
         ),
         MessageType.TRAIN,
@@ -230,6 +231,8 @@ def serialisation_cost(weights: dict[str, np.ndarray], cfg: dict, reps: int) -> 
     return {
         "train_ins_bytes": ins_b,
         "train_reply_bytes": rep_b,
+        "train_ins_objects": object_count(ins),
+        "train_reply_objects": object_count(reply),
         "train_ins_deflate_s": statistics.median(ins_t),
         "train_reply_deflate_s": statistics.median(rep_t),
     }
@@ -658,7 +661,8 @@ def print_tables(doc: dict[str, Any]) -> None:
     )
     s = doc["serialisation"]
     console.print(
-        f"serialised train instruction {s['train_ins_bytes']} B, reply {s['train_reply_bytes']} B "
+        f"serialised train instruction {s['train_ins_bytes']} B in {s['train_ins_objects']} "
+        f"objects, reply {s['train_reply_bytes']} B in {s['train_reply_objects']} objects "
         f"(raw update {doc['raw_update_bytes']} B, {doc['n_params']} float32 params); "
         f"rounds after the first: median DP training {doc['local_training_s_median']:.1f} s, "
         f"not training {doc['not_training_s_median']:.2f} s = "
