@@ -286,7 +286,10 @@ def _flat_buffer(arr: Any, total: int) -> np.ndarray:
     if np.dtype(dtype) != WIRE_DTYPE or np.dtype(dtype).str != WIRE_DTYPE.str:
         raise LayoutError(f"packed buffer dtype {dtype} is not {WIRE_DTYPE.str}")
     if fortran or tuple(shape) != (total,):
-        raise LayoutError(f"packed buffer header shape {shape} != ({total},)")
+        raise LayoutError(
+            f"packed buffer header (shape {shape}, fortran_order {fortran}) is not ({total},) "
+            "in C order"
+        )
     start = buf.tell()
     if len(data) - start != total * WIRE_DTYPE.itemsize:
         raise LayoutError(
