@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 
 from fedfsd import wire
 from fedfsd.aggregator.server_app import initial_weights
@@ -36,7 +36,7 @@ def _msg(kind: str, w: dict, run_id: str = "run-1", rnd: int = 1, **cfg) -> Mess
         message_type=kind,
     )
     config = {**SETTINGS.train_request(), "run-id": run_id, "round": rnd, **cfg}
-    content = RecordDict({wire.ARRAYS: wire.arrays_to_record(w), wire.CONFIG: ConfigRecord(config)})
+    content = RecordDict(wire.packed_records(w, wire.CONFIG, config))
     return Message(metadata=md, content=content)
 
 
@@ -70,7 +70,9 @@ def test_train_releases_a_clipped_update_with_matching_manifest(tmp_path, weight
     )
     reply = app(_msg("train", weights), _ctx(SIM))
     assert set(reply.content.array_records) == {wire.ARRAYS}
-    upd = wire.record_to_arrays(reply.content.array_records[wire.ARRAYS])
+    upd = wire.arrays_from(
+        reply.content, wire.MANIFEST, expected={k: v.shape for k, v in weights.items()}
+    )
     m = _manifest(reply)
     assert not m.refused_reason
     assert (m.region, m.run_id, m.round) == ("sim1", "run-1", 1)

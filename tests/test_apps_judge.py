@@ -33,13 +33,12 @@ def _md(node: int) -> Metadata:
 def _reply(node: int, region: str = "eu", n: float = 1, arrays: bool = True, **m) -> Message:
     upd = {"w": np.full((2, 2), 0.1, np.float32), "b": np.zeros(2, np.float32)}
     fields = {"region": region, "run_id": "r", "round": 2, "sha256": wire.array_digest(upd), **m}
-    man = wire.UpdateManifest(**fields)
-    records = {
-        wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: n, "loss": 0.5}),
-        wire.MANIFEST: ConfigRecord({wire.MANIFEST_KEY: man.SerializeToString()}),
-    }
+    man = {wire.MANIFEST_KEY: wire.UpdateManifest(schema=2, **fields).SerializeToString()}
+    records = {wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: n, "loss": 0.5})}
     if arrays:
-        records[wire.ARRAYS] = wire.arrays_to_record(upd)
+        records.update(wire.packed_records(upd, wire.MANIFEST, man))
+    else:
+        records[wire.MANIFEST] = ConfigRecord(man)
     return Message(metadata=_md(node), content=RecordDict(records))
 
 
@@ -87,7 +86,7 @@ def test_error_reply_and_missing_manifest() -> None:
         metadata=_md(4),
         content=RecordDict(
             {
-                wire.ARRAYS: wire.arrays_to_record(GLOBAL),
+                wire.ARRAYS: wire.pack_arrays(GLOBAL)[0],
                 wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1}),
             }
         ),

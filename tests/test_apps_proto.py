@@ -16,7 +16,7 @@ def test_regenerating_every_proto_gives_the_committed_files(tmp_path: Path) -> N
     committed (a removed .proto cannot leave a stale module behind)."""
     from grpc_tools import protoc  # a dev dependency: missing it is an error, not a skip
 
-    assert [p.name for p in PROTOS] == ["report.proto", "update.proto"]
+    assert [p.name for p in PROTOS] == ["layout.proto", "report.proto", "update.proto"]
     rc = protoc.main(
         [
             "grpc_tools.protoc",

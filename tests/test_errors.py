@@ -38,9 +38,10 @@ def _train(w: dict[str, np.ndarray] | None, **cfg: object) -> Message:
         message_type="train",
     )
     config = {**SETTINGS.train_request(), "run-id": "run-e", "round": 1, **cfg}
-    content = RecordDict({wire.CONFIG: ConfigRecord(config)})
-    if w is not None:
-        content[wire.ARRAYS] = wire.arrays_to_record(w)
+    if w is None:
+        content = RecordDict({wire.CONFIG: ConfigRecord(config)})
+    else:
+        content = RecordDict(wire.packed_records(w, wire.CONFIG, config))
     return Message(metadata=md, content=content)
 
 

@@ -180,6 +180,9 @@ def test_federation_cost_tiny(tmp_path: Path) -> None:
     raw = doc["raw_update_bytes"]
     assert raw == 4 * doc["n_params"]
     assert doc["serialisation"]["train_reply_bytes"] >= raw
+    # packed wire layout: one array + layout, so a reply is 7 Flower objects (17 per-tensor)
+    assert doc["serialisation"]["train_reply_objects"] == 7
+    assert doc["serialisation"]["train_ins_objects"] == 6
     for r in ("eu", "us"):
         b = doc["bytes"][r]
         # Each round the region uploaded its update and downloaded the model twice (train +
@@ -187,6 +190,7 @@ def test_federation_cost_tiny(tmp_path: Path) -> None:
         assert b["up_bytes_per_round"] >= raw
         assert b["down_bytes_per_round"] >= 2 * raw
         assert b["tcp_connections"] >= 1
+        assert 0 < b["up_without_idle_polls_per_round"] <= b["up_bytes_per_round"]
     for row in doc["rounds"]:
         assert row["round_s"] > 0 and row["train_task_s"] > 0
         # DP training time comes from the regions' own ledgers and sits inside the train task.

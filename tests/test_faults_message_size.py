@@ -40,10 +40,10 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-def _stored(records: dict) -> tuple[InMemoryObjectStore, Message, dict]:
+def _stored(records: dict, layout: bytes = b"") -> tuple[InMemoryObjectStore, Message, dict]:
     """A real Message deflated into Flower's real ObjectStore, as the SuperNode holds it."""
     msg = Message(
-        RecordDict({**records, "config": ConfigRecord({"round": 1})}),
+        RecordDict({**records, "config": ConfigRecord({"round": 1, wire.LAYOUT_KEY: layout})}),
         dst_node_id=3,
         message_type=MessageType.TRAIN,
     )
@@ -78,10 +78,11 @@ def test_a_model_sized_message_is_pulled_and_inflated_intact() -> None:
         "fc.weight": np.arange(6000, dtype=np.float32).reshape(60, 100),
         "b": np.ones(3, np.float32),
     }
-    store, msg, parts = _stored({"arrays": wire.arrays_to_record(w)})
+    packed, layout = wire.pack_arrays(w)
+    store, msg, parts = _stored({"arrays": packed}, layout)
     p = _Pulls(store)
     got, nbytes = pull_message_bounded(parts["tree"], p.pull, p.confirm, 1 << 20)
-    back = wire.record_to_arrays(got.content["arrays"])
+    back = wire.arrays_from(got.content, wire.CONFIG)
     np.testing.assert_array_equal(back["fc.weight"], w["fc.weight"])
     assert got.content["config"]["round"] == 1 and p.confirmed == [parts["tree"].object_id]
     assert 24_000 < nbytes < 1 << 20
@@ -89,7 +90,7 @@ def test_a_model_sized_message_is_pulled_and_inflated_intact() -> None:
 
 def test_an_oversized_message_is_refused_before_its_chunks_are_pulled() -> None:
     big = np.zeros((6, 1 << 20), np.float32)  # 24 MiB of zeros: 5 MiB chunks, 2 unique
-    store, msg, parts = _stored({"arrays": wire.arrays_to_record({"w": big})})
+    store, msg, parts = _stored({"arrays": wire.pack_arrays({"w": big})[0]})
     chunks = {oid for oid, o in parts["objects"].items() if type(o).__name__ == "ArrayChunk"}
     assert chunks and len(store) >= 5
     p = _Pulls(store)
@@ -112,7 +113,7 @@ def test_repeated_chunks_are_counted_by_reference_not_by_unique_bytes() -> None:
 
 
 def test_an_object_that_does_not_match_its_id_is_refused() -> None:
-    store, _, parts = _stored({"arrays": wire.arrays_to_record({"w": np.ones(10, np.float32)})})
+    store, _, parts = _stored({"arrays": wire.pack_arrays({"w": np.ones(10, np.float32)})[0]})
     p = _Pulls(store)
     leaf = next(iter(parts["objects"]))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tomli_w
 from finetune_fixtures import tiny_dataset
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 from typer.testing import CliRunner
 
 from fedfsd import wire
@@ -202,9 +202,7 @@ def _train_msg(weights: dict, rnd: int) -> Message:
         "run-id": "run-2",
         "round": rnd,
     }
-    content = RecordDict(
-        {wire.ARRAYS: wire.arrays_to_record(weights), wire.CONFIG: ConfigRecord(cfg)}
-    )
+    content = RecordDict(wire.packed_records(weights, wire.CONFIG, cfg))
     return Message(metadata=md, content=content)
 
 

@@ -1,16 +1,19 @@
 """Fuzz pass over the aggregator's handling of a train reply (hypothesis).
 
 Unlike tests/test_verify.py, which checks each rule on hand-made updates, this drives the whole
-reply path a hostile region reaches: a Flower `Message` whose records, array bytes, dtype strings,
-shapes, metrics and manifest bytes are generated, through `judge_train_reply` (decode, weight,
-verify). Properties: it never raises, every reply lands in exactly one bucket, and anything it
-accepts independently satisfies every rule. Each test prints how many cases it tried.
+reply path a hostile region reaches: a Flower `Message` whose records, packed array bytes, packed
+layout (names, dtypes, shapes, offsets), metrics and manifest bytes are generated, through
+`judge_train_reply` (unpack, weight, verify). Properties: it never raises, every reply lands in
+exactly one bucket, anything it accepts independently satisfies every rule, and a reply whose
+layout or packed buffer was tampered with is never accepted. Each test prints how many cases it
+tried.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import pickle
 
 import numpy as np
 from flwr.app import (
@@ -56,7 +59,7 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-NAMES = st.sampled_from([*GLOBAL, "extra", "net.0.weight ", "", "x" * 300])
+NAMES = st.sampled_from([*GLOBAL, wire.PACKED, "extra", "net.0.weight ", "", "x" * 300])
 DTYPES = st.sampled_from(
     ["float32", "<f4", ">f4", "float64", "float16", "int32", "uint8", "bool", "complex64",
      "O", "|S4", "garbage", ""]
@@ -98,7 +101,110 @@ def hostile_array(draw) -> Array:
 def _manifest_bytes(update: dict[str, np.ndarray], **kw) -> bytes:
     fields = {"region": "eu", "run_id": RUN, "round": ROUND, "sha256": wire.array_digest(update)}
     fields.update(kw)
-    return wire.UpdateManifest(**fields).SerializeToString()
+    return wire.UpdateManifest(schema=wire.MANIFEST_SCHEMA, **fields).SerializeToString()
+
+
+def _layout(data: bytes) -> wire.PackedLayout:
+    spec = wire.PackedLayout()
+    spec.ParseFromString(data)
+    return spec
+
+
+@st.composite
+def lying_layout(draw, layout: bytes) -> object:
+    """The honest layout with one lie: shapes, offsets, names, dtypes, counts, version, bytes."""
+    spec = _layout(layout)
+    i = draw(st.integers(0, len(spec.tensors) - 1))
+    t = spec.tensors[i]
+    how = draw(
+        st.sampled_from(
+            ["transpose", "grow", "shrink", "negative-dim", "offset", "negative-offset",
+             "huge-offset", "huge-dim", "duplicate", "unsorted", "dtype", "total", "version",
+             "drop", "extra", "pipe-name", "garbage", "missing", "not-bytes"]
+        )
+    )  # fmt: skip
+    if how == "transpose" and len(t.shape) == 2:
+        t.shape[:] = [t.shape[1], t.shape[0]]
+    elif how in ("grow", "transpose"):
+        t.shape[0] += 1
+    elif how == "shrink":
+        t.shape[0] -= 1
+    elif how == "negative-dim":
+        t.shape[0] = -t.shape[0]
+    elif how == "offset":
+        t.offset += draw(st.sampled_from([-1, 1, 2]))
+    elif how == "negative-offset":
+        t.offset = -draw(st.integers(1, 1 << 62))
+    elif how == "huge-offset":
+        t.offset = draw(st.integers(1 << 40, (1 << 63) - 1))
+    elif how == "huge-dim":
+        t.shape[0] = draw(st.integers(1 << 40, (1 << 63) - 1))
+    elif how == "duplicate":
+        t.name = spec.tensors[i - 1 if i else 1].name
+    elif how == "unsorted":
+        names = [x.name for x in spec.tensors]
+        for x, n in zip(spec.tensors, reversed(names), strict=True):
+            x.name = n
+    elif how == "dtype":
+        t.dtype = draw(st.sampled_from(["<f8", "|O", ">f4", "float32", "<f2", "<i4", ""]))
+    elif how == "total":
+        spec.total += draw(st.sampled_from([-1, 1, 1 << 40]))
+    elif how == "version":
+        spec.version = draw(st.sampled_from([0, 2, 7]))
+    elif how == "drop":
+        del spec.tensors[i]
+    elif how == "extra":
+        spec.tensors.add(name="zz.extra", dtype="<f4", shape=[1], offset=spec.total)
+        spec.total += 1
+    elif how == "pipe-name":
+        t.name = t.name + "|"
+    elif how == "garbage":
+        return draw(st.binary(min_size=1, max_size=64))
+    elif how == "missing":
+        return None
+    else:
+        return "not bytes"
+    return spec.SerializeToString()
+
+
+@st.composite
+def lying_buffer(draw, update: dict[str, np.ndarray]) -> Array:
+    """The packed Array with one lie: bytes short or long, dtype, shape, header, stype."""
+    flat = np.concatenate([update[k].ravel() for k in sorted(update)]).astype(np.float32)
+    n = flat.size
+    how = draw(
+        st.sampled_from(
+            ["short-byte", "long-byte", "short-element", "float64", "big-endian", "fortran",
+             "object", "header-shape", "array-shape", "stype", "garbage"]
+        )
+    )  # fmt: skip
+    if how in ("short-byte", "long-byte"):
+        data = _npy(flat)
+        data = data[:-1] if how == "short-byte" else data + b"\0"
+        return Array(dtype="float32", shape=(n,), stype="numpy.ndarray", data=data)
+    if how == "short-element":
+        return Array(dtype="float32", shape=(n,), stype="numpy.ndarray", data=_npy(flat[:-1]))
+    if how == "float64":
+        return Array(flat.astype(np.float64))
+    if how == "big-endian":
+        return Array(dtype="float32", shape=(n,), stype="numpy.ndarray",
+                     data=_npy(flat.astype(">f4")))  # fmt: skip
+    if how in ("fortran", "object"):
+        buf = io.BytesIO()
+        descr = "|O" if how == "object" else "<f4"
+        header = {"descr": descr, "fortran_order": how == "fortran", "shape": (n,)}
+        np.lib.format.write_array_header_1_0(buf, header)
+        buf.write(pickle.dumps(list(flat)) if how == "object" else flat.tobytes())
+        return Array(dtype="float32", shape=(n,), stype="numpy.ndarray", data=buf.getvalue())
+    if how == "header-shape":  # the .npy header says 2-d, the Array says 1-d
+        return Array(dtype="float32", shape=(n,), stype="numpy.ndarray",
+                     data=_npy(flat.reshape(1, n)))  # fmt: skip
+    if how == "array-shape":
+        return Array(dtype="float32", shape=(n + 1,), stype="numpy.ndarray", data=_npy(flat))
+    if how == "stype":
+        return Array(dtype="float32", shape=(n,), stype="torch.Tensor", data=_npy(flat))
+    return Array(dtype="float32", shape=(n,), stype="numpy.ndarray",
+                 data=draw(st.binary(max_size=256)))  # fmt: skip
 
 
 @st.composite
@@ -125,13 +231,23 @@ def manifest_field(draw, update: dict[str, np.ndarray] | None):
 
 @st.composite
 def hostile_reply(draw) -> Message:
-    """A train reply a misbehaving region could send."""
+    """A train reply a misbehaving region could send, and how it was made (`mode`)."""
     content = RecordDict()
-    honest = draw(st.booleans())
-    update = draw(honest_update()) if honest else None
-    if honest:
-        if draw(st.booleans()):  # one targeted corruption of the arrays
-            update = _corrupt(draw, update)
+    # honest thrice: an accepted reply also needs an honest manifest and a valid weight
+    modes = ["honest"] * 3 + ["corrupt", "layout", "buffer", "old", "random"]
+    mode = draw(st.sampled_from(modes))
+    update = draw(honest_update()) if mode != "random" else None
+    layout: object = None
+    if mode == "corrupt":  # one targeted corruption of the values, packed honestly
+        update = _corrupt(draw, update, packable=True)
+    if update is not None and mode != "old":
+        packed, layout = wire.pack_arrays(update)
+        if mode == "layout":
+            layout = draw(lying_layout(layout))
+        elif mode == "buffer":
+            packed = ArrayRecord({wire.PACKED: draw(lying_buffer(update))})
+        content.array_records[wire.ARRAYS] = packed
+    elif mode == "old":  # the per-tensor layout of manifest schema 1, with no layout entry
         content.array_records[wire.ARRAYS] = ArrayRecord(
             {k: Array(np.ascontiguousarray(v)) for k, v in update.items()}
         )
@@ -139,6 +255,8 @@ def hostile_reply(draw) -> Message:
         for rec_name in draw(st.lists(st.sampled_from([wire.ARRAYS, "other"]), max_size=2)):
             recs = {n: draw(hostile_array()) for n in draw(st.lists(NAMES, max_size=4))}
             content.array_records[rec_name] = ArrayRecord(recs)
+        if draw(st.booleans()):
+            layout = draw(st.one_of(st.binary(max_size=64), st.just(_PACKED_GLOBAL[1])))
     n_ex = draw(
         st.one_of(
             st.sampled_from([1, 2, 64, 1024]),
@@ -152,19 +270,28 @@ def hostile_reply(draw) -> Message:
         content.metric_records[wire.METRICS] = MetricRecord({wire.NUM_EXAMPLES: n_ex})
     man = draw(manifest_field(update))
     if man is not None:
-        content.config_records[wire.MANIFEST] = ConfigRecord({wire.MANIFEST_KEY: man})
+        entries = {wire.MANIFEST_KEY: man}
+        if layout is not None:
+            entries[wire.LAYOUT_KEY] = layout
+        content.config_records[wire.MANIFEST] = ConfigRecord(entries)
     meta = Metadata(
         run_id=1, message_id="", src_node_id=draw(st.integers(1, 5)), dst_node_id=0,
         reply_to_message_id="", group_id=str(ROUND), created_at=0.0, ttl=60.0,
         message_type="train",
     )  # fmt: skip
-    return Message(content=content, metadata=meta)
+    reply = Message(content=content, metadata=meta)
+    return reply, mode
 
 
-def _corrupt(draw, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+_PACKED_GLOBAL = wire.pack_arrays(GLOBAL)
+
+
+def _corrupt(draw, update: dict[str, np.ndarray], packable: bool = False) -> dict[str, np.ndarray]:
+    """One corruption of an honest update; `packable`: only those float32 can carry."""
     u = dict(update)
     name = draw(st.sampled_from(sorted(u)))
-    how = draw(st.sampled_from(["nan", "inf", "scale", "shape", "dtype", "drop", "extra"]))
+    hows = ["nan", "inf", "scale", "shape", "drop", "extra"] + ([] if packable else ["dtype"])
+    how = draw(st.sampled_from(hows))
     if how in ("nan", "inf"):
         a = u[name].copy()
         a.flat[draw(st.integers(0, a.size - 1))] = np.nan if how == "nan" else -np.inf
@@ -194,18 +321,35 @@ def _independently_acceptable(update: dict[str, np.ndarray]) -> bool:
     return n <= BOUND * (1 + NORM_RTOL) + NORM_ATOL
 
 
+def _parsed_manifest(reply: Message) -> wire.UpdateManifest | None:
+    rec = reply.content.config_records.get(wire.MANIFEST)
+    raw = rec.get(wire.MANIFEST_KEY) if rec is not None else None
+    try:
+        return wire.manifest_from_bytes(raw) if isinstance(raw, bytes) else None
+    except ValueError:
+        return None
+
+
 def test_fuzz_judge_train_reply(capsys) -> None:
     """Hostile replies never crash the aggregator and are never accepted unless sound."""
     seen = {"cases": 0, "accepted": 0, "rejected": 0, "refused": 0}
 
     @FUZZ
     @given(hostile_reply())
-    def run(reply: Message) -> None:
+    def run(case: tuple[Message, str]) -> None:
+        reply, mode = case
         seen["cases"] += 1
         out = RoundOutcome()
         judge_train_reply(reply, EXP, {}, out)
         buckets = [len(out.accepted), len(out.rejected), len(out.refused), len(out.errors)]
         assert sum(buckets) == 1, buckets
+        if mode in ("layout", "buffer", "old"):  # a packing lie or the old layout: never counts
+            assert not out.accepted, mode
+            seen[mode] = seen.get(mode, 0) + 1
+            man = _parsed_manifest(reply)
+            if man is not None and not man.refused_reason:  # unpacking itself must refuse it
+                assert out.rejected[0][1].startswith("packed arrays refused: "), out.rejected
+                seen["unpack-refused"] = seen.get("unpack-refused", 0) + 1
         if out.accepted:
             seen["accepted"] += 1
             _, update, weight = out.accepted[0]
@@ -225,6 +369,7 @@ def test_fuzz_judge_train_reply(capsys) -> None:
     run()
     assert seen["cases"] >= 100
     assert seen["rejected"] > seen["accepted"] > 0  # the generator reaches both outcomes
+    assert min(seen.get(m, 0) for m in ("layout", "buffer", "old", "unpack-refused")) > 0
     report(capsys, "judge_train_reply", seen["cases"], str(seen))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 
 from fedfsd import wire
 from fedfsd.aggregator.server_app import initial_weights
@@ -57,7 +57,7 @@ def _msg(kind: str, w: dict, run_id: str = "run-1", rnd: int = 1) -> Message:
         message_type=kind,
     )
     config = {**SETTINGS.train_request(), "run-id": run_id, "round": rnd}
-    content = RecordDict({wire.ARRAYS: wire.arrays_to_record(w), wire.CONFIG: ConfigRecord(config)})
+    content = RecordDict(wire.packed_records(w, wire.CONFIG, config))
     return Message(metadata=md, content=content)
 
 

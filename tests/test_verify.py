@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fedfsd.aggregator.update_checks import Expectation, verify_update
-from fedfsd.wire import UpdateManifest, array_digest, l2_norm
+from fedfsd.wire import MANIFEST_SCHEMA, UpdateManifest, array_digest, l2_norm
 
 GLOBAL = {
     "0.weight": np.zeros((4, 3), np.float32),
@@ -32,7 +32,8 @@ def _update(scale: float = 0.1) -> dict[str, np.ndarray]:
 
 
 def _manifest(u: dict[str, np.ndarray], **kw) -> UpdateManifest:
-    fields = {"region": "eu", "run_id": "run-a", "round": 3, "sha256": array_digest(u), **kw}
+    fields = {"schema": MANIFEST_SCHEMA, "region": "eu", "run_id": "run-a", "round": 3,
+              "sha256": array_digest(u), **kw}  # fmt: skip
     return UpdateManifest(update_norm=l2_norm(u), **fields)
 
 
@@ -90,6 +91,14 @@ def test_stale_round_is_rejected() -> None:
 def test_wrong_run_is_rejected() -> None:
     u = _update()
     assert "wrong run" in verify_update(u, _manifest(u, run_id="run-b"), _exp())
+
+
+def test_old_manifest_schema_is_rejected_with_a_clear_reason() -> None:
+    u = _update()
+    for old in (0, 1):
+        reason = verify_update(u, _manifest(u, schema=old), _exp())
+        assert reason is not None and f"manifest schema {old} is not 2" in reason
+        assert "older fedfsd wire format" in reason
 
 
 def test_missing_or_refused_manifest_is_rejected() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedfsd import wire
@@ -180,8 +180,14 @@ def judge_train_reply(
     if set(content.array_records) != {wire.ARRAYS}:
         out.rejected.append((region, f"expected one ArrayRecord {wire.ARRAYS!r}"))
         return
+    if manifest is None:  # the layout travels next to the manifest: nothing to unpack
+        out.rejected.append((region, "missing manifest"))
+        return
     try:
-        update = wire.record_to_arrays(content.array_records[wire.ARRAYS])
+        update = wire.arrays_from(content, wire.MANIFEST, expected=exp.shapes)
+    except wire.LayoutError as e:
+        out.rejected.append((region, f"packed arrays refused: {e}"))
+        return
     except Exception as e:  # hostile bytes must not crash the aggregator
         out.rejected.append((region, f"undecodable arrays: {type(e).__name__}"))
         return
@@ -258,12 +264,7 @@ def _messages(
     ttl = float(timeout) + TTL_MARGIN_S
     msgs = []
     for node in nodes:
-        content = RecordDict(
-            {
-                wire.ARRAYS: wire.arrays_to_record(weights),
-                wire.CONFIG: ConfigRecord(dict(cfg)),
-            }
-        )
+        content = RecordDict(wire.packed_records(weights, wire.CONFIG, cfg))
         msgs.append(
             Message(
                 content=content, dst_node_id=node, message_type=kind, group_id=str(rnd), ttl=ttl

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedfsd.wire import UpdateManifest, array_digest, l2_norm
+from fedfsd.wire import MANIFEST_SCHEMA, UpdateManifest, array_digest, l2_norm
 
 # Relative slack on the norm bound: the region clips in float32, we re-measure in float64.
 NORM_RTOL = 1e-4
@@ -82,7 +82,17 @@ def check_norm(update: Mapping[str, np.ndarray], bound: float) -> str | None:
 def check_manifest(
     update: Mapping[str, np.ndarray], manifest: UpdateManifest, exp: Expectation
 ) -> str | None:
-    """Freshness (run id, round) and the digest over the arrays actually received."""
+    """Schema, freshness (run id, round) and the digest over the arrays actually received.
+
+    The digest hashes every name, dtype and shape, then every byte, in sorted name order: for
+    the packed wire layout (which must be canonical to unpack at all) that is a hash of the
+    layout and the packed buffer.
+    """
+    if manifest.schema != MANIFEST_SCHEMA:
+        return (
+            f"manifest schema {manifest.schema} is not {MANIFEST_SCHEMA} (one packed array + "
+            "layout): the region runs an older fedfsd wire format"
+        )
     if not manifest.region:
         return "manifest names no region"
     if manifest.run_id != exp.run_id:

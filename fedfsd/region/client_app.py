@@ -200,7 +200,7 @@ def _received(message: Message) -> dict[str, np.ndarray]:
     """The global weights a message carries, or BadTrainRequest."""
     if wire.ARRAYS not in message.content.array_records:
         raise BadTrainRequest(f"no {wire.ARRAYS!r} array record")
-    return wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
+    return wire.arrays_from(message.content, wire.CONFIG)  # LayoutError: a refusal
 
 
 def _preflight(
@@ -367,6 +367,10 @@ def handle_train(
             delta=policy.delta,
             steps=res.steps,
         )
+        # one packed array + its layout next to the manifest, whose sha256 covers both
+        arrays = wire.packed_records(
+            release.arrays, wire.MANIFEST, {wire.MANIFEST_KEY: manifest.SerializeToString()}
+        )
         dp_metrics: dict[str, float] = {}
         if "loss" in policy.allowed_metrics:
             try:
@@ -391,14 +395,7 @@ def handle_train(
         wire.NUM_EXAMPLES: num_examples(policy.weighting, res.n_vehicles),
         **dp_metrics,
     }
-    return _reply(
-        message,
-        {
-            wire.ARRAYS: wire.arrays_to_record(release.arrays),
-            wire.METRICS: MetricRecord(metrics),
-            wire.MANIFEST: ConfigRecord({wire.MANIFEST_KEY: manifest.SerializeToString()}),
-        },
-    )
+    return _reply(message, {**arrays, wire.METRICS: MetricRecord(metrics)})
 
 
 def handle_evaluate(
@@ -426,10 +423,7 @@ def handle_evaluate(
         region = policy.region
         if not metrics_for(policy, "evaluate"):
             raise _Refused("no metric allowed by the region's policy")
-        weights = {
-            k: np.asarray(v, np.float32)
-            for k, v in wire.record_to_arrays(message.content.array_records[wire.ARRAYS]).items()
-        }
+        weights = _received(message)  # float32 by the packed layout
         ledger = setup.ledger_for(run_id)
         check_evaluable(Ledger(ledger), run_id, rnd, wire.array_digest(weights))
         test = CACHE.frames(setup, "test", deps)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfsd import wire
@@ -59,7 +59,7 @@ EXPECTED_REASON = {
 def tamper_reply(message: Message, reply: Message, rnd: int) -> Message:
     """The honest reply with its update altered; digest and norm recomputed to match."""
     content = reply.content
-    u = wire.record_to_arrays(content.array_records[wire.ARRAYS])
+    u = wire.arrays_from(content, wire.MANIFEST)
     m = wire.manifest_from_bytes(content.config_records[wire.MANIFEST][wire.MANIFEST_KEY])
     if rnd in TAMPER_BY_ROUND:
         TAMPER_BY_ROUND[rnd][1](u, m)
@@ -68,14 +68,9 @@ def tamper_reply(message: Message, reply: Message, rnd: int) -> Message:
         k = sorted(u)[0]
         u[k] = u[k] * np.float32(0.5)
     m.update_norm = wire.l2_norm(u)
+    records = wire.packed_records(u, wire.MANIFEST, {wire.MANIFEST_KEY: m.SerializeToString()})
     return Message(
-        RecordDict(
-            {
-                wire.ARRAYS: wire.arrays_to_record(u),
-                wire.METRICS: content.metric_records[wire.METRICS],
-                wire.MANIFEST: ConfigRecord({wire.MANIFEST_KEY: m.SerializeToString()}),
-            }
-        ),
+        RecordDict({**records, wire.METRICS: content.metric_records[wire.METRICS]}),
         reply_to=message,
     )
 
