@@ -295,7 +295,7 @@ def test_the_client_app_trains_with_the_workers_of_its_node_config(tmp_path: Pat
         group_id="1", created_at=time.time(), ttl=600, message_type="train",
     )  # fmt: skip
     config = {**settings.train_request(), "run-id": "run-1", "round": 1}
-    content = RecordDict({wire.ARRAYS: wire.arrays_to_record(w), wire.CONFIG: ConfigRecord(config)})
+    content = RecordDict(wire.packed_records(w, wire.CONFIG, config))
     app = make_client_app({"sim-vehicles": 40, "sim-frames": 6, "sim-ledger-dir": str(tmp_path)})
     node = {"partition-id": 1, "num-partitions": 2, "workers": 2}
     ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
