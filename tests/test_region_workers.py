@@ -281,7 +281,7 @@ def test_the_client_app_trains_with_the_workers_of_its_node_config(tmp_path: Pat
     """`region start --workers 2` reaches the training through the node config."""
     import time
 
-    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+    from flwr.app import Context, Message, Metadata, RecordDict
 
     from fedfsd import wire
     from fedfsd.aggregator.server_app import initial_weights
