@@ -3,7 +3,8 @@
 Both avoid BatchNorm (it mixes samples, which breaks per-vehicle clipping and Opacus). The MLP
 is built from Linear layers and element-wise activations only, so the vehicle-level DP step can
 use the fast Gram-matrix norm path (`fedfsd.privacy.dpsgd`); the CNN uses GroupNorm and the
-general `vmap` path. Weights cross process and network borders as `dict[str, np.ndarray]`
+per-vehicle ghost path for convolutions (`fedfsd.privacy.ghost_conv`).
+Weights cross process and network borders as `dict[str, np.ndarray]`
 float32 keyed by `state_dict` names.
 """
 

@@ -9,9 +9,10 @@ The unit of privacy is the vehicle (DESIGN.md decision 4). Each step:
    vehicles per step, and step.
 
 Opacus has no per-unit mode, so we supply the per-vehicle part ourselves (see
-`fedfsd.privacy.pervehicle`): on the MLP via ghost-style norms into Opacus'
-`DPOptimizerFastGradientClipping` (which adds noise and scales), elsewhere via `vmap` per-vehicle
-gradients as `p.grad_sample` into Opacus' `DPOptimizer` (which clips, adds noise and scales).
+`fedfsd.privacy.pervehicle`): on the MLP and the BEV CNN via ghost-style norms into Opacus'
+`DPOptimizerFastGradientClipping` (which adds noise and scales), on any other model via `vmap`
+per-vehicle gradients as `p.grad_sample` into Opacus' `DPOptimizer` (which clips, adds noise and
+scales).
 Opacus' accountant hook records every step, including steps whose Poisson batch is empty (those
 still add noise: skipping them would change the mechanism the accountant describes).
 """
