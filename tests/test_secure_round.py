@@ -69,14 +69,14 @@ def _spec(weights, **kw):
     return make_spec(dim=d, model="mlp", **args)
 
 
-def _transport(ctxs, spec, drop_after_masking=(), fed=None):
+def _transport(ctxs, spec, drop_after_masking=(), fed=None, hook=None):
     def send(stage, out, weights):
         got = {}
         for r, payload in out.items():
             if stage == "unmask" and r in drop_after_masking:
                 continue
             try:
-                got[r] = handle_stage(ctxs[r], stage, payload, spec, weights)
+                got[r] = handle_stage(ctxs[r], stage, payload, spec, weights, hook)
             except Exception as e:  # a region's refusal: no reply
                 (fed if fed is not None else {}).setdefault("errors", {})[r] = repr(e)
         return got
@@ -88,7 +88,7 @@ def test_secure_round_steps_the_model_by_the_noisy_sum(world, tmp_path, monkeypa
     weights, keys, ctxs = world
     spec = _spec(weights)
     fed: dict[str, np.ndarray] = {}
-    monkeypatch.setattr(secure_release, "ON_ROUTED_HOOK", lambda r, z: fed.__setitem__(r, z))
+    hook = fed.__setitem__
     held: list[dict] = []
     res = run_secure_round(
         regions=list(REGIONS),
@@ -99,7 +99,7 @@ def test_secure_round_steps_the_model_by_the_noisy_sum(world, tmp_path, monkeypa
         threshold=default_threshold(3),
         weights=weights,
         server_lr=0.5,
-        transport=_transport(ctxs, spec),
+        transport=_transport(ctxs, spec, hook=hook),
         run_dir=tmp_path / "agg",
         observer=lambda ev: None,
     )
@@ -214,7 +214,7 @@ def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch):
     weights, keys, ctxs = world
     spec = _spec(weights)
     fed: dict[str, np.ndarray] = {}
-    monkeypatch.setattr(secure_release, "ON_ROUTED_HOOK", lambda r, z: fed.__setitem__(r, z))
+    hook = fed.__setitem__
     bits = spec.quantizer(3).bit_width
     captured = {}
 
@@ -230,6 +230,6 @@ def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch):
     monkeypatch.setattr(sr.AggregatorSession, "result", spy)
     run_secure_round(
         regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
-        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec),
+        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec, hook=hook),
     )  # fmt: skip
     np.testing.assert_array_equal(from_ring(captured["ring"], bits), sum(z for z in fed.values()))

@@ -32,6 +32,7 @@ from fedfsd import wire
 from fedfsd.secagg import AggregatorSession, RoundParams, SecAggAbort, SecAggRefused, from_ring
 from fedfsd.secagg.round_spec import (
     PAYLOAD_KEY,
+    REPLY_KEY,
     STAGE_KEY,
     SecureRoundSpec,
     default_cap,
@@ -41,7 +42,6 @@ from fedfsd.secagg.round_spec import (
 
 LOG = logging.getLogger("flwr.fedfsd.aggregator")
 TRANSCRIPT = "secagg_transcript.jsonl"
-REPLY_KEY = "secagg"  # the ConfigRecord of a region's stage reply
 TTL_MARGIN_S = 30.0
 
 # (stage, region -> message bytes, global weights to attach or None) -> region -> reply bytes.
@@ -255,3 +255,59 @@ def grid_transport(
         return got
 
     return send
+
+
+def flower_round(
+    grid: Any,
+    s: Any,
+    state: Any,
+    rnd: int,
+    nodes: list[int],
+    node_regions: Mapping[int, str],
+    run_dir: Path,
+    stop: threading.Event | None = None,
+) -> tuple[Any, str, dict[str, np.ndarray] | None]:
+    """One secure round of `run_federation` (RunSettings `s`, checkpoint `state`): the
+    (RoundOutcome, note, new weights or None). The participants are the answering regions whose
+    names the liveness ping learnt and whose long-term keys `region-keys` registers."""
+    from fedfsd.aggregator.server_app import RoundOutcome
+    from fedfsd.privacy.signing import load_region_keys
+
+    out = RoundOutcome()
+    if not s.region_keys:
+        return out, "not sent: secure-aggregation needs region-keys", None
+    keys = load_region_keys(s.region_keys)
+    region_nodes = {node_regions[n]: n for n in nodes if node_regions.get(n) in keys}
+    n = len(region_nodes)
+    if n < max(2, s.min_regions):
+        note = f"not sent: {n} registered region(s) answer, a secure round needs {s.min_regions}"
+        LOG.error("round %d %s", rnd, note)
+        return out, note, None
+    dim = int(sum(np.asarray(v).size for v in state.weights.values()))
+    spec = make_spec(
+        dim=dim,
+        clip_norm=s.clip_norm,
+        noise_multiplier=s.noise_multiplier,
+        vehicles_per_step=s.vehicles_per_step,
+        frames_per_vehicle=s.frames_per_vehicle,
+        model=s.model,
+    )
+    res = run_secure_round(
+        regions=sorted(region_nodes),
+        region_keys=keys,
+        spec=spec,
+        run_id=state.run_id,
+        round_idx=rnd,
+        threshold=s.secagg_threshold or default_threshold(n),
+        weights=state.weights,
+        server_lr=s.server_lr,
+        transport=grid_transport(
+            grid, region_nodes, state.run_id, rnd, spec, s.round_timeout, stop
+        ),
+        run_dir=run_dir,
+    )
+    out.refused = [(r, why) for r, why in sorted(res.refusals.items())]
+    out.missing = n - len(res.transcript.get("summed", []))
+    if res.weights is None:
+        out.errors.append(("secure-aggregation", res.reason))
+    return out, "", res.weights

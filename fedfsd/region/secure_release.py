@@ -36,9 +36,9 @@ NORMALISATION = (
     "sum of clipped vehicle gradients (L2-projected to cap·C) + Skellam share, secure sum"
 )
 
-# Test-only hook: called with (region, integer vector) just before the vector is masked.
-# Tests use it to check the aggregator's result against what the regions fed in.
-ON_ROUTED_HOOK: Callable[[str, np.ndarray], None] | None = None
+# A test hook: called with (region, integer vector) just before the vector is masked, inside
+# the region (tests check the aggregator's sum against what the regions fed in).
+RoutedHook = Callable[[str, np.ndarray], None]
 
 
 class SecureRoundRefused(PrivacyRefusal, RuntimeError):
@@ -245,6 +245,7 @@ def handle_stage(
     payload: bytes,
     spec: SecureRoundSpec,
     weights: Mapping[str, np.ndarray] | None = None,
+    on_routed: RoutedHook | None = None,
 ) -> bytes:
     """Advance the region's session by one stage; the reply bytes (SecAggRefused / refusals)."""
     from fedfsd.privacy.signing import write_private_file
@@ -275,8 +276,8 @@ def handle_stage(
                 raise SecAggRefused("secure round: the routed stage carried no model")
             check_setup(ctx, spec, int(dim or 0), session.params)  # the spec may not change
             z = release(ctx, spec, weights, len(session.params.participants))
-            if ON_ROUTED_HOOK is not None:
-                ON_ROUTED_HOOK(ctx.policy.region, z.copy())
+            if on_routed is not None:
+                on_routed(ctx.policy.region, z.copy())
             reply = session.on_routed(payload, z)
         else:
             reply = session.on_unmask(payload)
@@ -284,3 +285,73 @@ def handle_stage(
             return reply
     write_private_file(path, session.export_state())
     return reply
+
+
+def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[str, Any]) -> Any:
+    """The ClientApp's handler for a secure-round stage message; never raises into Flower.
+
+    The region's files come from its node config as for training; `peer-keys` names the file
+    of the participants' long-term public keys (the same format as the aggregator's
+    `region-keys`), and the test-only `secagg-record-dir` makes the region save the integer
+    vector it masks (inside the region) so a test can check the aggregator's sum.
+    """
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedfsd import wire
+    from fedfsd.errors import border_reason
+    from fedfsd.privacy.signing import ledger_key_path, load_private_key, load_region_keys
+    from fedfsd.region.client_app import CACHE, _fleet_vehicles, _run_round, resolve_setup
+    from fedfsd.secagg.round_spec import PAYLOAD_KEY, REPLY_KEY, STAGE_KEY
+
+    cfg = message.content.config_records.get(wire.CONFIG, ConfigRecord())
+    region = "unknown"
+    try:
+        setup = resolve_setup(context.node_config, run_config)
+        region = setup.region or region
+        run_id, rnd = _run_round(cfg)
+        frames = CACHE.frames(setup, "train", deps)
+        policy = CACHE.policy(setup, deps, frames.n_vehicles)
+        region = policy.region
+        peers = context.node_config.get("peer-keys")
+        if not peers:
+            raise SecureRoundRefused("secure round refused: the node config names no peer-keys")
+        ledger = setup.ledger_for(run_id)
+        ctx = RegionContext(
+            policy=policy,
+            ledger_path=ledger,
+            signing_key=load_private_key(ledger_key_path(ledger)),
+            peer_keys=load_region_keys(str(peers)),
+            frames=frames,
+            fleet_vehicles=_fleet_vehicles(setup, deps),
+            run_id=run_id,
+            round_idx=rnd,
+        )
+        payload = cfg.get(PAYLOAD_KEY)
+        if not isinstance(payload, bytes):
+            raise SecAggRefused("secure round: no payload")
+        weights = (
+            wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
+            if wire.ARRAYS in message.content.array_records
+            else None
+        )
+        record_dir = context.node_config.get("secagg-record-dir")
+        hook = _recorder(Path(str(record_dir)), run_id, rnd) if record_dir else None
+        spec = SecureRoundSpec.from_config(cfg)
+        reply = handle_stage(ctx, str(cfg.get(STAGE_KEY)), payload, spec, weights, hook)
+        out = ConfigRecord({"payload": reply, "region": region})
+    except Exception as e:
+        import logging
+
+        logging.getLogger("flwr.fedfsd.region").warning(
+            "region %s refused a secure-round message: %r", region, e
+        )
+        out = ConfigRecord({"refused_reason": border_reason(e), "region": region})
+    return Message(RecordDict({REPLY_KEY: out}), reply_to=message)
+
+
+def _recorder(d: Path, run_id: str, rnd: int) -> Callable[[str, np.ndarray], None]:
+    def save(region: str, z: np.ndarray) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / f"{region}-{run_id}-r{rnd}.npy", z)
+
+    return save

@@ -22,6 +22,7 @@ from fedfsd.secagg.quantize import Quantizer
 STAGE_KEY = "secagg-stage"  # config key naming the stage of a secure-round message
 STAGES = ("setup", "keys", "routed", "unmask")
 PAYLOAD_KEY = "secagg-payload"  # config key holding the protocol message (bytes)
+REPLY_KEY = "secagg"  # the ConfigRecord of a region's stage reply ("payload" or "refused_reason")
 SPEC_PREFIX = "secagg-"
 MIN_HONEST_FLOOR = 2  # the ring is sized for t = 2 shares: the most noise any region adds
 
