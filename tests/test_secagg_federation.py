@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.secagg, pytest.mark.slow]
 
 REGIONS = ("eu", "jp", "us")
 VPS = 4
+DROP_RUN = "drop-us-after-masking"
 RUN = {
     "num-server-rounds": 1,
     "local-steps": 1,
@@ -103,6 +104,8 @@ def fed(root: Path):
             node_config={
                 "peer-keys": str(deploy / "region-keys.json"),  # written by the federation
                 "secagg-record-dir": str(root / "fed-in" / r),
+                # test only: "us" dies when asked to unmask in the run of the second test
+                **({"secagg-test-exit-run": DROP_RUN} if r == "us" else {}),
             },
         )
     with LocalFederation(deploy, regions, tls=True) as f:
@@ -110,27 +113,11 @@ def fed(root: Path):
         yield f
 
 
-def test_one_secure_round_over_tls(fed: LocalFederation, root: Path) -> None:
-    from typer.testing import CliRunner
-
+def _check_step(root: Path, run_dir: Path, cfg: dict, tr: dict) -> None:
+    """The global model moved by exactly −lr × Σ z_r / (s × R × vehicles per step)."""
     from fedfsd.aggregator.server_app import initial_weights
     from fedfsd.aggregator.settings import RunSettings
-    from fedfsd.cli import app
-    from fedfsd.privacy.ledger import Ledger
     from fedfsd.secagg.round_spec import flatten
-
-    run_dir = root / "agg"
-    cfg = {**RUN, "run-dir": str(run_dir)}
-    fed.run(cfg, timeout=400)
-
-    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in rounds] == ["ok"], rounds
-    lines = (run_dir / "secagg_transcript.jsonl").read_text().splitlines()
-    tr = json.loads(lines[-1])
-    assert tr["applied"] and tr["status"] == "completed", tr
-    for key in ("advertised", "masked_input", "unmask_responders", "summed"):
-        assert tr[key] == list(REGIONS), (key, tr)
-    assert tr["sum_norm"] <= tr["sum_norm_bound"]
 
     fed_in = {r: np.load(root / "fed-in" / r / f"{r}-{tr['run_id']}-r1.npy") for r in REGIONS}
     prior = initial_weights(RunSettings.model_validate(cfg))
@@ -142,6 +129,32 @@ def test_one_secure_round_over_tls(fed: LocalFederation, root: Path) -> None:
     assert not np.allclose(got, flatten(prior))  # the model changed
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # float32 storage
 
+
+def _transcript(run_dir: Path) -> dict:
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rounds] == ["ok"], rounds
+    lines = (run_dir / "secagg_transcript.jsonl").read_text().splitlines()
+    tr = json.loads(lines[-1])
+    assert tr["applied"] and tr["status"] == "completed", tr
+    assert tr["sum_norm"] <= tr["sum_norm_bound"]
+    return tr
+
+
+# Slow (about 3 min on 2 cores): three fleets generated, a TLS federation started, and a run.
+def test_one_secure_round_over_tls(fed: LocalFederation, root: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedfsd.cli import app
+    from fedfsd.privacy.ledger import Ledger
+
+    run_dir = root / "agg"
+    cfg = {**RUN, "run-dir": str(run_dir)}
+    fed.run(cfg, timeout=400)
+    tr = _transcript(run_dir)
+    for key in ("advertised", "masked_input", "unmask_responders", "summed"):
+        assert tr[key] == list(REGIONS), (key, tr)
+    _check_step(root, run_dir, cfg, tr)
+
     for r in REGIONS:
         ledger = fed.regions[r].ledger_path
         rec = Ledger(ledger).releases()[-1]
@@ -151,3 +164,22 @@ def test_one_secure_round_over_tls(fed: LocalFederation, root: Path) -> None:
         assert res.exit_code == 0, res.output
         # the round's secrets were deleted after unmasking
         assert not list(Path(ledger).parent.glob(".*.secagg-*.state"))
+
+
+def test_region_killed_after_masking_is_recovered(fed: LocalFederation, root: Path) -> None:
+    run_dir = root / "agg-drop"
+    # round-timeout bounds the wait for the dead region's unmask reply, evaluate-timeout the
+    # wait for its (never coming) evaluation reply. Slow: about 2 min, mostly those waits.
+    cfg = {
+        **RUN,
+        "run-dir": str(run_dir),
+        "run-id": DROP_RUN,
+        "round-timeout": 60.0,
+        "evaluate-timeout": 5.0,
+    }
+    fed.run(cfg, timeout=400)
+    tr = _transcript(run_dir)
+    assert tr["masked_input"] == tr["summed"] == list(REGIONS), tr
+    assert tr["unmask_responders"] == ["eu", "jp"], tr
+    assert tr["recovered_after_masking"] == ["us"], tr
+    _check_step(root, run_dir, cfg, tr)  # us's vector is in the sum, its masks removed

@@ -292,8 +292,9 @@ def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[st
 
     The region's files come from its node config as for training; `peer-keys` names the file
     of the participants' long-term public keys (the same format as the aggregator's
-    `region-keys`), and the test-only `secagg-record-dir` makes the region save the integer
-    vector it masks (inside the region) so a test can check the aggregator's sum.
+    `region-keys`). Test only: `secagg-record-dir` makes the region save the integer vector
+    it masks (inside the region) so a test can check the aggregator's sum, and
+    `secagg-test-exit-run` makes it exit when asked to unmask in that fedfsd run.
     """
     from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -326,6 +327,13 @@ def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[st
             run_id=run_id,
             round_idx=rnd,
         )
+        stage = str(cfg.get(STAGE_KEY))
+        if stage == "unmask" and context.node_config.get("secagg-test-exit-run") == run_id:
+            # Test only (the region operator's node config): the region dies after sending its
+            # masked input, so the aggregator must recover its self mask from the others.
+            import os
+
+            os._exit(17)
         payload = cfg.get(PAYLOAD_KEY)
         if not isinstance(payload, bytes):
             raise SecAggRefused("secure round: no payload")
@@ -337,7 +345,7 @@ def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[st
         record_dir = context.node_config.get("secagg-record-dir")
         hook = _recorder(Path(str(record_dir)), run_id, rnd) if record_dir else None
         spec = SecureRoundSpec.from_config(cfg)
-        reply = handle_stage(ctx, str(cfg.get(STAGE_KEY)), payload, spec, weights, hook)
+        reply = handle_stage(ctx, stage, payload, spec, weights, hook)
         out = ConfigRecord({"payload": reply, "region": region})
     except Exception as e:
         import logging
