@@ -233,3 +233,31 @@ def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch):
         threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec, hook=hook),
     )  # fmt: skip
     np.testing.assert_array_equal(from_ring(captured["ring"], bits), sum(z for z in fed.values()))
+
+
+def test_aggregator_side_loads_no_data_or_training_code():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedfsd.aggregator.secure_round import make_spec;"
+        "make_spec(dim=100, clip_norm=1.0, noise_multiplier=1.0, vehicles_per_step=4,"
+        " frames_per_vehicle=4, model='mlp').quantizer(3);"
+        "import fedfsd.privacy.signing;"
+        "bad=[m for m in sys.modules if m.startswith(('fedfsd.data','fedfsd.privacy.dpsgd',"
+        "'torch','opacus'))]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_secure_aggregation_needs_region_keys():
+    from typer.testing import CliRunner
+
+    from fedfsd.cli import app
+
+    res = CliRunner().invoke(
+        app, ["aggregator", "run", "--dir", "/nonexistent", "--secure-aggregation"]
+    )
+    assert res.exit_code != 0
+    assert "--secure-aggregation needs --region-keys" in res.output

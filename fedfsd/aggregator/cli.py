@@ -216,6 +216,8 @@ def run(
         exit_for(err)
     if initial_model is not None and not initial_model.is_file():
         exit_for(f"--initial-model: {initial_model} is not a file")
+    if secure_aggregation and region_keys is None:
+        exit_for("--secure-aggregation needs --region-keys (the regions' long-term keys)")
     d = AggregatorDir(dir.resolve())
     d.require_started()
     if resume and run_dir is None:
@@ -268,8 +270,6 @@ def run(
             exit_for(f"--region-keys: {region_keys} does not exist")
         cfg["region-keys"] = str(region_keys.resolve())
     if secure_aggregation:
-        if region_keys is None:
-            exit_for("--secure-aggregation needs --region-keys (the regions' long-term keys)")
         cfg["secure-aggregation"] = True
     if initial_model is not None:
         cfg["initial-model"] = str(initial_model.resolve())
