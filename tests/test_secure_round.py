@@ -261,3 +261,25 @@ def test_cli_secure_aggregation_needs_region_keys():
     )
     assert res.exit_code != 0
     assert "--secure-aggregation needs --region-keys" in res.output
+
+
+def test_routed_model_of_another_length_is_refused_before_any_spend(world):
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    fed: dict = {}
+    inner = _transport(ctxs, spec, fed=fed)
+    first = sorted(weights)[0]
+
+    def send(stage, out, w):  # the routed stage brings a model shorter than the setup said
+        if w is not None:
+            w = {k: v for k, v in w.items() if k != first}
+        return inner(stage, out, w)
+
+    res = run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=1.0, transport=send,
+    )  # fmt: skip
+    assert res.weights is None
+    assert all("dim" in e for e in fed["errors"].values()), fed
+    for c in ctxs.values():
+        assert not Ledger(c.ledger_path).exists() or not Ledger(c.ledger_path).releases()

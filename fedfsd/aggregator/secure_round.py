@@ -132,19 +132,33 @@ def run_secure_round(
     agg = AggregatorSession(params, region_keys, observer=observer)
     refusals: dict[str, str] = {}
     result = SecureRoundResult(None, {})
+    costs: dict[str, dict[str, float]] = {}
+
+    def stage(
+        name: str, out: dict[str, bytes], w: Mapping[str, np.ndarray] | None
+    ) -> dict[str, bytes]:
+        t0 = time.monotonic()
+        got = transport(name, out, w)
+        costs[name] = {  # protocol bytes only (the model copy a stage carries is not counted)
+            "seconds": round(time.monotonic() - t0, 4),
+            "bytes_out": sum(len(b) for b in out.values()),
+            "bytes_in": sum(len(b) for b in got.values()),
+        }
+        return got
+
     try:
         setup = agg.setup_message()
-        got = transport("setup", {r: setup for r in participants}, weights)
+        got = stage("setup", {r: setup for r in participants}, None)
         _deliver(agg, got, agg.receive_advertisement, refusals)
         keys_msg = agg.keys_message()
         advertised = agg.transcript()["advertised"]
-        got = transport("keys", {r: keys_msg for r in advertised}, None)
+        got = stage("keys", {r: keys_msg for r in advertised}, None)
         _deliver(agg, got, agg.receive_shares, refusals)
-        got = transport("routed", agg.routed_messages(), weights)
+        got = stage("routed", agg.routed_messages(), weights)
         _deliver(agg, got, agg.receive_masked_input, refusals)
         masked = agg.transcript()["masked_input"]
         req = agg.unmask_request()
-        got = transport("unmask", {r: req for r in masked}, None)
+        got = stage("unmask", {r: req for r in masked}, None)
         _deliver(agg, got, agg.receive_unmask, refusals)
         ring = agg.result()
         signed = from_ring(ring, quant.bit_width).astype(np.float64)
@@ -168,6 +182,7 @@ def run_secure_round(
         "sum_norm": None if math.isnan(result.sum_norm) else result.sum_norm,
         "sum_norm_bound": None if math.isnan(result.norm_bound) else result.norm_bound,
         "scale": spec.scale,
+        "stages": costs,
         "applied": result.weights is not None,
         "failure": result.reason,
     }

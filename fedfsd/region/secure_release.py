@@ -256,9 +256,9 @@ def handle_stage(
     dim = None if weights is None else int(sum(np.asarray(v).size for v in weights.values()))
 
     def accept(params: RoundParams) -> None:
-        if dim is None:
-            raise SecureRoundRefused("secure round refused: the setup carried no model")
-        check_setup(ctx, spec, dim, params)
+        # The setup carries no model (one model copy per round on the downlink): its length is
+        # checked again against the model the routed stage brings.
+        check_setup(ctx, spec, params.dim if dim is None else dim, params)
 
     if stage == "setup":
         session = RegionSession(ctx.policy.region, ctx.signing_key, ctx.peer_keys, accept=accept)
