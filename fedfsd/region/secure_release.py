@@ -204,7 +204,7 @@ def release(
             scale=spec.scale,
         )  # raises DistributedBudgetExceeded before anything is computed
         rng = np.random.default_rng(ctx.seed)
-        x, sampled = clipped_sum(ctx, spec, w32, q, rng)
+        x, _ = clipped_sum(ctx, spec, w32, q, rng)
         x = project(x, spec.linf_bound)
         z = quant.encode(x, rng) + sample_skellam(plan.share_variance, dim, rng)
         record = {
@@ -235,7 +235,6 @@ def release(
         }
         ledger.append(record)  # fsync'd: the spend is durable before anything leaves
         ledger.mark_released(ctx.run_id, ctx.round_idx)
-    del sampled
     return z
 
 
