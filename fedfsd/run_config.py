@@ -173,6 +173,16 @@ class RunConfig(TrainSchedule):
     region_keys: str = Field("", alias="region-keys")
     # Development only: accept manifests without a signature when no region-keys are set.
     allow_unsigned: bool = Field(False, alias="allow-unsigned")
+    # Secure aggregation with distributed noise (issue 15): each round is one DP-FedSGD step
+    # whose noisy sum the aggregator alone unmasks (fedfsd.aggregator.secure_round); needs
+    # region-keys and regions whose policies say trust_model = "distributed".
+    secure_aggregation: bool = Field(
+        False,
+        alias="secure-aggregation",
+        description="Run each round as a secure-aggregation round (distributed trust).",
+    )
+    # Shamir threshold t of a secure round; 0 = the smallest allowed (t > n/2, t >= 2).
+    secagg_threshold: int = Field(0, ge=0, alias="secagg-threshold")
 
 
 # `fedfsd region train-local`: one trial round of one region outside any federation, often on a

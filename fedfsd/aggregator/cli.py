@@ -185,6 +185,9 @@ def run(
     region_keys: Path = typer.Option(
         None, help="JSON/TOML mapping region -> Ed25519 public key (docs/deploy.md)."
     ),
+    secure_aggregation: bool = typer.Option(
+        False, "--secure-aggregation", help=help_text("secure-aggregation")
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the run to finish."),
     timeout: float = typer.Option(3600.0, help="Seconds to wait with --wait."),
 ) -> None:
@@ -213,6 +216,8 @@ def run(
         exit_for(err)
     if initial_model is not None and not initial_model.is_file():
         exit_for(f"--initial-model: {initial_model} is not a file")
+    if secure_aggregation and region_keys is None:
+        exit_for("--secure-aggregation needs --region-keys (the regions' long-term keys)")
     d = AggregatorDir(dir.resolve())
     d.require_started()
     if resume and run_dir is None:
@@ -264,6 +269,8 @@ def run(
         if not region_keys.is_file():
             exit_for(f"--region-keys: {region_keys} does not exist")
         cfg["region-keys"] = str(region_keys.resolve())
+    if secure_aggregation:
+        cfg["secure-aggregation"] = True
     if initial_model is not None:
         cfg["initial-model"] = str(initial_model.resolve())
     from fedfsd.aggregator.settings import parse_settings

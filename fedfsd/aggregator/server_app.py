@@ -419,9 +419,17 @@ def run_federation(
         nodes, listed = alive_nodes(
             grid, grid.get_node_ids, s.min_regions, s.node_wait_s, rnd, node_regions, stop
         )
-        out, note = _train_round(
-            grid, s, state, cfg, rnd, (nodes, listed), node_regions, book, stop, run_refused
-        )
+        secure_w: dict[str, np.ndarray] | None = None
+        if s.secure_aggregation:  # one DP-FedSGD step from the regions' unmasked noisy sum
+            from fedfsd.aggregator import secure_round
+
+            out, note, secure_w = secure_round.flower_round(
+                grid, s, state, rnd, nodes, node_regions, run_dir, stop
+            )
+        else:
+            out, note = _train_round(
+                grid, s, state, cfg, rnd, (nodes, listed), node_regions, book, stop, run_refused
+            )
         if not note:  # a quorum answered: the round (and its evaluation) went to every region
             nodes = listed
         out.epsilon_rows = keep_known_epsilon(
@@ -431,10 +439,14 @@ def run_federation(
         # (fedfsd.privacy.metrics): evaluation is of the model this round started from.
         sent = state.weights
         sent_from = model_round
-        ok = len(out.accepted) >= s.min_regions
+        ok = secure_w is not None or len(out.accepted) >= s.min_regions
         if ok:
             model_round = rnd
-            state.weights = strategy.step(state.weights, [(u, w) for _, u, w in out.accepted])
+            state.weights = (
+                secure_w
+                if secure_w is not None
+                else strategy.step(state.weights, [(u, w) for _, u, w in out.accepted])
+            )
         _log_round_problems(run_dir, rnd, out, ok, nodes, node_regions, s.min_regions)
         security_events(run_dir, state.run_id, rnd, out)
         evaluated = bool(nodes) and s.evaluates_after(rnd)

@@ -502,6 +502,12 @@ def make_client_app(
 
     @client.query()
     def query(message: Message, context: Context) -> Message:
+        from fedfsd.secagg.round_spec import STAGE_KEY
+
+        if STAGE_KEY in message.content.config_records.get(wire.CONFIG, ConfigRecord()):
+            from fedfsd.region.secure_release import handle_message
+
+            return handle_message(message, context, _deps(), _cfg(context))
         return handle_query(message, context, _cfg(context))
 
     return client

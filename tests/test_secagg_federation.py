@@ -1,0 +1,185 @@
+"""End-to-end: one secure-aggregation round over the real TLS federation (SuperLink, SuperNodes,
+region executors), driven by the ServerApp and the regions' ClientApp (issue 15).
+
+Three regions with tiny generated fleets and `trust_model = "distributed"`,
+`min_honest_regions = 2`. Each region saves the integer vector it masks into a directory the
+test names in its node config (inside the region, test only), so the test can check the global
+model against prior − lr × Σ z_r / (s × R × vehicles per step).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedfsd.deploy.federation import LocalFederation, RegionSpec
+
+pytestmark = [pytest.mark.secagg, pytest.mark.slow]
+
+REGIONS = ("eu", "jp", "us")
+VPS = 4
+DROP_RUN = "drop-us-after-masking"
+RUN = {
+    "num-server-rounds": 1,
+    "local-steps": 1,
+    "vehicles-per-step": VPS,
+    "frames-per-vehicle": 4,
+    "noise-multiplier": 1.0,
+    "clip-norm": 1.0,
+    "server-lr": 0.5,
+    "min-regions": 3,
+    "round-timeout": 120.0,
+    "node-wait": 120.0,
+    "evaluate-timeout": 60.0,
+    "secure-aggregation": True,
+}
+
+
+def _policy(region: str) -> str:
+    return (
+        f'region = "{region}"\nepsilon_budget = 50.0\ndelta = 1e-3\nmin_noise_multiplier = 1.0\n'
+        "max_clip_norm = 1.0\nupdate_norm_bound = 5.0\n"
+        'trust_model = "distributed"\nmin_honest_regions = 2\n'
+    )
+
+
+@pytest.fixture(scope="module")
+def root():
+    # Not pytest's tmp_path: other pytest sessions prune /tmp/pytest-of-<user>/ (see
+    # tests/test_e2e_deploy.py).
+    path = Path(tempfile.mkdtemp(prefix="fedfsd-secagg-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fed(root: Path):
+    gens = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedfsd.cli",
+                "data",
+                "generate",
+                "--out",
+                str(root / "data" / r),
+                "--region",
+                r,
+                "--vehicles",
+                "12",
+                "--episodes",
+                "2",
+                "--seed",
+                str(i + 1),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for i, r in enumerate(REGIONS)
+    ]
+    for gen in gens:
+        _, err = gen.communicate(timeout=300)
+        assert gen.returncode == 0, err.decode()[-2000:]
+    deploy = root / "deploy"
+    regions = {}
+    for r in REGIONS:
+        pol = root / f"{r}-policy.toml"
+        pol.write_text(_policy(r))
+        regions[r] = RegionSpec(
+            root / "data" / r,
+            pol,
+            root / "ledgers" / r / "ledger.jsonl",
+            node_config={
+                "peer-keys": str(deploy / "region-keys.json"),  # written by the federation
+                "secagg-record-dir": str(root / "fed-in" / r),
+                # test only: "us" dies when asked to unmask in the run of the second test
+                **({"secagg-test-exit-run": DROP_RUN} if r == "us" else {}),
+            },
+        )
+    with LocalFederation(deploy, regions, tls=True) as f:
+        f.wait_connected(list(REGIONS), timeout=120)
+        yield f
+
+
+def _check_step(root: Path, run_dir: Path, cfg: dict, tr: dict) -> None:
+    """The global model moved by exactly −lr × Σ z_r / (s × R × vehicles per step)."""
+    from fedfsd.aggregator.server_app import initial_weights
+    from fedfsd.aggregator.settings import RunSettings
+    from fedfsd.secagg.round_spec import flatten
+
+    fed_in = {r: np.load(root / "fed-in" / r / f"{r}-{tr['run_id']}-r1.npy") for r in REGIONS}
+    prior = initial_weights(RunSettings.model_validate(cfg))
+    final = dict(np.load(run_dir / "global_model.npz"))
+    assert sorted(final) == sorted(prior)
+    total = sum(z.astype(np.float64) for z in fed_in.values())
+    expected = flatten(prior) - 0.5 * total / (tr["scale"] * len(REGIONS) * VPS)
+    got = flatten(final)
+    assert not np.allclose(got, flatten(prior))  # the model changed
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # float32 storage
+
+
+def _transcript(run_dir: Path) -> dict:
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rounds] == ["ok"], rounds
+    lines = (run_dir / "secagg_transcript.jsonl").read_text().splitlines()
+    tr = json.loads(lines[-1])
+    assert tr["applied"] and tr["status"] == "completed", tr
+    assert tr["sum_norm"] <= tr["sum_norm_bound"]
+    return tr
+
+
+# Slow (about 3 min on 2 cores): three fleets generated, a TLS federation started, and a run.
+def test_one_secure_round_over_tls(fed: LocalFederation, root: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedfsd.cli import app
+    from fedfsd.privacy.ledger import Ledger
+
+    run_dir = root / "agg"
+    cfg = {**RUN, "run-dir": str(run_dir)}
+    fed.run(cfg, timeout=400)
+    tr = _transcript(run_dir)
+    for key in ("advertised", "masked_input", "unmask_responders", "summed"):
+        assert tr[key] == list(REGIONS), (key, tr)
+    _check_step(root, run_dir, cfg, tr)
+
+    for r in REGIONS:
+        ledger = fed.regions[r].ledger_path
+        rec = Ledger(ledger).releases()[-1]
+        assert rec["trust_model"] == "distributed" and rec["run_id"] == tr["run_id"]
+        assert 0 < rec["epsilon_distributed"] < rec["epsilon_own_noise"] < 50
+        res = CliRunner().invoke(app, ["privacy", "verify", "--ledger", str(ledger)])
+        assert res.exit_code == 0, res.output
+        # the round's secrets were deleted after unmasking
+        assert not list(Path(ledger).parent.glob(".*.secagg-*.state"))
+
+
+def test_region_killed_after_masking_is_recovered(fed: LocalFederation, root: Path) -> None:
+    run_dir = root / "agg-drop"
+    # round-timeout bounds the wait for the dead region's unmask reply, evaluate-timeout the
+    # wait for its (never coming) evaluation reply. Slow: about 2 min, mostly those waits.
+    cfg = {
+        **RUN,
+        "run-dir": str(run_dir),
+        "run-id": DROP_RUN,
+        "round-timeout": 60.0,
+        "evaluate-timeout": 5.0,
+    }
+    fed.run(cfg, timeout=400)
+    tr = _transcript(run_dir)
+    assert tr["masked_input"] == tr["summed"] == list(REGIONS), tr
+    assert tr["unmask_responders"] == ["eu", "jp"], tr
+    assert tr["recovered_after_masking"] == ["us"], tr
+    _check_step(root, run_dir, cfg, tr)  # us's vector is in the sum, its masks removed

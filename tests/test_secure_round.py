@@ -1,0 +1,285 @@
+"""A secure round in process: the real region-side release (fedfsd.region.secure_release) and the
+real aggregator driver (fedfsd.aggregator.secure_round) talk through their bytes, without Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import numpy as np
+import pytest
+
+from fedfsd.aggregator.secure_round import default_threshold, make_spec, run_secure_round
+from fedfsd.config import parse_policy
+from fedfsd.data.testing import make_synthetic_frames
+from fedfsd.models import build_model, get_weights
+from fedfsd.privacy import signing
+from fedfsd.privacy.ledger import Ledger
+from fedfsd.region import secure_release
+from fedfsd.region.secure_release import RegionContext, SecureRoundRefused, handle_stage
+from fedfsd.secagg import from_ring
+from fedfsd.secagg.round_spec import flatten
+
+pytestmark = pytest.mark.secagg
+
+REGIONS = ("eu", "jp", "us")
+VPS = 4
+
+
+def _policy(region: str, t: int = 2, budget: float = 50.0):
+    return parse_policy(
+        f'region = "{region}"\nepsilon_budget = {budget}\ndelta = 1e-3\n'
+        "min_noise_multiplier = 1.0\nmax_clip_norm = 1.0\nupdate_norm_bound = 5.0\n"
+        f'trust_model = "distributed"\nmin_honest_regions = {t}\n'
+    )
+
+
+@pytest.fixture
+def world(tmp_path):
+    frames0 = make_synthetic_frames(16, 8, 0, region="eu")
+    model = build_model("mlp", frames0.features.shape[1], frames0.labels.shape[1])
+    weights = get_weights(model)
+    keys, ctxs = {}, {}
+    for i, r in enumerate(REGIONS):
+        ledger = tmp_path / r / "ledger.jsonl"
+        sk = signing.load_or_create_key(signing.ledger_key_path(ledger))
+        keys[r] = sk.public_key()
+        frames = make_synthetic_frames(16, 8, i, region=r)
+        ctxs[r] = RegionContext(
+            policy=_policy(r),
+            ledger_path=ledger,
+            signing_key=sk,
+            peer_keys={},
+            frames=frames,
+            fleet_vehicles=16,
+            run_id="run1",
+            round_idx=1,
+            seed=100 + i,
+        )
+    for c in ctxs.values():
+        c.peer_keys = keys
+    return weights, keys, ctxs
+
+
+def _spec(weights, **kw):
+    d = int(sum(v.size for v in weights.values()))
+    args = dict(clip_norm=1.0, noise_multiplier=1.0, vehicles_per_step=VPS, frames_per_vehicle=4)
+    args.update(kw)
+    return make_spec(dim=d, model="mlp", **args)
+
+
+def _transport(ctxs, spec, drop_after_masking=(), fed=None, hook=None):
+    def send(stage, out, weights):
+        got = {}
+        for r, payload in out.items():
+            if stage == "unmask" and r in drop_after_masking:
+                continue
+            try:
+                got[r] = handle_stage(ctxs[r], stage, payload, spec, weights, hook)
+            except Exception as e:  # a region's refusal: no reply
+                (fed if fed is not None else {}).setdefault("errors", {})[r] = repr(e)
+        return got
+
+    return send
+
+
+def test_secure_round_steps_the_model_by_the_noisy_sum(world, tmp_path, monkeypatch):
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    fed: dict[str, np.ndarray] = {}
+    hook = fed.__setitem__
+    held: list[dict] = []
+    res = run_secure_round(
+        regions=list(REGIONS),
+        region_keys=keys,
+        spec=spec,
+        run_id="run1",
+        round_idx=1,
+        threshold=default_threshold(3),
+        weights=weights,
+        server_lr=0.5,
+        transport=_transport(ctxs, spec, hook=hook),
+        run_dir=tmp_path / "agg",
+        observer=lambda ev: None,
+    )
+    assert res.weights is not None, res.reason
+    tr = res.transcript
+    assert tr["advertised"] == tr["masked_input"] == tr["unmask_responders"] == list(REGIONS)
+    line = json.loads((tmp_path / "agg" / "secagg_transcript.jsonl").read_text().splitlines()[-1])
+    assert line["applied"] and line["summed"] == list(REGIONS)
+    # The model moved by exactly −lr × (Σ of what the regions fed in) / (R × vehicles per step).
+    assert sorted(fed) == list(REGIONS)
+    total = sum(z.astype(np.float64) for z in fed.values())
+    expected = flatten(weights) - 0.5 * total / (spec.scale * 3 * VPS)
+    got = flatten(res.weights)
+    assert not np.allclose(got, flatten(weights))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert res.sum_norm <= res.norm_bound
+    del held
+    for r, c in ctxs.items():
+        rec = Ledger(c.ledger_path).releases()[-1]
+        assert rec["trust_model"] == "distributed" and rec["round"] == 1
+        assert 0 < rec["epsilon_distributed"] < rec["epsilon_own_noise"]
+        # the round's secrets were deleted after unmasking
+        assert not secure_release.state_path(c.ledger_path, "run1", 1).exists(), r
+
+
+def test_region_dropped_after_masking_is_recovered(world, tmp_path):
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    res = run_secure_round(
+        regions=list(REGIONS),
+        region_keys=keys,
+        spec=spec,
+        run_id="run1",
+        round_idx=1,
+        threshold=2,
+        weights=weights,
+        server_lr=1.0,
+        transport=_transport(ctxs, spec, drop_after_masking=("us",)),
+        run_dir=tmp_path / "agg",
+    )
+    assert res.weights is not None, res.reason
+    assert res.transcript["recovered_after_masking"] == ["us"]
+    assert res.transcript["summed"] == list(REGIONS)
+
+
+def test_state_file_is_private_between_stages(world):
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    seen = {}
+
+    def send(stage, out, w):
+        got = _transport(ctxs, spec)(stage, out, w)
+        p = secure_release.state_path(ctxs["eu"].ledger_path, "run1", 1)
+        if stage != "unmask":
+            seen[stage] = stat.S_IMODE(p.stat().st_mode)
+        return got
+
+    run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=1.0, transport=send,
+    )  # fmt: skip
+    assert seen == {"setup": 0o600, "keys": 0o600, "routed": 0o600}
+
+
+def test_regions_refuse_a_threshold_below_their_policy(world):
+    weights, keys, ctxs = world
+    for c in ctxs.values():
+        c.policy = _policy(c.policy.region, t=3)
+    spec = _spec(weights)
+    fed: dict = {}
+    res = run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec, fed=fed),
+    )  # fmt: skip
+    assert res.weights is None and "aborted" in res.reason
+    assert set(fed["errors"]) == set(REGIONS)
+    assert all("min_honest_regions" in e for e in fed["errors"].values())
+    for c in ctxs.values():  # nothing was spent
+        assert not c.ledger_path.exists() or not Ledger(c.ledger_path).releases()
+
+
+def test_region_refuses_a_scale_other_than_its_own(world):
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    bad = type(spec)(**{**spec.__dict__, "scale": spec.scale * 4})
+    with pytest.raises(SecureRoundRefused, match="scale"):
+        from fedfsd.secagg import AggregatorSession, RoundParams
+
+        n = len(REGIONS)
+        d = int(sum(v.size for v in weights.values()))
+        p = RoundParams("run1", 1, REGIONS, 2, bad.quantizer(n).bit_width, d)
+        handle_stage(ctxs["eu"], "setup", AggregatorSession(p, keys).setup_message(), bad, weights)
+
+
+def test_budget_refusal_before_anything_is_released(world):
+    weights, keys, ctxs = world
+    for c in ctxs.values():
+        c.policy = _policy(c.policy.region, budget=0.01)
+    spec = _spec(weights)
+    fed: dict = {}
+    res = run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec, fed=fed),
+    )  # fmt: skip
+    assert res.weights is None
+    assert all("budget" in e for e in fed["errors"].values())
+    for c in ctxs.values():
+        assert not Ledger(c.ledger_path).releases()
+
+
+def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch):
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    fed: dict[str, np.ndarray] = {}
+    hook = fed.__setitem__
+    bits = spec.quantizer(3).bit_width
+    captured = {}
+
+    import fedfsd.aggregator.secure_round as sr
+
+    real = sr.AggregatorSession.result
+
+    def spy(self):
+        out = real(self)
+        captured["ring"] = out.copy()
+        return out
+
+    monkeypatch.setattr(sr.AggregatorSession, "result", spy)
+    run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec, hook=hook),
+    )  # fmt: skip
+    np.testing.assert_array_equal(from_ring(captured["ring"], bits), sum(z for z in fed.values()))
+
+
+def test_aggregator_side_loads_no_data_or_training_code():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedfsd.aggregator.secure_round import make_spec;"
+        "make_spec(dim=100, clip_norm=1.0, noise_multiplier=1.0, vehicles_per_step=4,"
+        " frames_per_vehicle=4, model='mlp').quantizer(3);"
+        "import fedfsd.privacy.signing;"
+        "bad=[m for m in sys.modules if m.startswith(('fedfsd.data','fedfsd.privacy.dpsgd',"
+        "'torch','opacus'))]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_secure_aggregation_needs_region_keys():
+    from typer.testing import CliRunner
+
+    from fedfsd.cli import app
+
+    res = CliRunner().invoke(
+        app, ["aggregator", "run", "--dir", "/nonexistent", "--secure-aggregation"]
+    )
+    assert res.exit_code != 0
+    assert "--secure-aggregation needs --region-keys" in res.output
+
+
+def test_routed_model_of_another_length_is_refused_before_any_spend(world):
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    fed: dict = {}
+    inner = _transport(ctxs, spec, fed=fed)
+    first = sorted(weights)[0]
+
+    def send(stage, out, w):  # the routed stage brings a model shorter than the setup said
+        if w is not None:
+            w = {k: v for k, v in w.items() if k != first}
+        return inner(stage, out, w)
+
+    res = run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=1.0, transport=send,
+    )  # fmt: skip
+    assert res.weights is None
+    assert all("dim" in e for e in fed["errors"].values()), fed
+    for c in ctxs.values():
+        assert not Ledger(c.ledger_path).exists() or not Ledger(c.ledger_path).releases()
