@@ -226,11 +226,12 @@ def grid_transport(
         for region, payload in out.items():
             node = region_nodes[region]
             node_region[node] = region
+            values = stage_config(run_id, round_idx, stage, payload, spec)
             content = RecordDict(
-                {wire.CONFIG: ConfigRecord(stage_config(run_id, round_idx, stage, payload, spec))}
+                wire.packed_records(weights, wire.CONFIG, values)
+                if weights is not None
+                else {wire.CONFIG: ConfigRecord(values)}
             )
-            if weights is not None:
-                content[wire.ARRAYS] = wire.arrays_to_record(dict(weights))
             msgs.append(
                 Message(
                     content=content,

@@ -337,7 +337,7 @@ def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[st
         if not isinstance(payload, bytes):
             raise SecAggRefused("secure round: no payload")
         weights = (
-            wire.record_to_arrays(message.content.array_records[wire.ARRAYS])
+            wire.arrays_from(message.content, wire.CONFIG)
             if wire.ARRAYS in message.content.array_records
             else None
         )
