@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from fedfsd.data.testing import generate_fleets
 from fedfsd.deploy.federation import LocalFederation, RegionSpec
 
 REGIONS = ("eu", "jp", "us")
@@ -49,34 +48,7 @@ POLICY = (
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="secagg-cost-"))
     try:
-        gens = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fedfsd.cli",
-                    "data",
-                    "generate",
-                    "--out",
-                    str(root / "data" / r),
-                    "--region",
-                    r,
-                    "--vehicles",
-                    "12",
-                    "--episodes",
-                    "2",
-                    "--seed",
-                    str(i + 1),
-                    "--workers",
-                    "1",
-                ],
-                stdout=subprocess.DEVNULL,
-            )  # fmt: skip
-            for i, r in enumerate(REGIONS)
-        ]
-        for g in gens:
-            if g.wait() != 0:
-                raise SystemExit("fleet generation failed")
+        generate_fleets(root, REGIONS, vehicles=12, episodes=2, seeds=range(1, len(REGIONS) + 1))
         regions = {}
         for r in REGIONS:
             pol = root / f"{r}.toml"

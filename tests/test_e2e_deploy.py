@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fedfsd.data.testing import generate_fleets
 from fedfsd.deploy.appbundle import app_digest
 from fedfsd.deploy.federation import LocalFederation, RegionSpec
 from fedfsd.deploy.processes import wait_until
@@ -72,35 +71,7 @@ def tmp_path(root: Path, request: pytest.FixtureRequest) -> Path:
 def fed(root: Path):
     digest = app_digest()  # the packaged, code-free fedfsd bundle is the only one allowed
     regions: dict[str, RegionSpec] = {}
-    gens = [  # tiny fleets from the simulator, generated side by side
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedfsd.cli",
-                "data",
-                "generate",
-                "--out",
-                str(root / "data" / region),
-                "--region",
-                region,
-                "--vehicles",
-                "16",
-                "--episodes",
-                "3",
-                "--seed",
-                "1",
-                "--workers",
-                "1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for region in REGIONS
-    ]
-    for gen in gens:
-        _, err = gen.communicate(timeout=300)
-        assert gen.returncode == 0, err.decode()[-2000:]
+    generate_fleets(root, REGIONS, vehicles=16, episodes=3)  # tiny simulator fleets
     for region in REGIONS:
         data = root / "data" / region
         pol = root / f"{region}-policy.toml"

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fedfsd.audit import read_events
+from fedfsd.data.testing import generate_fleets
 from fedfsd.deploy.appbundle import app_digest
 from fedfsd.deploy.control import CONNECTION_NAME
 from fedfsd.deploy.federation import LocalFederation, RegionSpec
@@ -73,35 +74,7 @@ def root():
 @pytest.fixture(scope="module")
 def fed(root: Path):
     digest = app_digest()
-    gens = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedfsd.cli",
-                "data",
-                "generate",
-                "--out",
-                str(root / "data" / region),
-                "--region",
-                region,
-                "--vehicles",
-                "16",
-                "--episodes",
-                "3",
-                "--seed",
-                "1",
-                "--workers",
-                "1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for region in REGIONS
-    ]
-    for gen in gens:
-        _, err = gen.communicate(timeout=300)
-        assert gen.returncode == 0, err.decode()[-2000:]
+    generate_fleets(root, REGIONS, vehicles=16, episodes=3)
     regions = {}
     for region in REGIONS:
         pol = root / f"{region}-policy.toml"

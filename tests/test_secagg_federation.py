@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fedfsd.data.testing import generate_fleets
 from fedfsd.deploy.federation import LocalFederation, RegionSpec
 
 pytestmark = [pytest.mark.secagg, pytest.mark.slow]
@@ -63,35 +62,7 @@ def root():
 
 @pytest.fixture(scope="module")
 def fed(root: Path):
-    gens = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedfsd.cli",
-                "data",
-                "generate",
-                "--out",
-                str(root / "data" / r),
-                "--region",
-                r,
-                "--vehicles",
-                "12",
-                "--episodes",
-                "2",
-                "--seed",
-                str(i + 1),
-                "--workers",
-                "1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for i, r in enumerate(REGIONS)
-    ]
-    for gen in gens:
-        _, err = gen.communicate(timeout=300)
-        assert gen.returncode == 0, err.decode()[-2000:]
+    generate_fleets(root, REGIONS, vehicles=12, episodes=2, seeds=range(1, len(REGIONS) + 1))
     deploy = root / "deploy"
     regions = {}
     for r in REGIONS:

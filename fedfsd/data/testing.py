@@ -6,6 +6,11 @@ and noise, so a model can learn them and DP tests can see a loss go down.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 
 from fedfsd.data.feature_spec import N_FEATURES, N_LABELS
@@ -57,3 +62,56 @@ def make_synthetic_frames(
         bev=bev,
         fleet_id=f"{region}-synthetic-{seed}",
     )
+
+
+def generate_fleets(
+    root: Path,
+    regions: Sequence[str],
+    *,
+    vehicles: int,
+    episodes: int,
+    seeds: Sequence[int] | None = None,
+    timeout: float = 300,
+) -> dict[str, Path]:
+    """Small simulator fleets under `root/data/<region>`, one `fedfsd data generate` per region.
+
+    For the end-to-end tests and experiments that start a real federation: the regions are
+    generated side by side (one process each, one worker), like separate data centres would.
+    Raises RuntimeError with the failing region's stderr tail.
+    """
+    seeds = list(seeds) if seeds is not None else [1] * len(regions)
+    out = {r: root / "data" / r for r in regions}
+    gens = {
+        r: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedfsd.cli",
+                "data",
+                "generate",
+                "--out",
+                str(out[r]),
+                "--region",
+                r,
+                "--vehicles",
+                str(vehicles),
+                "--episodes",
+                str(episodes),
+                "--seed",
+                str(seed),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for r, seed in zip(regions, seeds, strict=True)
+    }
+    failed = []
+    for r, gen in gens.items():
+        _, err = gen.communicate(timeout=timeout)
+        if gen.returncode != 0:
+            failed.append(f"{r}: {err.decode()[-2000:]}")
+    if failed:
+        raise RuntimeError("fleet generation failed: " + "; ".join(failed))
+    return out
