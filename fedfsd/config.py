@@ -155,7 +155,14 @@ class RegionPolicy(BaseModel):
                 "of honest regions whose noise shares together reach the policy's σ)"
             )
         if self.trust_model == "local":
-            extra = sorted({"min_honest_regions", "enforce_on"} & self.model_fields_set)
+            # A written-out default (a policy file dumped from the model) is harmless; a value
+            # that only means something in distributed mode is a contradiction.
+            fields = type(self).model_fields
+            extra = sorted(
+                f
+                for f in ("min_honest_regions", "enforce_on")
+                if f in self.model_fields_set and getattr(self, f) != fields[f].default
+            )
             if extra:
                 raise ValueError(
                     f"{', '.join(extra)}: only applies to trust_model = 'distributed' (this "

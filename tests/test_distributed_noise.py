@@ -199,6 +199,18 @@ def test_policy_trust_fields():
         policy(extra="min_honest_regions = 3\n")
     with pytest.raises(PolicyError, match="enforce_on"):
         policy(extra='trust_model = "distributed"\nmin_honest_regions = 2\nenforce_on = "x"\n')
+    with pytest.raises(PolicyError, match="only applies to trust_model = 'distributed'"):
+        parse_policy(BASE.format(budget=3) + 'enforce_on = "distributed"\n')
+
+
+def test_a_local_policy_written_out_in_full_loads_again(tmp_path):
+    """The experiments write every field of a policy (defaults included): that must load."""
+    import tomli_w
+
+    local = parse_policy(BASE.format(budget=3))
+    dumped = tomli_w.dumps(local.model_dump(exclude_none=True))
+    assert 'enforce_on = "own_noise"' in dumped
+    assert parse_policy(dumped) == local
 
 
 # ---- plan, ledger, verify ---------------------------------------------------------------------
