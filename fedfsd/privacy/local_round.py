@@ -108,7 +108,7 @@ def _result_from_record(
     )
 
 
-def _open_ledger(
+def open_ledger(
     ledger: Ledger,
     frames: Any,
     fleet_id: str,
@@ -327,7 +327,7 @@ def run_local_round(
     fleet_id = frames.fleet_id or f"{frames.region}-unnamed"
     ledger = Ledger(ledger_path)
     with ledger.locked():
-        _open_ledger(ledger, frames, fleet_id, all_vehicles, policy, private)
+        open_ledger(ledger, frames, fleet_id, all_vehicles, policy, private)
         cached = _cached_release(ledger, run_id, round_idx, global_weights, params)
         if cached is not None:
             return cached

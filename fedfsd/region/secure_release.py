@@ -179,7 +179,7 @@ def release(
     from fedfsd import __version__
     from fedfsd.privacy.distributed_release import plan_from_ledger, record_fields
     from fedfsd.privacy.ledger import SCHEMA, Ledger, update_digest
-    from fedfsd.privacy.local_round import _open_ledger
+    from fedfsd.privacy.local_round import open_ledger
     from fedfsd.privacy.skellam import sample_skellam
 
     q, accounted = sample_rate(ctx, spec)
@@ -189,7 +189,7 @@ def release(
     ledger = Ledger(ctx.ledger_path)
     with ledger.locked():
         fleet_id = ctx.frames.fleet_id or f"{ctx.frames.region}-unnamed"
-        _open_ledger(ledger, ctx.frames, fleet_id, ctx.fleet_vehicles, ctx.policy, True)
+        open_ledger(ledger, ctx.frames, fleet_id, ctx.fleet_vehicles, ctx.policy, True)
         if ledger.find_release(ctx.run_id, ctx.round_idx) is not None:
             # A fresh noisy vector for a round already released would be a second, uncounted
             # release of the same round: refuse (the region drops out of this round).
