@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from private_dirs import private_dir
 from typer.testing import CliRunner
 
 from fedfsd.cli import app
@@ -116,13 +115,9 @@ def _read_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
 
 
 @pytest.fixture
-def private_tmp():
-    # Not tmp_path: other pytest sessions on this machine prune /tmp/pytest-of-<user>/.
-    path = Path(tempfile.mkdtemp(prefix="fedfsd-cli-"))
-    try:
+def private_tmp(request: pytest.FixtureRequest):
+    with private_dir(request, "fedfsd-cli-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -8,12 +8,11 @@ run in file order and each leaves it usable for the next.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from private_dirs import private_dir
 
 from fedfsd.data.testing import generate_fleets
 from fedfsd.deploy.appbundle import app_digest
@@ -50,14 +49,9 @@ def _policy(region: str, digests: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def root():
-    # Not pytest's tmp_path: other pytest sessions on this machine prune old
-    # /tmp/pytest-of-<user>/ directories, which would delete a live federation's files.
-    path = Path(tempfile.mkdtemp(prefix="fedfsd-e2e-"))
-    try:
+def root(request: pytest.FixtureRequest):
+    with private_dir(request, "fedfsd-e2e-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,11 +9,10 @@ its headers: its peak RSS (VmHWM) grows by far less than the message.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
+from private_dirs import private_dir
 from test_deploy_cli import POLICY, _fedfsd, _read_until, _stop
 
 from fedfsd.deploy.appbundle import app_digest
@@ -45,13 +44,9 @@ def _executor_pid(parent: int) -> int:
 
 
 @pytest.fixture
-def private_tmp():
-    # Not tmp_path: other pytest sessions on this machine prune /tmp/pytest-of-<user>/.
-    path = Path(tempfile.mkdtemp(prefix="fedfsd-oversize-"))
-    try:
+def private_tmp(request: pytest.FixtureRequest):
+    with private_dir(request, "fedfsd-oversize-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_an_oversized_train_message_is_refused_before_it_is_pulled(private_tmp: Path) -> None:

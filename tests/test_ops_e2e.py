@@ -18,10 +18,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from private_dirs import private_dir
 
 from fedfsd.audit import read_events
 from fedfsd.data.testing import generate_fleets
@@ -62,13 +62,9 @@ def _fedfsd(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture(scope="module")
-def root():
-    # Not pytest's tmp_path: other pytest sessions on this machine prune /tmp/pytest-of-<user>/.
-    path = Path(tempfile.mkdtemp(prefix="fedfsd-ops-"))
-    try:
+def root(request: pytest.FixtureRequest):
+    with private_dir(request, "fedfsd-ops-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ model against prior − lr × Σ z_r / (s × R × vehicles per step).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from private_dirs import private_dir
 
 from fedfsd.data.testing import generate_fleets
 from fedfsd.deploy.federation import LocalFederation, RegionSpec
@@ -50,14 +49,9 @@ def _policy(region: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def root():
-    # Not pytest's tmp_path: other pytest sessions prune /tmp/pytest-of-<user>/ (see
-    # tests/test_e2e_deploy.py).
-    path = Path(tempfile.mkdtemp(prefix="fedfsd-secagg-"))
-    try:
+def root(request: pytest.FixtureRequest):
+    with private_dir(request, "fedfsd-secagg-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
