@@ -43,14 +43,17 @@ def dataset_dir(
     seed: int,
     *,
     fleet_scale: bool = False,
+    appearances: float = 3.0,
 ) -> Path:
     """Where a generated fleet of these sizes lives in the cache (one directory per setting).
 
-    Fleet-scale datasets (short all-fleet episodes) get their own names: same sizes, other data.
+    Fleet-scale datasets (short all-fleet episodes) get their own names: same sizes, other data;
+    so does a fleet-scale dataset whose vehicles appear in other than 3 episodes each.
     """
     if fleet_scale:
         eps = "auto" if episodes is None else str(episodes)
-        return Path(cache) / f"{region}-fs-v{vehicles}-e{eps}-s{seed}"
+        app = "" if appearances == 3.0 else f"-a{appearances:g}"
+        return Path(cache) / f"{region}-fs-v{vehicles}-e{eps}{app}-s{seed}"
     if episodes is None:
         raise ValueError("episodes is required unless fleet_scale is on")
     return Path(cache) / f"{region}-v{vehicles}-e{episodes}-s{seed}"
@@ -65,18 +68,21 @@ def ensure_dataset(
     *,
     fleet_scale: bool = False,
     workers: int | None = None,
+    appearances: float = 3.0,
 ) -> Path:
     """Generate a region's fleet logs once; reuse a cached copy only if it still validates.
 
     A cached copy that predates validation splits is regenerated (it has no "val" split).
-    With `fleet_scale`, `episodes` may be None (every vehicle in about 3 episodes).
+    With `fleet_scale`, `episodes` may be None (every vehicle in about `appearances` episodes).
     """
     import shutil
 
     from fedfsd.data.generate import generate_dataset
     from fedfsd.data.validate import DatasetError, validate_dataset
 
-    out = dataset_dir(cache, region, vehicles, episodes, seed, fleet_scale=fleet_scale)
+    out = dataset_dir(
+        cache, region, vehicles, episodes, seed, fleet_scale=fleet_scale, appearances=appearances
+    )
     if (out / "manifest.json").exists():
         try:
             manifest = validate_dataset(out)
@@ -102,6 +108,7 @@ def ensure_dataset(
         progress=False,
         overwrite=True,
         fleet_scale=fleet_scale,
+        appearances=appearances,
     )
 
 

@@ -80,6 +80,9 @@ class Study:
     holdout_vehicles: int = 2000
     public_vehicles: int = 3000
     data_seed: int = 11
+    # Episodes each training-region vehicle drives in (fleet-scale mode). 3 for ≤ 10,000
+    # vehicles; the 100,000-vehicle point uses 1, a third of the simulation (README says so).
+    appearances: float = 3.0
     synthetic: bool = False
     epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
     lever_epsilon: float = 3.0  # levers and personalisation are measured at this ε
@@ -181,7 +184,9 @@ def load_all(st: Study, cache: Path) -> tuple[dict[str, RegionData], Any, Region
     # Enough generated vehicles that the largest fleet finds `biggest` of them in train episodes.
     gen = int(math.ceil(biggest * 1.06))
     for r in st.regions:
-        path = ensure_dataset(cache, r, gen, None, st.data_seed, fleet_scale=True)
+        path = ensure_dataset(
+            cache, r, gen, None, st.data_seed, fleet_scale=True, appearances=st.appearances
+        )
         regions[r] = RegionData(
             load_region(path, "train"), load_region(path, "val"), load_region(path, "test")
         )
@@ -723,6 +728,11 @@ def main(
     sizes: str = typer.Option(None, help="comma-separated vehicles per region, e.g. 300,1000"),
     epsilons: str = typer.Option(None, help="comma-separated ε targets, e.g. 1,3,8"),
     seeds: int = typer.Option(None, help="seeds per size (sizes ≥ --large get --max-seeds-large)"),
+    appearances: float = typer.Option(
+        None,
+        help="episodes each training-region vehicle drives in (default 3; fewer episodes make "
+        "the largest fleets affordable, with fewer frames per vehicle)",
+    ),
     workers: int = typer.Option(None, help="parallel processes (one (size, seed) cell each)"),
     keep_cells: bool = typer.Option(
         False,
@@ -742,6 +752,10 @@ def main(
                 bad_option(f"--{key} must be numbers separated by commas, got {opt!r}")
             if any(v <= 0 for v in preset[key]):
                 bad_option(f"--{key} must be > 0")
+    if appearances is not None:
+        if not 0 < appearances <= 100:
+            bad_option("--appearances must be in (0, 100]")
+        preset["appearances"] = appearances
     if seeds is not None:
         if seeds < 1:
             bad_option("--seeds must be ≥ 1")
