@@ -290,8 +290,13 @@ def test_ledger_records_both_eps_and_verify_recomputes_them(ledger):
     last = rel[-1]
     assert last["epsilon_distributed"] < last["epsilon_own_noise"] == last["epsilon_prv"]
     assert Ledger(ledger.path).epsilon() == pytest.approx(last["epsilon_own_noise"])
-    # the local path projects ε from history(): refused, it would under-count the Skellam part
-    with pytest.raises(LedgerError, match="distributed-noise releases"):
+    # the ledger's spend holds both parts, so a local round or a metric on it composes them
+    # (tests/test_privacy_ledger_mixed.py runs one); only the Gaussian-only history() refuses
+    spend = Ledger(ledger.path).spend()
+    assert spend.mixed and spend.gaussian == [] and spend.skellam[0].rounds == 3
+    assert spend.epsilon(1e-6, "own_noise") == pytest.approx(last["epsilon_own_noise"])
+    assert spend.epsilons(1e-6)["distributed"] == pytest.approx(last["epsilon_distributed"])
+    with pytest.raises(LedgerError, match="Ledger.spend"):
         Ledger(ledger.path).history()
     v = verify_ledger_alone(ledger.path)
     assert v.ok, v.problems

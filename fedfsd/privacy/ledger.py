@@ -46,19 +46,14 @@ from fedfsd.durable import atomic_file
 from fedfsd.durable import fsync_dir as _fsync_dir
 from fedfsd.errors import InputError, IntegrityError
 from fedfsd.privacy import signing
-from fedfsd.privacy.accounting import (
-    AccountantError,
-    History,
-    compute_epsilon,
-    normalise_history,
-)
+from fedfsd.privacy.accounting import AccountantError, History, normalise_history
+from fedfsd.privacy.accounting_mixed import Spend
 from fedfsd.privacy.distributed_accounting import (
     Assumption,
     SkellamHistory,
     SkellamRound,
     normalise_skellam_history,
 )
-from fedfsd.privacy.distributed_accounting import epsilon as distributed_epsilon
 from fedfsd.privacy.release_record import ReleaseRecord
 from fedfsd.wire import array_digest
 
@@ -327,13 +322,14 @@ class Ledger:
     def history(self) -> History:
         """Cumulative (σ, q, steps) history after the last release (Opacus' form).
 
-        Refused (LedgerError) once the ledger has a distributed release: callers that project
-        ε from this Gaussian history alone would under-count the Skellam releases; they must use
-        `epsilon()` or `gaussian_history()` with `distributed_history()`."""
+        Only for a ledger without distributed releases: on a mixed ledger the Gaussian history
+        alone under-counts, so this refuses (LedgerError) and callers that project ε use
+        `spend()` (both histories; fedfsd.privacy.accounting_mixed) instead."""
         if self.distributed_history():
             raise LedgerError(
-                f"{self.path}: this ledger has distributed-noise releases; ε must include them "
-                "(fedfsd.privacy.distributed_accounting), the Gaussian history alone under-counts"
+                f"{self.path}: this ledger has distributed-noise releases; ε must compose them "
+                "(Ledger.spend(), fedfsd.privacy.accounting_mixed), the Gaussian history alone "
+                "under-counts"
             )
         return self.gaussian_history()
 
@@ -347,25 +343,38 @@ class Ledger:
         rel = [r for r in self._load() if r["kind"] in SPENDING and is_distributed(r)]
         return normalise_skellam_history(rel[-1]["distributed_history"]) if rel else []
 
-    def enforce_on(self) -> str:
-        """The assumption the last distributed release enforced the budget on."""
-        dist = [r for r in self.releases() if is_distributed(cast(dict[str, Any], r))]
-        return str(dist[-1].get("enforce_on", "own_noise")) if dist else "own_noise"
+    def spend(self) -> Spend:
+        """Both histories: every release a vehicle of this fleet took part in, local or
+        distributed (the input of every ε projection on this ledger)."""
+        return Spend(self.gaussian_history(), self.distributed_history())
 
-    def epsilon(self, delta: float | None = None, accountant: str = "prv") -> float:
+    def enforce_on(self) -> Assumption:
+        """The assumption the budget was last enforced on: the last spending line that names one
+        (a distributed release, or a local one on a mixed ledger); "own_noise" if none does."""
+        named = [r for r in self._load() if r["kind"] in SPENDING and r.get("enforce_on")]
+        return "distributed" if named and named[-1]["enforce_on"] == "distributed" else "own_noise"
+
+    def epsilon(
+        self,
+        delta: float | None = None,
+        accountant: str = "prv",
+        assumption: Assumption | None = None,
+    ) -> float:
         """ε spent so far at `delta` (default: the ledger's own δ); ∞ for a non-private ledger.
 
-        With distributed releases on the ledger, ε is the RDP composition of everything under
-        the assumption the budget is enforced on (PRV cannot account Skellam; `accountant` is
-        then ignored)."""
+        Without distributed releases: `accountant`'s ε of the Gaussian history (PRV headline).
+        With them: the RDP composition of every release under `assumption` (default: the one the
+        budget is enforced on; PRV cannot account Skellam, `accountant` is then ignored)."""
         if not self.private:
             return math.inf
         d = delta or float(self.header["delta"])
-        dist = self.distributed_history()
-        if dist:
-            which: Assumption = "distributed" if self.enforce_on() == "distributed" else "own_noise"
-            return distributed_epsilon(dist, d, which, self.gaussian_history())
-        return compute_epsilon(self.gaussian_history(), d, accountant)
+        return self.spend().epsilon(d, assumption or self.enforce_on(), accountant)
+
+    def epsilons(self, delta: float | None = None) -> dict[str, float]:
+        """ε under both assumptions of distributed noise (RDP when the ledger is mixed)."""
+        if not self.private:
+            return {"distributed": math.inf, "own_noise": math.inf}
+        return self.spend().epsilons(delta or float(self.header["delta"]))
 
     def metric_releases(self) -> list[dict[str, Any]]:
         """Differentially private metric releases (kind "metric"), in ledger order."""

@@ -2,8 +2,10 @@
 
 The order is what makes the ledger trustworthy:
 
-1. project ε after this round from the ledger's history; over budget → `BudgetExceeded`
-   (nothing trained, recorded or released);
+1. project ε after this round from the ledger's histories (on a ledger that also holds
+   distributed releases, the RDP composition of both under the policy's `enforce_on`;
+   fedfsd.privacy.accounting_mixed); over budget → `BudgetExceeded` (nothing trained,
+   recorded or released);
 2. a (run_id, round) already on the ledger returns its cached release, no new spend (so an
    aggregator `--resume` or a retried message never double-counts);
 3. vehicle-level DP-SGD, update L2-clipped to the policy's bound;
@@ -29,7 +31,8 @@ import numpy as np
 
 from fedfsd.config import DPParams, RegionPolicy, TrainRequest
 from fedfsd.errors import PrivacyRefusal
-from fedfsd.privacy.accounting import History, compute_epsilon, extend_history
+from fedfsd.privacy.accounting import History
+from fedfsd.privacy.accounting_mixed import Spend
 from fedfsd.privacy.clipping import clip_update
 from fedfsd.privacy.ledger import (
     NORMALISATION,
@@ -164,13 +167,17 @@ def _cached_release(
 
 
 def _project_budget(
-    history: History, policy: RegionPolicy, params: DPParams, q: float
-) -> tuple[History, float]:
-    """The accountant history after this round and its ε; over budget → BudgetExceeded."""
-    after = extend_history(history, params.noise_multiplier, q, params.steps)
-    projected = compute_epsilon(after, policy.delta, "prv")
+    spend: Spend, policy: RegionPolicy, params: DPParams, q: float
+) -> tuple[Spend, float]:
+    """The spend after this round and its enforced ε; over budget → BudgetExceeded.
+
+    Gaussian-only ledger: PRV, as always. A ledger with distributed releases: the RDP
+    composition of both parts under the policy's `enforce_on` (a local policy enforces on
+    "own_noise", which holds whatever the other regions did)."""
+    after = spend.plus_gaussian(params.noise_multiplier, q, params.steps)
+    projected = after.epsilon(policy.delta, policy.enforce_on, "prv")
     if projected > policy.epsilon_budget:
-        spent = compute_epsilon(history, policy.delta, "prv")
+        spent = spend.epsilon(policy.delta, policy.enforce_on, "prv")
         raise BudgetExceeded(spent, projected, policy.epsilon_budget)
     return after, projected
 
@@ -331,15 +338,15 @@ def run_local_round(
         cached = _cached_release(ledger, run_id, round_idx, global_weights, params)
         if cached is not None:
             return cached
-        history = ledger.history()
-        after, projected = _project_budget(history, policy, params, q) if private else (None, 0.0)
+        spend = ledger.spend()
+        after, projected = _project_budget(spend, policy, params, q) if private else (None, 0.0)
         trained = _train(
             frames,
             model_name,
             global_weights,
             params,
-            history,
-            after,
+            spend.gaussian,
+            after.gaussian if after is not None else None,
             accounted,
             private=private,
             method=method,
@@ -350,9 +357,12 @@ def run_local_round(
         )
         if private:
             eps = projected  # the same history (checked in _train), so the same ε
-            eps_rdp = compute_epsilon(trained.history, policy.delta, "rdp")
+            done = spend.with_gaussian(trained.history)
+            eps_rdp = done.epsilon(policy.delta, policy.enforce_on, "rdp")
+            mixed: dict[str, Any] = done.record_fields(policy.delta, policy.enforce_on)
         else:
             eps = eps_rdp = math.inf
+            mixed = {}
         global32 = {k: np.asarray(v, dtype=np.float32) for k, v in global_weights.items()}
         new_w, update, norm = _clip_to_bound(global32, trained.weights, params.update_norm_bound)
         train_loss = float(np.mean(trained.losses)) if trained.losses else math.nan
@@ -361,6 +371,8 @@ def run_local_round(
             q=q, accounted=accounted, private=private, seed=seed, eps=eps, eps_rdp=eps_rdp,
             trained=trained, norm=norm, update=update, global32=global32, train_loss=train_loss,
         )  # fmt: skip
+        # On a mixed ledger the line also states both ε and carries the distributed history.
+        record = cast(ReleaseRecord, {**record, **mixed})
         _record(ledger, run_id, round_idx, new_w, record)
         return LocalRoundResult(
             new_weights=new_w,

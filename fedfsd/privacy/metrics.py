@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +35,8 @@ import numpy as np
 
 from fedfsd.config import KNOWN_METRICS, RegionPolicy
 from fedfsd.errors import PrivacyRefusal
-from fedfsd.privacy.accounting import compute_epsilon, extend_history
+from fedfsd.privacy.accounting_mixed import Spend
+from fedfsd.privacy.distributed_accounting import Assumption
 from fedfsd.privacy.ledger import SCHEMA, Ledger
 
 KIND = "metric"
@@ -107,10 +108,10 @@ def check_evaluable(ledger: Ledger, run_id: str, round_idx: int, weights_sha256:
         )
 
 
-def _epsilon(history: Sequence[Sequence[float]], delta: float, name: str) -> float:
+def _epsilon(spend: Spend, delta: float, name: str, enforce: Assumption) -> float:
     with warnings.catch_warnings():  # Opacus PRV takes log(1 - q) = log(0) at q = 1
         warnings.simplefilter("ignore", RuntimeWarning)
-        return compute_epsilon(history, delta, name)
+        return spend.epsilon(delta, enforce, name)
 
 
 def release_metrics(
@@ -150,11 +151,13 @@ def release_metrics(
                 return MetricRelease(dict(r["values"]), eps, cached=True, record=r)
         delta = float(ledger.header["delta"])
         sigma = float(policy.metric_noise_multiplier)
-        history = ledger.history()
-        after = extend_history(history, sigma, 1.0, 1)
-        projected = _epsilon(after, delta, "prv")
+        # Both histories: on a ledger with distributed releases ε composes them (RDP).
+        spend, enforce = ledger.spend(), policy.enforce_on
+        after = spend.plus_gaussian(sigma, 1.0, 1)
+        projected = _epsilon(after, delta, "prv", enforce)
         if projected > policy.epsilon_budget:
-            raise BudgetExceeded(_epsilon(history, delta, "prv"), projected, policy.epsilon_budget)
+            spent = _epsilon(spend, delta, "prv", enforce)
+            raise BudgetExceeded(spent, projected, policy.epsilon_budget)
         per_vehicle = score()
         bounds = {m: float(policy.metric_clip[m]) for m in names}
         values, noisy_n = noisy_means(
@@ -186,12 +189,13 @@ def release_metrics(
             "model_sha256": model_sha256,
             "delta": delta,
             "epsilon_prv": projected,
-            "epsilon_rdp": _epsilon(after, delta, "rdp"),
+            "epsilon_rdp": _epsilon(after, delta, "rdp", enforce),
             "epsilon_budget": policy.epsilon_budget,
-            "accountant_history": [list(h) for h in after],
+            "accountant_history": [list(h) for h in after.gaussian],
             "private": True,
             "code_version": __version__,
             "rng": RNG_NOTE if rng is None else "caller-supplied generator (NOT for production)",
+            **after.record_fields(delta, enforce),  # a mixed ledger: both ε, Skellam history
         }
         ledger.append(record)
         return MetricRelease(values, projected, cached=False, record=record)

@@ -467,6 +467,12 @@ DISTRIBUTED_SETTING = (
 )
 
 
+MIXED_METHOD = (
+    "; the local (Gaussian DP-SGD and metric) releases on the same ledger add Opacus' "
+    "subsampled-Gaussian RDP (compute_rdp) at the same orders, under both assumptions"
+)
+
+
 def skellam_steps(history: Iterable[Any]) -> list[pb.SkellamStep]:
     """A Skellam history (fedfsd.privacy.distributed_accounting.SkellamRound) as report steps."""
     return [
@@ -511,30 +517,44 @@ def _fill_distributed(
     )
 
     last_d = [r for r in chosen if r.get("trust_model") == "distributed"][-1]
+    # A local line after it (a mixed ledger) carries the same history and states both ε too.
+    last_e = [r for r in chosen if r.get("enforce_on")][-1]
     hist = normalise_skellam_history(last_d["distributed_history"])
     gauss = history_of(rep.accounting.history)
     eps = epsilons(hist, delta, gauss)
     t = max(r.min_honest_regions for r in hist)
     d = rep.distributed
     d.history.extend(skellam_steps(hist))
-    d.enforce_on = str(last_d.get("enforce_on", "own_noise"))
+    d.enforce_on = str(last_e.get("enforce_on", "own_noise"))
     d.epsilon_distributed = eps["distributed"]
     d.assumption_distributed = STATEMENTS["distributed"].format(t=t)
     d.epsilon_own_noise = eps["own_noise"]
     d.assumption_own_noise = STATEMENTS["own_noise"]
-    d.method = METHOD
+    d.method = METHOD + (MIXED_METHOD if gauss else "")
     acc = rep.accounting
     acc.headline_accountant = acc.cross_check_accountant = "rdp"
     acc.epsilon = acc.epsilon_rdp = eps[d.enforce_on]
-    acc.implementation = METHOD
+    acc.implementation = d.method
     rep.trust.setting += DISTRIBUTED_SETTING
+    if gauss:
+        n_local = sum(1 for r in chosen if r.get("trust_model") != "distributed")
+        notes.append(
+            f"mixed ledger: {n_local} local (Gaussian) release(s) and "
+            f"{sum(r.rounds for r in hist)} distributed one(s); both ε compose all of them in "
+            "RDP (the local releases count the same under either assumption). PRV, the headline "
+            "of a local-only ledger, cannot account Skellam, so this ε is an RDP value"
+        )
     for key in ("epsilon_distributed", "epsilon_own_noise"):
-        theirs = float(last_d.get(key, math.nan))
+        theirs = float(last_e.get(key, math.nan))
         mine = eps[key.removeprefix("epsilon_")]
         if not math.isclose(theirs, mine, rel_tol=LEDGER_EPS_RTOL):
             notes.append(f"the ledger recorded {key} = {theirs:.6g}; recomputed {mine:.6g}")
     notes[:] = [n for n in notes if not n.startswith("the ledger recorded epsilon_prv")]
     notes[:] = [n for n in notes if not n.startswith("the ledger recorded epsilon_rdp")]
+    for key in ("epsilon_prv", "epsilon_rdp"):
+        theirs = float(chosen[-1].get(key) or math.nan)
+        if not math.isclose(theirs, acc.epsilon, rel_tol=LEDGER_EPS_RTOL):
+            notes.append(f"the ledger recorded {key} = {theirs:.6g}; recomputed {acc.epsilon:.6g}")
 
 
 def _fill_budget(rep: pb.EpsilonReport, budget: float) -> None:

@@ -475,6 +475,61 @@ def check_distributed(
             f"{what}: headline ε {headline:.6g} is not the enforced ({d.enforce_on}) ε "
             f"{got[d.enforce_on]:.6g}",
         )
+    if isinstance(rep, pb.EpsilonReport):
+        _check_skellam_vs_releases(v, what, hist, list(rep.releases))
+        _check_release_epsilons(v, what, rep)
+
+
+def _check_skellam_vs_releases(
+    v: Verification, what: str, hist: list[list[float]], rels: list[pb.Release]
+) -> None:
+    """The Skellam history is exactly the distributed releases listed, round by round: their
+    count, q and C, and each share μ = (σ·s·C)²/t from the release's σ (a release dropped from
+    the list, or a history shortened to lower ε, fails here)."""
+    rounds = [h for h in hist for _ in range(int(h[6]))]
+    dist = [r for r in rels if r.distributed]
+    if not v.check(
+        len(rounds) == len(dist),
+        f"{what}: the Skellam history has {len(rounds)} round(s) but the report lists "
+        f"{len(dist)} distributed release(s) (a release dropped, added or uncounted)",
+    ):
+        return
+    for r, (q, mu, t, s, c, *_) in zip(dist, rounds, strict=True):
+        tag = f"{what}: distributed release {r.run_id}:{r.round}"
+        v.check(
+            _close(r.sample_rate, q, EXACT_RTOL) and _close(r.clip_norm, c, EXACT_RTOL),
+            f"{tag}: q = {r.sample_rate:g}, C = {r.clip_norm:g}, but its Skellam history round "
+            f"has q = {q:g}, C = {c:g}",
+        )
+        want = (r.noise_multiplier * s * c) ** 2 / max(t, 1)
+        v.check(
+            _close(mu, want, 1e-6),
+            f"{tag}: noise-share variance {mu:.6g} in the Skellam history is not "
+            f"(σ·s·C)²/t = ({r.noise_multiplier:g}·{s:g}·{c:g})²/{int(t)} = {want:.6g}",
+        )
+
+
+def _check_release_epsilons(v: Verification, what: str, rep: pb.EpsilonReport) -> None:
+    """Per-release ε under each assumption only grows and never passes the report's (releases
+    before the first distributed one state neither: 0)."""
+    d = rep.distributed
+    for field_name, final in (
+        ("epsilon_distributed", d.epsilon_distributed),
+        ("epsilon_own_noise", d.epsilon_own_noise),
+    ):
+        prev = 0.0
+        for r in rep.releases:
+            x = float(getattr(r, field_name))
+            if x == 0.0:
+                continue
+            tag = f"{what}: release {r.run_id}:{r.round}"
+            v.check(x >= prev - 1e-9, f"{tag}: {field_name} {x:.6g} decreased from {prev:.6g}")
+            v.check(
+                x <= final * (1 + 5e-3),
+                f"{tag}: {field_name} {x:.6g} exceeds the report's {final:.6g} (ε of a later "
+                "state than the report's histories)",
+            )
+            prev = x
 
 
 def verify_summary(

@@ -104,11 +104,23 @@ def _distributed_blocks(rep: pb.EpsilonReport) -> list[Block]:
         f"{s.scale:.6g}, C = {s.clip_norm:g}, d = {s.dimension}"
         for s in d.history
     ]
-    return [
+    blocks: list[Block] = [
         ("h", "Distributed noise (secure aggregation)"),
         ("table", (["ε under the assumption", "value", "budget enforced on it"], rows)),
         ("ul", [*steps, f"method: {d.method}"]),
     ]
+    n_local = sum(1 for r in rep.releases if not r.distributed)
+    if n_local:
+        blocks.append(
+            (
+                "p",
+                f"Mixed ledger: both ε above also compose the {n_local} local (Gaussian) "
+                "release(s) listed below, which count the same under either assumption "
+                "(the region added all of their noise). All of it is composed in RDP: PRV, the "
+                "headline of a local-only ledger, cannot account the Skellam releases.",
+            )
+        )
+    return blocks
 
 
 def _region_blocks(rep: pb.EpsilonReport) -> list[Block]:

@@ -222,6 +222,7 @@ def _preflight(
         steps=params.steps,
         delta=policy.delta,
         budget=policy.epsilon_budget,
+        enforce_on=policy.enforce_on,
     )
 
 

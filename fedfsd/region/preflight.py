@@ -4,8 +4,10 @@ Why: the per-round check (fedfsd.privacy.local_round) refuses only the round tha
 so a run planned beyond the budget first spends most of it on early rounds and then leaves the
 ledger stuck near the limit for ever, with a model nobody finished. Here the first train message
 of a run projects every remaining round (rounds × steps at the effective σ and q, on top of the
-ledger's history, with the ledger's own PRV accountant) and, if the total is over budget, refuses
-the run, spending nothing, with a reason that says what would fit. The decision is kept beside
+ledger's history, with the ledger's own PRV accountant; on a ledger that also holds distributed
+releases, the RDP composition with them under the policy's `enforce_on`,
+fedfsd.privacy.accounting_mixed) and, if the total is over budget, refuses the run, spending
+nothing, with a reason that says what would fit. The decision is kept beside
 the ledger, so a refused run stays refused on later rounds (it would otherwise "fit" once fewer
 rounds remain).
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from typing import Any
 from fedfsd.durable import write_atomic
 from fedfsd.errors import PrivacyRefusal
 from fedfsd.privacy.accounting import compute_epsilon, extend_history
+from fedfsd.privacy.accounting_mixed import Spend
+from fedfsd.privacy.distributed_accounting import Assumption
 from fedfsd.wire import RUN_REFUSED_PREFIX
 
 SIGMA_REL_TOL = 0.02  # the σ suggested is within 2 % above the smallest that fits
@@ -58,6 +62,9 @@ class Projection:
         return self.projected <= self.budget
 
 
+Account = Callable[[Sequence[Sequence[float]], float], float]
+
+
 def _eps(history: Sequence[Sequence[float]], delta: float) -> float:
     return compute_epsilon(history, delta, "prv")
 
@@ -70,15 +77,19 @@ def project_run(
     rounds: int,
     delta: float,
     budget: float,
+    account: Account = _eps,
 ) -> Projection:
-    """ε after `rounds` more rounds of `steps` steps at (σ, q), and what would fit instead."""
-    spent = _eps(history, delta)
-    projected = _eps(extend_history(history, sigma, q, steps * rounds), delta)
+    """ε after `rounds` more rounds of `steps` steps at (σ, q), and what would fit instead.
+
+    `account(history, δ)`: ε of a Gaussian history (default PRV; on a ledger with distributed
+    releases, the composition with them, fedfsd.privacy.accounting_mixed)."""
+    spent = account(history, delta)
+    projected = account(extend_history(history, sigma, q, steps * rounds), delta)
     if projected <= budget:
         return Projection(rounds, spent, projected, budget, rounds, sigma)
 
     def ok(k: int) -> bool:
-        return _eps(extend_history(history, sigma, q, steps * k), delta) <= budget
+        return account(extend_history(history, sigma, q, steps * k), delta) <= budget
 
     lo, hi = 0, rounds  # ok(0) when spent <= budget; not ok(rounds)
     if spent > budget:
@@ -87,7 +98,7 @@ def project_run(
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     fits = lo if spent <= budget else 0
-    sigma_needed = _sigma_for(history, q, steps * rounds, delta, budget, sigma)
+    sigma_needed = _sigma_for(history, q, steps * rounds, delta, budget, sigma, account)
     return Projection(rounds, spent, projected, budget, fits, sigma_needed)
 
 
@@ -98,14 +109,15 @@ def _sigma_for(
     delta: float,
     budget: float,
     start: float,
+    account: Account = _eps,
 ) -> float | None:
     """Smallest σ (within SIGMA_REL_TOL) for `steps` more steps at q within the budget."""
-    spent = _eps(history, delta)
+    spent = account(history, delta)
     if spent >= budget:
         return None
 
     def over(s: float) -> bool:
-        return _eps(extend_history(history, s, q, steps), delta) > budget
+        return account(extend_history(history, s, q, steps), delta) > budget
 
     lo, hi = max(start, 1e-3), max(start, 1e-3) * 2
     while over(hi):
@@ -154,6 +166,7 @@ def check_run(
     steps: int,
     delta: float,
     budget: float,
+    enforce_on: Assumption = "own_noise",
 ) -> Projection | None:
     """Raise RunUnaffordable when the run (from this round on) cannot fit; None when not checked.
 
@@ -170,7 +183,7 @@ def check_run(
     ledger = Ledger(ledger_path)
     with ledger.locked():  # one decision per run, even if two messages of it race
         return _check_locked(
-            ledger, run_id, round_idx, total_rounds, sigma, q, steps, delta, budget
+            ledger, run_id, round_idx, total_rounds, sigma, q, steps, delta, budget, enforce_on
         )
 
 
@@ -184,6 +197,7 @@ def _check_locked(
     steps: int,
     delta: float,
     budget: float,
+    enforce_on: Assumption = "own_noise",
 ) -> Projection | None:
     path = decisions_path(ledger.path)
     decided = _read_decisions(path).get(run_id)
@@ -191,12 +205,17 @@ def _check_locked(
         if decided.get("decision") == "refused":
             raise RunUnaffordable(str(decided["reason"]), float(decided.get("spent", 0.0)))
         return None
-    history: list = []
+    spend = Spend()
     if ledger.exists() and not ledger.is_unopened():
         if any(r.get("run_id") == run_id for r in ledger.releases()):
             return None  # the run already spent here: each round is checked on its own
-        history = list(ledger.history())
-    p = project_run(history, sigma, q, steps, total_rounds - round_idx + 1, delta, budget)
+        spend = ledger.spend()  # distributed releases too: ε composes both (RDP)
+
+    def account(history: Sequence[Sequence[float]], d: float) -> float:
+        return spend.with_gaussian(history).epsilon(d, enforce_on, "prv")
+
+    rounds = total_rounds - round_idx + 1
+    p = project_run(spend.gaussian, sigma, q, steps, rounds, delta, budget, account)
     record: dict[str, Any] = {
         "decision": "accepted" if p.fits else "refused",
         "round": round_idx,
