@@ -51,6 +51,8 @@ class ReleaseRecord(TypedDict):
     # Only on a distributed release (trust_model "distributed", issue 15; one DP-FedSGD step per
     # round: steps = 1, accountant_history unchanged, the spend is in distributed_history);
     # epsilon_prv and epsilon_rdp then both hold the enforced ε (RDP: PRV cannot account Skellam).
+    # A local line on a ledger that already holds distributed releases also carries the ε pair,
+    # enforce_on and the unchanged distributed_history (fedfsd.privacy.accounting_mixed).
     trust_model: NotRequired[Literal["distributed"]]
     min_honest_regions: NotRequired[int]  # t
     quantisation_scale: NotRequired[float]  # s
