@@ -47,14 +47,15 @@ def local_policy(budget: float = 50.0):
     return parse_policy(LOCAL.format(budget=budget))
 
 
-def secure_policy(budget: float = 50.0):
-    return parse_policy(LOCAL.format(budget=budget) + SECURE)
+def secure_policy(budget: float = 50.0, trusting: bool = False):
+    enforce = 'enforce_on = "distributed"\n' if trusting else ""
+    return parse_policy(LOCAL.format(budget=budget) + SECURE + enforce)
 
 
-def _distributed_line(led: Ledger, fleet_id: str, rnd: int) -> dict:
+def _distributed_line(led: Ledger, fleet_id: str, rnd: int, trusting: bool = False) -> dict:
     """A distributed release line as fedfsd.region.secure_release writes it (its ε fields from
-    the real plan on this ledger's histories)."""
-    pol = secure_policy()
+    the real plan on this ledger's histories); `trusting`: enforced on the distributed ε."""
+    pol = secure_policy(trusting=trusting)
     return {
         "kind": "release",
         "schema": 1,
@@ -118,7 +119,8 @@ def mixed(tmp_path_factory):
         frames, local_policy(), path, r1.new_weights, REQ, "plain", 4, "mlp"
     )
     out["after_plain"] = Ledger(path).spend()
-    Ledger(path).append(_distributed_line(Ledger(path), fleet, 5))
+    # enforced on the distributed ε this time: the recorded (enforced) ε goes down
+    Ledger(path).append(_distributed_line(Ledger(path), fleet, 5, trusting=True))
     out["weights"] = out["r4"].new_weights
     # a differentially private metric (Gaussian, q = 1) on the mixed ledger
     from fedfsd.privacy.metrics import release_metrics
@@ -186,6 +188,12 @@ def test_distributed_round_after_a_plain_one_extends_the_same_ledger(mixed):
         mixed["before_metric"].epsilon(DELTA, "own_noise"), rel=1e-12
     )
     assert last["epsilon_own_noise"] > mixed["r4"].epsilon
+    # this round's policy enforces the distributed ε: below the last local line's own-noise ε,
+    # yet each assumption's ε grew (the report below verifies with it)
+    assert last["enforce_on"] == "distributed"
+    assert last["epsilon_prv"] == last["epsilon_distributed"] < mixed["r4"].epsilon
+    r4 = Ledger(mixed["path"]).releases()[4]
+    assert last["epsilon_distributed"] > r4["epsilon_distributed"]
 
 
 def _unchanged(path):

@@ -240,12 +240,27 @@ def _check_releases(v: Verification, rep: pb.EpsilonReport) -> None:
             r.clip_norm <= rep.unit.clip_norm,
             f"{tag}: clip norm {r.clip_norm:g} exceeds the stated bound C = {rep.unit.clip_norm:g}",
         )
+        # A release that states both ε (on a ledger with distributed releases) records the one
+        # its policy enforced, and policies may enforce different assumptions over time: ε
+        # grows under each assumption (_check_release_epsilons), here the weaker one is compared.
+        eps = r.epsilon_prv
+        if r.epsilon_own_noise:
+            eps = min(r.epsilon_distributed, r.epsilon_own_noise)
+            v.check(
+                any(
+                    _close(r.epsilon_prv, x, 1e-9)
+                    for x in (r.epsilon_distributed, r.epsilon_own_noise)
+                ),
+                f"{tag}: ε {r.epsilon_prv:.6g} is neither its ε under the distributed "
+                f"assumption ({r.epsilon_distributed:.6g}) nor own noise "
+                f"({r.epsilon_own_noise:.6g})",
+            )
         v.check(
-            r.epsilon_prv >= prev_eps - 1e-9,
-            f"{tag}: ε {r.epsilon_prv:.6g} decreased from the previous release "
+            eps >= prev_eps - 1e-9,
+            f"{tag}: ε {eps:.6g} decreased from the previous release "
             f"({prev_eps:.6g}); ε can only grow",
         )
-        prev_eps = r.epsilon_prv
+        prev_eps = eps
     # The mechanism describes DP-SGD; metric releases (q = 1) are listed but not part of it.
     rels = [r for r in rels if not is_metric(r)]
     sgd_steps = sum(r.steps for r in rels)
