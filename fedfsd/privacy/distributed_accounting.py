@@ -26,7 +26,8 @@ The bounds (all in Rényi DP at integer orders α ≥ 2):
   the conversion to (ε, δ) is Opacus' `get_privacy_spent` (Balle et al. 2020).
 
 PRV cannot account Skellam here, so a ledger with a distributed release is accounted in RDP
-throughout (its ε is conservative against PRV for the Gaussian part).
+throughout (its ε is conservative against PRV for the Gaussian part); a ledger's two histories
+travel together as fedfsd.privacy.accounting_mixed.Spend (`Ledger.spend()`).
 """
 
 from __future__ import annotations
