@@ -69,14 +69,32 @@ def _spec(weights, **kw):
     return make_spec(dim=d, model="mlp", **args)
 
 
-def _transport(ctxs, spec, drop_after_masking=(), fed=None, hook=None):
+@pytest.fixture
+def fed_in():
+    """What each region fed into masking, recorded by the test-only hook inside the region."""
+    seen: dict[str, np.ndarray] = {}
+
+    def hook(point, **ctx):
+        if point == "routed":
+            seen[ctx["region"]] = ctx["vector"]
+
+    secure_release.set_test_hook(hook)
+    yield seen
+    secure_release.set_test_hook(None)
+
+
+def _transport(ctxs, spec, drop_after_masking=(), fed=None, tamper=None):
+    """In-process delivery; `tamper(stage, region, reply) -> reply` alters a region's reply."""
+
     def send(stage, out, weights):
         got = {}
         for r, payload in out.items():
             if stage == "unmask" and r in drop_after_masking:
                 continue
             try:
-                got[r] = handle_stage(ctxs[r], stage, payload, spec, weights, hook)
+                got[r] = handle_stage(ctxs[r], stage, payload, spec, weights)
+                if tamper is not None:
+                    got[r] = tamper(stage, r, got[r])
             except Exception as e:  # a region's refusal: no reply
                 (fed if fed is not None else {}).setdefault("errors", {})[r] = repr(e)
         return got
@@ -84,11 +102,10 @@ def _transport(ctxs, spec, drop_after_masking=(), fed=None, hook=None):
     return send
 
 
-def test_secure_round_steps_the_model_by_the_noisy_sum(world, tmp_path, monkeypatch):
+def test_secure_round_steps_the_model_by_the_noisy_sum(world, tmp_path, fed_in):
     weights, keys, ctxs = world
     spec = _spec(weights)
-    fed: dict[str, np.ndarray] = {}
-    hook = fed.__setitem__
+    fed = fed_in
     held: list[dict] = []
     res = run_secure_round(
         regions=list(REGIONS),
@@ -99,7 +116,7 @@ def test_secure_round_steps_the_model_by_the_noisy_sum(world, tmp_path, monkeypa
         threshold=default_threshold(3),
         weights=weights,
         server_lr=0.5,
-        transport=_transport(ctxs, spec, hook=hook),
+        transport=_transport(ctxs, spec),
         run_dir=tmp_path / "agg",
         observer=lambda ev: None,
     )
@@ -210,11 +227,10 @@ def test_budget_refusal_before_anything_is_released(world):
         assert not Ledger(c.ledger_path).releases()
 
 
-def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch):
+def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch, fed_in):
     weights, keys, ctxs = world
     spec = _spec(weights)
-    fed: dict[str, np.ndarray] = {}
-    hook = fed.__setitem__
+    fed = fed_in
     bits = spec.quantizer(3).bit_width
     captured = {}
 
@@ -230,7 +246,7 @@ def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch):
     monkeypatch.setattr(sr.AggregatorSession, "result", spy)
     run_secure_round(
         regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
-        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec, hook=hook),
+        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec),
     )  # fmt: skip
     np.testing.assert_array_equal(from_ring(captured["ring"], bits), sum(z for z in fed.values()))
 
