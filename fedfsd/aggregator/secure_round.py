@@ -81,11 +81,8 @@ class SecureRoundResult:
     manifests: dict[str, wire.UpdateManifest] = field(default_factory=dict)
     # region -> why its masked input was excluded, or not used (rejected.jsonl)
     rejected: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def used(self) -> list[str]:
-        """Regions whose masked input is in the applied sum (each has a receipt)."""
-        return sorted(self.transcript.get("summed", [])) if self.weights is not None else []
+    # regions whose masked input is in the applied sum (each has a receipt)
+    used: list[str] = field(default_factory=list)
 
 
 # Relative slack between the bound a region signs and the one the aggregator derives (both
@@ -260,6 +257,7 @@ def run_secure_round(
     except SecAggAbort as e:
         result.reason = str(e)
         LOG.error("secure round %d failed: %s", round_idx, e)
+    result.used = sorted(agg.transcript()["summed"]) if result.weights is not None else []
     for region in sorted(result.manifests):
         if region in result.used:
             book.record(result.manifests[region], round_idx)
