@@ -264,10 +264,10 @@ class RegionSession:
         self._held, self.peers_masked_with = held, peers
         self.stage = "unmask"
         payload = y.astype(params.wire_dtype).tobytes()
-        body: dict[str, bytes | str] = {"region": self.region, "vector": payload}
+        out: dict[str, bytes | str] = {"region": self.region, "vector": payload}
         if attach is not None:
-            body["manifest"] = attach(payload)
-        return messages.encode("masked", body)
+            out["manifest"] = attach(payload)
+        return messages.encode("masked", out)
 
     def _check_plain(
         self, params: RoundParams, sender: str, plain: bytes
