@@ -485,3 +485,20 @@ def test_an_aborted_round_uses_no_input_and_says_why(world, tmp_path):
     assert set(res.rejected) == set(REGIONS)
     assert all("masked input not used" in why for why in res.rejected.values())
     assert not (tmp_path / "agg" / "receipts.jsonl").exists()
+
+
+def test_region_over_its_bound_refuses_before_spending(world, monkeypatch):
+    from fedfsd.secagg.round_spec import SecureRoundSpec
+
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    monkeypatch.setattr(SecureRoundSpec, "region_norm_bound", lambda self, dim: 1e-6)
+    fed: dict = {}
+    res = run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec, fed=fed),
+    )  # fmt: skip
+    assert res.weights is None and not res.manifests
+    assert all("exceeds the bound" in e for e in fed["errors"].values()), fed
+    for c in ctxs.values():  # the check ran before the ledger line: nothing spent
+        assert not Ledger(c.ledger_path).releases()

@@ -198,12 +198,15 @@ def run_secure_round(
             m = None if attached is None else wire.manifest_from_bytes(attached)
         except ValueError:
             m = None
-        why = check_secure_manifest(
-            m, region=region, run_id=run_id, round_idx=round_idx, masked=masked, bound=bound
-        )
-        if why is None:
-            assert m is not None
-            why = book.check(m)
+        try:
+            why = check_secure_manifest(
+                m, region=region, run_id=run_id, round_idx=round_idx, masked=masked, bound=bound
+            )
+            if why is None:
+                assert m is not None
+                why = book.check(m)
+        except Exception as e:  # hostile bytes must not end the round for everyone
+            why = f"unusable manifest ({type(e).__name__})"
         if why is not None:
             result.rejected[region] = f"signed bound check refused: {why}"
             LOG.warning("secure round %d: excluded %s: %s", round_idx, region, why)
