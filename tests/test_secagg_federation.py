@@ -2,14 +2,17 @@
 region executors), driven by the ServerApp and the regions' ClientApp (issue 15).
 
 Three regions with tiny generated fleets and `trust_model = "distributed"`,
-`min_honest_regions = 2`. Each region saves the integer vector it masks into a directory the
-test names in its node config (inside the region, test only), so the test can check the global
-model against prior − lr × Σ z_r / (s × R × vehicles per step).
+`min_honest_regions = 2`. Each region runs the real ClientApp through a test app module
+(tests/apps/secagg_hooks_app.py) that installs the secure release's test hook: the region saves
+the integer vector it masks (inside the region), so the test can check the global model against
+prior − lr × Σ z_r / (s × R × vehicles per step). The aggregator's receipts, epsilon.csv rows and
+`fedfsd privacy verify --receipts` are checked on the same runs.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +61,11 @@ def root(request: pytest.FixtureRequest):
 def fed(root: Path):
     generate_fleets(root, REGIONS, vehicles=12, episodes=2, seeds=range(1, len(REGIONS) + 1))
     deploy = root / "deploy"
+    app_dir = root / "app"  # the test ClientApp with the hook, and its settings
+    app_dir.mkdir()
+    shutil.copy2(Path(__file__).parent / "apps" / "secagg_hooks_app.py", app_dir)
+    hooks = {"record_dir": str(root / "fed-in"), "exit_on_unmask": {"us": DROP_RUN}}
+    (app_dir / "secagg_hooks.json").write_text(json.dumps(hooks))  # us dies in the 2nd test
     regions = {}
     for r in REGIONS:
         pol = root / f"{r}-policy.toml"
@@ -66,12 +74,9 @@ def fed(root: Path):
             root / "data" / r,
             pol,
             root / "ledgers" / r / "ledger.jsonl",
-            node_config={
-                "peer-keys": str(deploy / "region-keys.json"),  # written by the federation
-                "secagg-record-dir": str(root / "fed-in" / r),
-                # test only: "us" dies when asked to unmask in the run of the second test
-                **({"secagg-test-exit-run": DROP_RUN} if r == "us" else {}),
-            },
+            clientapp="secagg_hooks_app:app",
+            app_path=app_dir,
+            node_config={"peer-keys": str(deploy / "region-keys.json")},  # written by the fed
         )
     with LocalFederation(deploy, regions, tls=True) as f:
         f.wait_connected(list(REGIONS), timeout=120)
@@ -93,6 +98,38 @@ def _check_step(root: Path, run_dir: Path, cfg: dict, tr: dict) -> None:
     got = flatten(final)
     assert not np.allclose(got, flatten(prior))  # the model changed
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # float32 storage
+
+
+def _check_receipts(fed: LocalFederation, root: Path, run_dir: Path, tr: dict) -> None:
+    """A receipt and an epsilon.csv row per summed region, from its signed bound check, and
+    each region's report verifies against its ledger and these receipts."""
+    from typer.testing import CliRunner
+
+    from fedfsd.aggregator import checkpoint as ck
+    from fedfsd.aggregator.receipts import read_receipts
+    from fedfsd.cli import app
+    from fedfsd.privacy.report import build_report, to_json
+
+    receipts = read_receipts(run_dir)
+    assert sorted(r["region"] for r in receipts) == tr["summed"] == tr["receipts"]
+    rows = ck.read_csv(run_dir / ck.EPSILON_CSV)
+    assert sorted(r["region"] for r in rows) == tr["summed"]
+    for rec in receipts:
+        m = rec["manifest"]
+        assert rec["key_source"] == "registered" and m["trust_model"] == "distributed"
+        assert m["update_norm"] <= m["update_norm_bound"] and m["masked_sha256"]
+        row = next(x for x in rows if x["region"] == rec["region"])
+        assert row["trust_model"] == "distributed"
+        assert float(row["epsilon_own_noise"]) == m["epsilon_own_noise"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(summary["regions"]) == tr["summed"]
+    for r in tr["summed"]:
+        ledger = fed.regions[r].ledger_path
+        report = run_dir / f"epsilon-{r}.json"
+        report.write_text(to_json(build_report(ledger, run_id=tr["run_id"])))
+        args = ["privacy", "verify", str(report), "--ledger", str(ledger)]
+        res = CliRunner().invoke(app, [*args, "--receipts", str(run_dir)])
+        assert res.exit_code == 0, res.output
 
 
 def _transcript(run_dir: Path) -> dict:
@@ -119,6 +156,7 @@ def test_one_secure_round_over_tls(fed: LocalFederation, root: Path) -> None:
     for key in ("advertised", "masked_input", "unmask_responders", "summed"):
         assert tr[key] == list(REGIONS), (key, tr)
     _check_step(root, run_dir, cfg, tr)
+    _check_receipts(fed, root, run_dir, tr)
 
     for r in REGIONS:
         ledger = fed.regions[r].ledger_path
@@ -148,3 +186,4 @@ def test_region_killed_after_masking_is_recovered(fed: LocalFederation, root: Pa
     assert tr["unmask_responders"] == ["eu", "jp"], tr
     assert tr["recovered_after_masking"] == ["us"], tr
     _check_step(root, run_dir, cfg, tr)  # us's vector is in the sum, its masks removed
+    _check_receipts(fed, root, run_dir, tr)  # us sent a valid signed check before it died

@@ -69,14 +69,32 @@ def _spec(weights, **kw):
     return make_spec(dim=d, model="mlp", **args)
 
 
-def _transport(ctxs, spec, drop_after_masking=(), fed=None, hook=None):
+@pytest.fixture
+def fed_in():
+    """What each region fed into masking, recorded by the test-only hook inside the region."""
+    seen: dict[str, np.ndarray] = {}
+
+    def hook(point, **ctx):
+        if point == "routed":
+            seen[ctx["region"]] = ctx["vector"]
+
+    secure_release.set_test_hook(hook)
+    yield seen
+    secure_release.set_test_hook(None)
+
+
+def _transport(ctxs, spec, drop_after_masking=(), fed=None, tamper=None):
+    """In-process delivery; `tamper(stage, region, reply) -> reply` alters a region's reply."""
+
     def send(stage, out, weights):
         got = {}
         for r, payload in out.items():
             if stage == "unmask" and r in drop_after_masking:
                 continue
             try:
-                got[r] = handle_stage(ctxs[r], stage, payload, spec, weights, hook)
+                got[r] = handle_stage(ctxs[r], stage, payload, spec, weights)
+                if tamper is not None:
+                    got[r] = tamper(stage, r, got[r])
             except Exception as e:  # a region's refusal: no reply
                 (fed if fed is not None else {}).setdefault("errors", {})[r] = repr(e)
         return got
@@ -84,11 +102,10 @@ def _transport(ctxs, spec, drop_after_masking=(), fed=None, hook=None):
     return send
 
 
-def test_secure_round_steps_the_model_by_the_noisy_sum(world, tmp_path, monkeypatch):
+def test_secure_round_steps_the_model_by_the_noisy_sum(world, tmp_path, fed_in):
     weights, keys, ctxs = world
     spec = _spec(weights)
-    fed: dict[str, np.ndarray] = {}
-    hook = fed.__setitem__
+    fed = fed_in
     held: list[dict] = []
     res = run_secure_round(
         regions=list(REGIONS),
@@ -99,7 +116,7 @@ def test_secure_round_steps_the_model_by_the_noisy_sum(world, tmp_path, monkeypa
         threshold=default_threshold(3),
         weights=weights,
         server_lr=0.5,
-        transport=_transport(ctxs, spec, hook=hook),
+        transport=_transport(ctxs, spec),
         run_dir=tmp_path / "agg",
         observer=lambda ev: None,
     )
@@ -210,11 +227,10 @@ def test_budget_refusal_before_anything_is_released(world):
         assert not Ledger(c.ledger_path).releases()
 
 
-def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch):
+def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch, fed_in):
     weights, keys, ctxs = world
     spec = _spec(weights)
-    fed: dict[str, np.ndarray] = {}
-    hook = fed.__setitem__
+    fed = fed_in
     bits = spec.quantizer(3).bit_width
     captured = {}
 
@@ -230,7 +246,7 @@ def test_unmasked_sum_matches_plain_sum_of_integer_vectors(world, monkeypatch):
     monkeypatch.setattr(sr.AggregatorSession, "result", spy)
     run_secure_round(
         regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
-        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec, hook=hook),
+        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec),
     )  # fmt: skip
     np.testing.assert_array_equal(from_ring(captured["ring"], bits), sum(z for z in fed.values()))
 
@@ -283,3 +299,206 @@ def test_routed_model_of_another_length_is_refused_before_any_spend(world):
     assert all("dim" in e for e in fed["errors"].values()), fed
     for c in ctxs.values():
         assert not Ledger(c.ledger_path).exists() or not Ledger(c.ledger_path).releases()
+
+
+# ---- the signed bound check, receipts and epsilon.csv (issue 15, item 3) -------------------
+
+
+def _resigned(ctxs, region, reply, edit):
+    """`region`'s masked reply with its manifest edited by `edit(manifest, body)` and signed
+    again with the region's own key: what a region that lies can send."""
+    import msgpack
+
+    from fedfsd import wire
+    from fedfsd.region.egress import sign_manifest
+
+    body = msgpack.unpackb(reply, raw=False)
+    m = wire.manifest_from_bytes(body["manifest"])
+    edit(m, body)
+    body["manifest"] = sign_manifest(m, ctxs[region].signing_key).SerializeToString()
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _bad_signature(ctxs, region, reply):
+    import msgpack
+
+    from fedfsd import wire
+
+    body = msgpack.unpackb(reply, raw=False)
+    m = wire.manifest_from_bytes(body["manifest"])
+    m.update_norm = m.update_norm / 2  # a smaller norm claimed after signing
+    body["manifest"] = m.SerializeToString()
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _no_manifest(ctxs, region, reply):
+    import msgpack
+
+    body = msgpack.unpackb(reply, raw=False)
+    del body["manifest"]
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _wrong_round(ctxs, region, reply):
+    return _resigned(ctxs, region, reply, lambda m, b: setattr(m, "round", m.round + 1))
+
+
+def _over_bound(ctxs, region, reply):
+    return _resigned(
+        ctxs, region, reply, lambda m, b: setattr(m, "update_norm", 2 * m.update_norm_bound)
+    )
+
+
+def _other_input(ctxs, region, reply):
+    from fedfsd.secagg.round_spec import masked_digest
+
+    other = masked_digest(b"another masked input")
+    return _resigned(ctxs, region, reply, lambda m, b: setattr(m, "masked_sha256", other))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_bad_signature, "bad signature"),
+        (_no_manifest, "no signed manifest"),
+        (_wrong_round, "stale round"),
+        (_over_bound, "exceeds the bound"),
+        (_other_input, "another masked input"),
+    ],
+)
+def test_a_bad_manifest_excludes_the_region_and_the_round_completes(
+    world, tmp_path, fed_in, tamper, reason
+):
+    from fedfsd.aggregator import checkpoint as ck
+    from fedfsd.aggregator.receipts import read_receipts
+    from fedfsd.aggregator.secure_round import outcome_rows
+    from fedfsd.aggregator.server_app import RoundOutcome, _log_round_problems
+
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+
+    def bad_us(stage, region, reply):
+        return tamper(ctxs, region, reply) if (stage, region) == ("routed", "us") else reply
+
+    run_dir = tmp_path / "agg"
+    res = run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=0.5, run_dir=run_dir,
+        transport=_transport(ctxs, spec, tamper=bad_us),
+    )  # fmt: skip
+    assert res.weights is not None, res.reason  # 2 ≥ t regions remain
+    tr = res.transcript
+    assert tr["masked_input"] == tr["summed"] == ["eu", "jp"], tr
+    assert tr["excluded_at_masking"] == ["us"] and tr["dropped_before_masking"] == ["us"]
+    assert reason in res.rejected["us"], res.rejected
+    # us's pairwise masks were removed, its vector is not in the sum: the step is eu + jp only
+    total = fed_in["eu"].astype(np.float64) + fed_in["jp"]
+    expected = flatten(weights) - 0.5 * total / (spec.scale * 2 * VPS)
+    np.testing.assert_allclose(flatten(res.weights), expected, rtol=0, atol=1e-6)
+    # receipts for the used inputs only; the exclusion goes to rejected.jsonl as in a plain round
+    assert [r["region"] for r in read_receipts(run_dir)] == ["eu", "jp"]
+    out = RoundOutcome()
+    outcome_rows(res, 1, out)
+    _log_round_problems(run_dir, 1, out, True, [], {}, 2)
+    rejected = [json.loads(x) for x in (run_dir / ck.REJECTED_JSONL).read_text().splitlines()]
+    assert [(r["region"], reason in r["reason"]) for r in rejected] == [("us", True)]
+    assert sorted(r for r, _, _ in out.accepted) == ["eu", "jp"]
+
+
+def test_receipts_epsilon_rows_and_verify_after_a_secure_round(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedfsd.aggregator import checkpoint as ck
+    from fedfsd.aggregator.outcome import summarise
+    from fedfsd.aggregator.receipts import read_receipts
+    from fedfsd.aggregator.secure_round import outcome_rows
+    from fedfsd.aggregator.server_app import RoundOutcome, append_epsilon
+    from fedfsd.cli import app
+    from fedfsd.privacy.report import build_report, to_json
+
+    weights, keys, ctxs = world
+    for c in ctxs.values():
+        c.seed = None  # verify refuses fixed-seed noise
+    spec = _spec(weights)
+    run_dir = tmp_path / "agg"
+    res = run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=0.5, run_dir=run_dir,
+        transport=_transport(ctxs, spec),
+    )  # fmt: skip
+    assert res.weights is not None, res.reason
+    receipts = read_receipts(run_dir)
+    assert [r["region"] for r in receipts] == list(REGIONS)
+    for r in receipts:
+        m, line = r["manifest"], Ledger(ctxs[r["region"]].ledger_path).releases()[-1]
+        assert r["key_source"] == "registered" and m["trust_model"] == "distributed"
+        assert m["update_norm"] == line["update_norm"] <= m["update_norm_bound"]
+        assert m["epsilon_distributed"] == line["epsilon_distributed"]
+        assert m["epsilon_own_noise"] == line["epsilon_own_noise"]
+        assert m["sha256"] == line["update_sha256"] and m["round"] == 1
+    out = RoundOutcome()
+    outcome_rows(res, 1, out)
+    append_epsilon(run_dir / ck.EPSILON_CSV, out.epsilon_rows, secure=True)
+    rows = ck.read_csv(run_dir / ck.EPSILON_CSV)
+    assert [r["region"] for r in rows] == list(REGIONS)
+    for row in rows:
+        assert row["trust_model"] == "distributed"
+        assert float(row["epsilon_distributed"]) < float(row["epsilon_own_noise"])
+        assert float(row["epsilon"]) > 0 and row["epsilon_rdp"] and row["delta"] == "0.001"
+    ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, {"round": 1, "status": "ok", "accepted": REGIONS})
+    regions = summarise(run_dir, rounds_asked=1, fedfsd_run_id="run1")["regions"]
+    assert regions["eu"]["epsilon"] == float(rows[0]["epsilon"])  # the existing readers work
+
+    led = ctxs["eu"].ledger_path
+    report = tmp_path / "epsilon-eu.json"
+    report.write_text(to_json(build_report(led)))
+
+    def verify(run):
+        r = CliRunner().invoke(
+            app, ["privacy", "verify", str(report), "--ledger", str(led), "--receipts", str(run)]
+        )
+        return r.exit_code, r.output
+
+    code, text = verify(run_dir)
+    assert code == 0, text
+    # a receipt forged after the fact (ε under the distributed assumption lowered) fails
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    lines = (run_dir / "receipts.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    recs[0]["manifest"]["epsilon_distributed"] /= 2
+    (forged / "receipts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    code, text = verify(forged)
+    assert code != 0 and "bad signature" in text and "epsilon_distributed" in text, text
+
+
+def test_an_aborted_round_uses_no_input_and_says_why(world, tmp_path):
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    res = run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=0.5, run_dir=tmp_path / "agg",
+        transport=_transport(ctxs, spec, drop_after_masking=("jp", "us")),
+    )  # fmt: skip
+    assert res.weights is None and "aborted" in res.reason
+    assert sorted(res.manifests) == list(REGIONS)  # valid manifests: ε rows, no receipts
+    assert set(res.rejected) == set(REGIONS)
+    assert all("masked input not used" in why for why in res.rejected.values())
+    assert not (tmp_path / "agg" / "receipts.jsonl").exists()
+
+
+def test_region_over_its_bound_refuses_before_spending(world, monkeypatch):
+    from fedfsd.secagg.round_spec import SecureRoundSpec
+
+    weights, keys, ctxs = world
+    spec = _spec(weights)
+    monkeypatch.setattr(SecureRoundSpec, "region_norm_bound", lambda self, dim: 1e-6)
+    fed: dict = {}
+    res = run_secure_round(
+        regions=list(REGIONS), region_keys=keys, spec=spec, run_id="run1", round_idx=1,
+        threshold=2, weights=weights, server_lr=1.0, transport=_transport(ctxs, spec, fed=fed),
+    )  # fmt: skip
+    assert res.weights is None and not res.manifests
+    assert all("exceeds the bound" in e for e in fed["errors"].values()), fed
+    for c in ctxs.values():  # the check ran before the ledger line: nothing spent
+        assert not Ledger(c.ledger_path).releases()

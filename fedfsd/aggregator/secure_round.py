@@ -10,6 +10,16 @@ The release is DP-FedSGD (docs/privacy.md, "Distributed noise"): each region sen
 round(s·Σ clipped vehicle gradients) + its Skellam share; the sum, divided by s and by the
 expected number of sampled vehicles over the summed regions, is a noisy mean gradient g, and the
 global model steps w ← w − lr·g.
+
+Before a masked input touches the running sum, its signed manifest (the region's bound check,
+fedfsd.region.secure_release.secure_manifest) must name this region, run and round, the digest
+of exactly these masked bytes, a bound no larger than the round's per-region bound and a norm
+within it, and carry a valid signature by the region's registered key on a ledger line that
+extends the last one seen (fedfsd.aggregator.receipts). Otherwise the input is excluded (the
+region counts as dropped, its pairwise masks are removed with the survivors' shares) and the
+reason goes to rejected.jsonl. A region whose input went into an applied sum gets a receipt and
+an epsilon.csv row; one whose valid input was not used (the round failed) gets the ε row and a
+rejected.jsonl line saying so, so that `fedfsd privacy verify --receipts` can account for it.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedfsd import wire
+from fedfsd.aggregator.receipts import ReceiptBook
 from fedfsd.secagg import AggregatorSession, RoundParams, SecAggAbort, SecAggRefused, from_ring
 from fedfsd.secagg.round_spec import (
     PAYLOAD_KEY,
@@ -37,6 +48,7 @@ from fedfsd.secagg.round_spec import (
     SecureRoundSpec,
     default_cap,
     flatten,
+    masked_digest,
     unflatten,
 )
 
@@ -65,6 +77,49 @@ class SecureRoundResult:
     sum_norm: float = math.nan
     norm_bound: float = math.nan
     refusals: dict[str, str] = field(default_factory=dict)
+    # region -> its verified signed manifest (the masked input was admitted to the sum)
+    manifests: dict[str, wire.UpdateManifest] = field(default_factory=dict)
+    # region -> why its masked input was excluded, or not used (rejected.jsonl)
+    rejected: dict[str, str] = field(default_factory=dict)
+    # regions whose masked input is in the applied sum (each has a receipt)
+    used: list[str] = field(default_factory=list)
+
+
+# Relative slack between the bound a region signs and the one the aggregator derives (both
+# compute `SecureRoundSpec.region_norm_bound` in float64 from the same spec).
+BOUND_RTOL = 1e-9
+
+
+def check_secure_manifest(
+    m: wire.UpdateManifest | None,
+    *,
+    region: str,
+    run_id: str,
+    round_idx: int,
+    masked: bytes,
+    bound: float,
+) -> str | None:
+    """None when the manifest may accompany this masked input, else the reason (no signature
+    check here: `ReceiptBook.check` does that and the ledger head)."""
+    if m is None:
+        return "no signed manifest with the masked input"
+    if m.schema != wire.MANIFEST_SCHEMA:
+        return f"manifest schema {m.schema} is not {wire.MANIFEST_SCHEMA}"
+    if m.region != region:
+        return f"the manifest names region {m.region!r}, the masked input came from {region!r}"
+    if m.run_id != run_id:
+        return f"wrong run: manifest run {m.run_id!r} != {run_id!r}"
+    if m.round != round_idx:
+        return f"stale round: manifest round {m.round} != current round {round_idx}"
+    if m.trust_model != "distributed" or m.refused_reason:
+        return f"not a secure-round manifest (trust_model {m.trust_model!r})"
+    if m.masked_sha256 != masked_digest(masked):
+        return "digest mismatch: the manifest is for another masked input"
+    if not m.update_norm_bound <= bound * (1 + BOUND_RTOL):
+        return f"the signed bound {m.update_norm_bound:.6g} exceeds the round's {bound:.6g}"
+    if not (math.isfinite(m.update_norm) and 0 <= m.update_norm <= m.update_norm_bound):
+        return f"signed norm {m.update_norm:.6g} exceeds the bound {m.update_norm_bound:.6g}"
+    return None
 
 
 def default_threshold(n_regions: int) -> int:
@@ -122,16 +177,46 @@ def run_secure_round(
     transport: Transport,
     run_dir: Path | None = None,
     observer: Callable[[str], None] | None = None,
+    book: ReceiptBook | None = None,
 ) -> SecureRoundResult:
     """All four stages; the stepped model, or None with the reason (the transcript is written
-    to `run_dir/secagg_transcript.jsonl` either way)."""
+    to `run_dir/secagg_transcript.jsonl` either way).
+
+    `book` checks each masked input's signed manifest (signature by the registered key, ledger
+    head) and receives the receipts of the regions whose input was used; by default one over
+    `region_keys` writing to `run_dir` (nothing written without a run_dir)."""
     dim = int(sum(np.asarray(v).size for v in weights.values()))
     participants = tuple(sorted(regions))
     quant = spec.quantizer(len(participants))
     params = RoundParams(run_id, round_idx, participants, threshold, quant.bit_width, dim)
-    agg = AggregatorSession(params, region_keys, observer=observer)
-    refusals: dict[str, str] = {}
+    book = book if book is not None else ReceiptBook(run_dir, region_keys)
     result = SecureRoundResult(None, {})
+    bound = spec.region_norm_bound(dim)
+
+    def admit(region: str, masked: bytes, attached: bytes | None) -> str | None:
+        try:
+            m = None if attached is None else wire.manifest_from_bytes(attached)
+        except ValueError:
+            m = None
+        try:
+            why = check_secure_manifest(
+                m, region=region, run_id=run_id, round_idx=round_idx, masked=masked, bound=bound
+            )
+            if why is None:
+                assert m is not None
+                why = book.check(m)
+        except Exception as e:  # hostile bytes must not end the round for everyone
+            why = f"unusable manifest ({type(e).__name__})"
+        if why is not None:
+            result.rejected[region] = f"signed bound check refused: {why}"
+            LOG.warning("secure round %d: excluded %s: %s", round_idx, region, why)
+            return why
+        assert m is not None
+        result.manifests[region] = m
+        return None
+
+    agg = AggregatorSession(params, region_keys, observer=observer, admit=admit)
+    refusals: dict[str, str] = {}
     costs: dict[str, dict[str, float]] = {}
 
     def stage(
@@ -175,10 +260,24 @@ def run_secure_round(
     except SecAggAbort as e:
         result.reason = str(e)
         LOG.error("secure round %d failed: %s", round_idx, e)
-    result.refusals = refusals
+    result.used = sorted(agg.transcript()["summed"]) if result.weights is not None else []
+    for region in sorted(result.manifests):
+        if region in result.used:
+            book.record(result.manifests[region], round_idx)
+        else:  # ε spent (the manifest says so), the input not used: say why
+            result.rejected[region] = (
+                f"masked input not used: {result.reason or 'the round did not sum it'}"
+            )
+    result.refusals = {r: why for r, why in refusals.items() if r not in result.rejected}
     result.transcript = {
         **agg.transcript(),
         "reply_refusals": refusals,
+        "signed_bound_checks": {
+            r: {"norm": m.update_norm, "bound": m.update_norm_bound, "ledger_seq": m.ledger_seq}
+            for r, m in sorted(result.manifests.items())
+        },
+        "region_norm_bound": bound,
+        "receipts": result.used,
         "sum_norm": None if math.isnan(result.sum_norm) else result.sum_norm,
         "sum_norm_bound": None if math.isnan(result.norm_bound) else result.norm_bound,
         "scale": spec.scale,
@@ -282,10 +381,12 @@ def flower_round(
     node_regions: Mapping[int, str],
     run_dir: Path,
     stop: threading.Event | None = None,
+    book: ReceiptBook | None = None,
 ) -> tuple[Any, str, dict[str, np.ndarray] | None]:
     """One secure round of `run_federation` (RunSettings `s`, checkpoint `state`): the
     (RoundOutcome, note, new weights or None). The participants are the answering regions whose
-    names the liveness ping learnt and whose long-term keys `region-keys` registers."""
+    names the liveness ping learnt and whose long-term keys `region-keys` registers. `book`:
+    the run's receipts (signature and ledger-head checks, receipts.jsonl)."""
     from fedfsd.aggregator.server_app import RoundOutcome
     from fedfsd.privacy.signing import load_region_keys
 
@@ -321,9 +422,36 @@ def flower_round(
             grid, region_nodes, state.run_id, rnd, spec, s.round_timeout, stop
         ),
         run_dir=run_dir,
+        book=book,
     )
-    out.refused = [(r, why) for r, why in sorted(res.refusals.items())]
+    outcome_rows(res, rnd, out)
     out.missing = n - len(res.transcript.get("summed", []))
     if res.weights is None:
         out.errors.append(("secure-aggregation", res.reason))
     return out, "", res.weights
+
+
+def epsilon_row(rnd: int, m: wire.UpdateManifest) -> tuple[Any, ...]:
+    """The epsilon.csv row of a secure round's signed manifest: ε (enforced, as on its ledger
+    line), RDP, budget, δ, then the trust model and both ε (server_app.EPSILON_COLUMNS)."""
+    return (
+        rnd,
+        m.region,
+        m.epsilon,
+        m.epsilon_rdp,
+        m.epsilon_budget,
+        m.delta,
+        m.trust_model,
+        m.epsilon_distributed,
+        m.epsilon_own_noise,
+    )
+
+
+def outcome_rows(res: SecureRoundResult, rnd: int, out: Any) -> None:
+    """Fill a RoundOutcome: used regions count as accepted (no individual update exists: the
+    arrays are empty), excluded or unused inputs as rejected, ε rows from every valid manifest."""
+    used = set(res.used)
+    out.accepted = [(r, {}, 1.0) for r in sorted(used)]
+    out.rejected = sorted(res.rejected.items())
+    out.refused = sorted(res.refusals.items())
+    out.epsilon_rows = [epsilon_row(rnd, res.manifests[r]) for r in sorted(res.manifests)]

@@ -216,6 +216,22 @@ def _eps_row(rnd: int, region: str, m: wire.UpdateManifest, refused: bool = Fals
     return (rnd, region, m.epsilon, rdp, m.epsilon_budget, m.delta)
 
 
+# A secure run's epsilon.csv adds the trust model and both ε of each signed manifest after the
+# usual columns (readers go by column name); a plain run writes the usual columns only.
+EPSILON_COLUMNS = (*ck.EPSILON_HEADER, "trust_model", "epsilon_distributed", "epsilon_own_noise")
+
+
+def append_epsilon(path: Path, rows: list[tuple], secure: bool) -> None:
+    """Append ε rows under the file's own header (one it already has wins: a run resumed from
+    files of another version keeps its columns), padding or cutting rows to fit."""
+    header: tuple[str, ...] = EPSILON_COLUMNS if secure else ck.EPSILON_HEADER
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, encoding="utf-8") as f:
+            header = tuple(f.readline().strip().split(","))
+    n = len(header)
+    ck.append_csv(path, header, [(*row, *[""] * (n - len(row)))[:n] for row in rows])
+
+
 def last_known_epsilon(run_dir: Path) -> dict[str, tuple]:
     """Each region's last epsilon.csv row (ε never decreases; refusals may not know it)."""
     known: dict[str, tuple] = {}
@@ -424,7 +440,7 @@ def run_federation(
             from fedfsd.aggregator import secure_round
 
             out, note, secure_w = secure_round.flower_round(
-                grid, s, state, rnd, nodes, node_regions, run_dir, stop
+                grid, s, state, rnd, nodes, node_regions, run_dir, stop, book
             )
         else:
             out, note = _train_round(
@@ -460,7 +476,7 @@ def run_federation(
             ck.METRICS_HEADER,
             [*out.metrics_rows, *eval_rows, *evaluation_marks(rnd, evaluated, sent_from)],
         )
-        ck.append_csv(run_dir / ck.EPSILON_CSV, ck.EPSILON_HEADER, out.epsilon_rows)
+        append_epsilon(run_dir / ck.EPSILON_CSV, out.epsilon_rows, s.secure_aggregation)
         summary = _round_summary(rnd, ok, len(nodes), out, eval_rows, t0, run_meta, note)
         ck.append_jsonl(run_dir / ck.ROUNDS_JSONL, summary)
         tracker.log_round(summary, out, eval_rows)

@@ -66,7 +66,8 @@ class RunTracker:
             self._scalar("round/ok", 1.0 if summary.get("status") == "ok" else 0.0, rnd)
             self._scalar("round/seconds", summary.get("seconds", float("nan")), rnd)
             for region, update, _ in getattr(outcome, "accepted", []):
-                self._scalar(f"update_norm/{region}", update_norm(update), rnd)
+                if update:  # a secure round accepts a region without any update of its own
+                    self._scalar(f"update_norm/{region}", update_norm(update), rnd)
             for row in getattr(outcome, "epsilon_rows", []):
                 _, region, eps, eps_rdp = row[:4]
                 self._scalar(f"epsilon/{region}", eps, rnd)

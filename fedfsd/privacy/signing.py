@@ -51,6 +51,14 @@ SIGNED_MANIFEST_FIELDS = (
     "ledger_seq",
     "ledger_head",
 )
+# Also signed when `trust_model` is set: a secure round's manifest (fedfsd.region.secure_release).
+# Plain manifests leave it empty and sign exactly SIGNED_MANIFEST_FIELDS, as before.
+SECURE_MANIFEST_FIELDS = (
+    "trust_model",
+    "epsilon_distributed",
+    "epsilon_own_noise",
+    "masked_sha256",
+)
 
 
 class SigningKeyError(InputError, ValueError):
@@ -219,6 +227,6 @@ def verify(key: Ed25519PublicKey, payload: Mapping[str, Any], signature: str) ->
 
 def manifest_payload(manifest: Any) -> dict[str, Any]:
     """The signed part of an `UpdateManifest` (protobuf message or its JSON dict)."""
-    if isinstance(manifest, Mapping):
-        return {k: manifest.get(k) for k in SIGNED_MANIFEST_FIELDS}
-    return {k: getattr(manifest, k) for k in SIGNED_MANIFEST_FIELDS}
+    get = manifest.get if isinstance(manifest, Mapping) else lambda k: getattr(manifest, k, None)
+    fields = SIGNED_MANIFEST_FIELDS + (SECURE_MANIFEST_FIELDS if get("trust_model") else ())
+    return {k: get(k) for k in fields}

@@ -11,8 +11,9 @@ ledger line (id, number, hash) of its release (`<run dir>/receipts.jsonl`). Here
 - each release: σ not below the policy floor the ledger recorded, no fixed seed;
 - ε recomputed from the LEDGER's accountant history (Opacus and dp-accounting), not the report's;
 - each receipt of this region: signed by the key the ledger names, for a ledger line that exists
-  with that hash and the same digest and parameters; and each release of the receipts' run has a
-  receipt (or an aggregator rejection explaining why it has none).
+  with that hash and the same digest and parameters (for a secure round's receipt also the
+  trust model, the checked norm within its signed bound, and both ε); and each release of the
+  receipts' run has a receipt (or an aggregator rejection explaining why it has none).
 
 Every discrepancy names the ledger line or receipts line it is about.
 """
@@ -51,6 +52,13 @@ MANIFEST_VS_LINE = (
     ("epsilon", "epsilon_prv"),
     ("delta", "delta"),
     ("fleet_id", "fleet_id"),
+)
+# And for a secure round's manifest (trust_model set): its bound check and both ε.
+SECURE_MANIFEST_VS_LINE = (
+    ("trust_model", "trust_model"),
+    ("update_norm", "update_norm"),
+    ("epsilon_distributed", "epsilon_distributed"),
+    ("epsilon_own_noise", "epsilon_own_noise"),
 )
 
 
@@ -269,7 +277,14 @@ def _check_receipts(
             "or replaced): receipt without its release",
         ):
             continue
-        for mk, lk in MANIFEST_VS_LINE:
+        secure = SECURE_MANIFEST_VS_LINE if m.get("trust_model") else ()
+        if secure:
+            v.check(
+                float(m.get("update_norm", math.inf)) <= float(m.get("update_norm_bound", 0.0)),
+                f"{where}: signed norm {m.get('update_norm')!r} exceeds the signed bound "
+                f"{m.get('update_norm_bound')!r}",
+            )
+        for mk, lk in (*MANIFEST_VS_LINE, *secure):
             v.check(
                 _same(m.get(mk), rec.get(lk)),
                 f"{where}: receipt {mk} = {m.get(mk)!r} but ledger line {seq} has "

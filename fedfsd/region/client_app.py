@@ -188,7 +188,7 @@ def _request(cfg: Mapping[str, Any]) -> Any:
         raise BadTrainRequest(f"train request: {e}") from e
 
 
-def _run_round(cfg: Mapping[str, Any]) -> tuple[str, int]:
+def run_round(cfg: Mapping[str, Any]) -> tuple[str, int]:
     """The run id and round a message names, or BadTrainRequest."""
     run_id, rnd = str(cfg.get("run-id", "")), cfg.get("round", 0)
     if not run_id or isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
@@ -238,7 +238,7 @@ def _ledger_epsilon(ledger_path: Path, delta: float) -> float:
         return float("nan")
 
 
-def _fleet_vehicles(setup: RegionSetup, deps: RegionDeps) -> int:
+def fleet_vehicles(setup: RegionSetup, deps: RegionDeps) -> int:
     """Every vehicle id in the region's dataset, over all its splits (the unit's population)."""
     ids: set[str] = set()
     for split in ("train", "val", "test"):
@@ -324,7 +324,7 @@ def handle_train(
         setup = resolve_setup(context.node_config, run_config)
         region = setup.region or region
         try:
-            run_id, rnd = _run_round(cfg)
+            run_id, rnd = run_round(cfg)
         except BadTrainRequest:
             rnd = 0
             raise
@@ -349,7 +349,7 @@ def handle_train(
             run_id,
             rnd,
             request.model,
-            fleet_vehicles=_fleet_vehicles(setup, deps),
+            fleet_vehicles=fleet_vehicles(setup, deps),
             **training_options(context.node_config),
         )
         release = guard_update(received, res.new_weights, policy.update_norm_bound)
@@ -418,7 +418,7 @@ def handle_evaluate(
     try:
         setup = resolve_setup(context.node_config, run_config)
         region = setup.region or region
-        run_id, rnd = _run_round(cfg)
+        run_id, rnd = run_round(cfg)
         train = CACHE.frames(setup, "train", deps)
         policy = CACHE.policy(setup, deps, train.n_vehicles)
         region = policy.region

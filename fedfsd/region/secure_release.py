@@ -11,8 +11,12 @@ refuse before anything is computed when the budget would be exceeded, then compu
 x = Σ clip_C(∇ℓ_v) over a Poisson sample (rate q = vehicles per step / accounted fleet) at the
 received global model, project it onto the L2 ball of radius cap·C (1-Lipschitz: one vehicle
 still moves it by at most C, so the DP analysis holds, and the ring cannot wrap), quantise
-z = round(s·x) and add the Skellam share, append and fsync the ledger line (both ε), and only
-then mask z into the reply. docs/privacy.md, "Secure aggregation" and "Distributed noise".
+z = round(s·x) and add the Skellam share, check z against the round's per-region bound (refused,
+nothing spent, if over), append and fsync the ledger line (both ε), and only then mask z into
+the reply, together with a manifest signed with the ledger key that states the bound check, the
+ledger line and both ε, and names the digest of the masked bytes it travels with (the aggregator
+checks it before it uses the masked input). docs/privacy.md, "Secure aggregation" and
+"Distributed noise".
 """
 
 from __future__ import annotations
@@ -36,9 +40,23 @@ NORMALISATION = (
     "sum of clipped vehicle gradients (L2-projected to cap·C) + Skellam share, secure sum"
 )
 
-# A test hook: called with (region, integer vector) just before the vector is masked, inside
-# the region (tests check the aggregator's sum against what the regions fed in).
-RoutedHook = Callable[[str, np.ndarray], None]
+# Tests only: hook(point, **context) at "routed" (region=, run_id=, round=, vector= the integer
+# vector about to be masked, a copy) and "unmask" (region=, run_id=, round=, before answering).
+# No hook is installed in production; a test installs one in the region's process (in process,
+# or through a test ClientApp module that wraps the real one), never through node config.
+TestHook = Callable[..., None]
+_test_hook: TestHook | None = None
+
+
+def set_test_hook(hook: TestHook | None) -> None:
+    """Install `hook(point, **context)` (None removes it); for tests only."""
+    global _test_hook
+    _test_hook = hook
+
+
+def _hook(point: str, **context: Any) -> None:
+    if _test_hook is not None:
+        _test_hook(point, **context)
 
 
 class SecureRoundRefused(PrivacyRefusal, RuntimeError):
@@ -172,10 +190,21 @@ def project(x: np.ndarray, radius: float) -> np.ndarray:
     return x if n <= radius else x * (radius / n)
 
 
+@dataclass(frozen=True)
+class SecureRelease:
+    """What the routed stage masks and signs: the integer vector and its ledger line."""
+
+    vector: np.ndarray  # z = round(s·x) + Skellam share (int64)
+    record: dict[str, Any]  # the fsync'd ledger line
+    proof: dict[str, Any]  # ledger_id, ledger_seq, ledger_head of that line
+    norm_bound: float  # the per-region bound z/s was checked against
+
+
 def release(
     ctx: RegionContext, spec: SecureRoundSpec, weights: Mapping[str, np.ndarray], n_regions: int
-) -> np.ndarray:
-    """The region's integer vector for this round, its spend fsync'd on the ledger first."""
+) -> SecureRelease:
+    """The region's integer vector for this round, checked against its bound, its spend
+    fsync'd on the ledger first."""
     from fedfsd import __version__
     from fedfsd.privacy.distributed_release import plan_from_ledger, record_fields
     from fedfsd.privacy.ledger import SCHEMA, Ledger, update_digest
@@ -207,6 +236,11 @@ def release(
         x, _ = clipped_sum(ctx, spec, w32, q, rng)
         x = project(x, spec.linf_bound)
         z = quant.encode(x, rng) + sample_skellam(plan.share_variance, dim, rng)
+        norm, bound = float(np.linalg.norm(z)) / spec.scale, spec.region_norm_bound(dim)
+        if not norm <= bound:  # the bound check moved before masking: refuse, nothing spent
+            raise SecureRoundRefused(
+                f"secure round refused: the vector's norm {norm:.6g} exceeds the bound {bound:.6g}"
+            )
         record = {
             "kind": "release",
             "schema": SCHEMA,
@@ -222,7 +256,7 @@ def release(
             "expected_vehicles_per_step": spec.vehicles_per_step,
             "frames_per_vehicle": spec.frames_per_vehicle,
             "normalisation": NORMALISATION,
-            "update_norm": float(np.linalg.norm(z)) / spec.scale,
+            "update_norm": norm,
             "update_sha256": update_digest({"secagg_integer_vector": z}),
             "received_sha256": update_digest(w32),
             "private": True,
@@ -235,7 +269,50 @@ def release(
         }
         ledger.append(record)  # fsync'd: the spend is durable before anything leaves
         ledger.mark_released(ctx.run_id, ctx.round_idx)
-    return z
+        proof = ledger.release_proof(ctx.run_id, ctx.round_idx)
+    return SecureRelease(z, record, proof, bound)
+
+
+def secure_manifest(ctx: RegionContext, rel: SecureRelease, masked: bytes) -> bytes:
+    """The signed manifest that travels with the masked input (serialised UpdateManifest).
+
+    Every number comes from the fsync'd ledger line, so a reviewer can hold the aggregator's
+    receipt against it; `masked_sha256` binds it to exactly the masked bytes it accompanies.
+    """
+    from fedfsd import __version__
+    from fedfsd.region.egress import sign_manifest
+    from fedfsd.secagg.round_spec import masked_digest
+    from fedfsd.wire import MANIFEST_SCHEMA, UpdateManifest
+
+    r = rel.record
+    m = UpdateManifest(
+        schema=MANIFEST_SCHEMA,
+        region=ctx.policy.region,
+        run_id=ctx.run_id,
+        round=int(ctx.round_idx),
+        update_norm=float(r["update_norm"]),
+        update_norm_bound=float(rel.norm_bound),
+        sha256=str(r["update_sha256"]),
+        epsilon=float(r["epsilon_prv"]),
+        epsilon_rdp=float(r["epsilon_rdp"]),
+        epsilon_budget=float(r["epsilon_budget"]),
+        delta=float(r["delta"]),
+        steps=int(r["steps"]),
+        code_version=__version__,
+        noise_multiplier=float(r["noise_multiplier"]),
+        sample_rate=float(r["sample_rate"]),
+        frames_per_vehicle=int(r["frames_per_vehicle"]),
+        clip_norm=float(r["clip_norm"]),
+        fleet_id=str(r["fleet_id"]),
+        ledger_id=str(rel.proof["ledger_id"]),
+        ledger_seq=int(rel.proof["ledger_seq"]),
+        ledger_head=str(rel.proof["ledger_head"]),
+        trust_model=str(r["trust_model"]),
+        epsilon_distributed=float(r["epsilon_distributed"]),
+        epsilon_own_noise=float(r["epsilon_own_noise"]),
+        masked_sha256=masked_digest(masked),
+    )
+    return sign_manifest(m, ctx.signing_key).SerializeToString()
 
 
 def handle_stage(
@@ -244,7 +321,6 @@ def handle_stage(
     payload: bytes,
     spec: SecureRoundSpec,
     weights: Mapping[str, np.ndarray] | None = None,
-    on_routed: RoutedHook | None = None,
 ) -> bytes:
     """Advance the region's session by one stage; the reply bytes (SecAggRefused / refusals)."""
     from fedfsd.privacy.signing import write_private_file
@@ -274,11 +350,14 @@ def handle_stage(
             if weights is None or session.params is None:
                 raise SecAggRefused("secure round: the routed stage carried no model")
             check_setup(ctx, spec, int(dim or 0), session.params)  # the spec may not change
-            z = release(ctx, spec, weights, len(session.params.participants))
-            if on_routed is not None:
-                on_routed(ctx.policy.region, z.copy())
-            reply = session.on_routed(payload, z)
+            rel = release(ctx, spec, weights, len(session.params.participants))
+            ids = {"region": ctx.policy.region, "run_id": ctx.run_id, "round": ctx.round_idx}
+            _hook("routed", **ids, vector=rel.vector.copy())
+            reply = session.on_routed(
+                payload, rel.vector, attach=lambda masked: secure_manifest(ctx, rel, masked)
+            )
         else:
+            _hook("unmask", region=ctx.policy.region, run_id=ctx.run_id, round=ctx.round_idx)
             reply = session.on_unmask(payload)
             path.unlink(missing_ok=True)
             return reply
@@ -291,16 +370,15 @@ def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[st
 
     The region's files come from its node config as for training; `peer-keys` names the file
     of the participants' long-term public keys (the same format as the aggregator's
-    `region-keys`). Test only: `secagg-record-dir` makes the region save the integer vector
-    it masks (inside the region) so a test can check the aggregator's sum, and
-    `secagg-test-exit-run` makes it exit when asked to unmask in that fedfsd run.
+    `region-keys`). Tests observe or interrupt a stage through `set_test_hook`, never through
+    node config.
     """
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from fedfsd import wire
     from fedfsd.errors import border_reason
     from fedfsd.privacy.signing import ledger_key_path, load_private_key, load_region_keys
-    from fedfsd.region.client_app import CACHE, _fleet_vehicles, _run_round, resolve_setup
+    from fedfsd.region.client_app import CACHE, fleet_vehicles, resolve_setup, run_round
     from fedfsd.secagg.round_spec import PAYLOAD_KEY, REPLY_KEY, STAGE_KEY
 
     cfg = message.content.config_records.get(wire.CONFIG, ConfigRecord())
@@ -308,7 +386,7 @@ def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[st
     try:
         setup = resolve_setup(context.node_config, run_config)
         region = setup.region or region
-        run_id, rnd = _run_round(cfg)
+        run_id, rnd = run_round(cfg)
         frames = CACHE.frames(setup, "train", deps)
         policy = CACHE.policy(setup, deps, frames.n_vehicles)
         region = policy.region
@@ -322,17 +400,11 @@ def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[st
             signing_key=load_private_key(ledger_key_path(ledger)),
             peer_keys=load_region_keys(str(peers)),
             frames=frames,
-            fleet_vehicles=_fleet_vehicles(setup, deps),
+            fleet_vehicles=fleet_vehicles(setup, deps),
             run_id=run_id,
             round_idx=rnd,
         )
         stage = str(cfg.get(STAGE_KEY))
-        if stage == "unmask" and context.node_config.get("secagg-test-exit-run") == run_id:
-            # Test only (the region operator's node config): the region dies after sending its
-            # masked input, so the aggregator must recover its self mask from the others.
-            import os
-
-            os._exit(17)
         payload = cfg.get(PAYLOAD_KEY)
         if not isinstance(payload, bytes):
             raise SecAggRefused("secure round: no payload")
@@ -341,10 +413,8 @@ def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[st
             if wire.ARRAYS in message.content.array_records
             else None
         )
-        record_dir = context.node_config.get("secagg-record-dir")
-        hook = _recorder(Path(str(record_dir)), run_id, rnd) if record_dir else None
         spec = SecureRoundSpec.from_config(cfg)
-        reply = handle_stage(ctx, stage, payload, spec, weights, hook)
+        reply = handle_stage(ctx, stage, payload, spec, weights)
         out = ConfigRecord({"payload": reply, "region": region})
     except Exception as e:
         import logging
@@ -354,11 +424,3 @@ def handle_message(message: Any, context: Any, deps: Any, run_config: Mapping[st
         )
         out = ConfigRecord({"refused_reason": border_reason(e), "region": region})
     return Message(RecordDict({REPLY_KEY: out}), reply_to=message)
-
-
-def _recorder(d: Path, run_id: str, rnd: int) -> Callable[[str, np.ndarray], None]:
-    def save(region: str, z: np.ndarray) -> None:
-        d.mkdir(parents=True, exist_ok=True)
-        np.save(d / f"{region}-{run_id}-r{rnd}.npy", z)
-
-    return save

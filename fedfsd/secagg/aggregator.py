@@ -6,6 +6,10 @@ self masks and dropped regions' pairwise masks from that sum only. `held_state()
 everything the object holds, so a test (or an auditor) can check that claim; `observer` is
 called after every change of state.
 
+`admit` (optional) sees each masked input and what came attached to it (the region's signed
+bound check) before the input touches the sum: an excluded input is dropped as if the region had
+not sent it, so the survivors' shares remove its pairwise masks like any dropout's.
+
 Stage closers (`keys_message`, `routed_messages`, `unmask_request`, `result`) end a stage: a
 message for a closed stage is refused as out of stage. Fewer than t regions at any closer aborts
 the round: the running sum is discarded and nothing is unmasked.
@@ -28,6 +32,10 @@ from fedfsd.secagg.params import PROTOCOL, RoundParams
 from fedfsd.secagg.quantize import ring_mask
 from fedfsd.secagg.region import Advertisement
 
+# admit(region, masked vector bytes, attached manifest bytes or None) -> None to use the input,
+# or the reason to exclude it (checked before the input is added to the running sum).
+Admit = Callable[[str, bytes, bytes | None], str | None]
+
 
 def _snapshot(obj: Any) -> Any:
     """A copy of `obj` with long-term public keys as raw bytes (key objects do not copy)."""
@@ -49,6 +57,7 @@ class AggregatorSession:
         region_keys: Mapping[str, Ed25519PublicKey],
         *,
         observer: Callable[[str], None] | None = None,
+        admit: Admit | None = None,
     ) -> None:
         missing = [p for p in params.participants if p not in region_keys]
         if missing:
@@ -56,11 +65,13 @@ class AggregatorSession:
         self.params = params
         self._region_keys = {p: region_keys[p] for p in params.participants}
         self._observer = observer
+        self._admit = admit
         self.stage = "advertise"
         self._ads: dict[str, Advertisement] = {}
         self._cts: dict[str, dict[str, bytes]] = {}  # sender -> recipient -> ciphertext
         self._shared: list[str] = []  # U2
         self._masked: list[str] = []  # U3
+        self._excluded: list[str] = []  # sent masked input that `admit` refused
         self._sum: np.ndarray | None = None
         self._unmask: dict[str, dict[str, dict[str, bytes]]] = {}  # responder -> shares
         self._result: np.ndarray | None = None
@@ -165,7 +176,7 @@ class AggregatorSession:
 
     def receive_masked_input(self, data: bytes) -> None:
         region, body = self._open("masked", data, "masked")
-        if region in self._masked:
+        if region in self._masked or region in self._excluded:
             raise self._refuse(region, "masked", "duplicate (replayed) message")
         if region not in self._shared:
             raise self._refuse(region, "masked", "did not take part in the share exchange")
@@ -177,6 +188,12 @@ class AggregatorSession:
         y = np.frombuffer(raw, dtype=p.wire_dtype).astype(np.uint64)
         if np.any(y > ring_mask(p.bit_width)):
             raise self._refuse(region, "masked", "an element outside the ring")
+        if self._admit is not None:  # before the input touches the sum
+            attached = body.get("manifest")
+            why = self._admit(region, raw, attached if isinstance(attached, bytes) else None)
+            if why is not None:  # excluded: the region counts as dropped before masking
+                self._excluded.append(region)
+                raise self._refuse(region, "masked", why)
         self._sum = y.copy() if self._sum is None else masks.ring_add(self._sum, y, p.bit_width)
         del y, raw  # only the running sum stays
         self._masked.append(region)
@@ -262,7 +279,7 @@ class AggregatorSession:
     # -- inspection
     def held_state(self) -> dict[str, Any]:
         """A deep copy of everything this object holds (tests walk it for individual vectors)."""
-        return {k: _snapshot(v) for k, v in vars(self).items() if k != "_observer"}
+        return {k: _snapshot(v) for k, v in vars(self).items() if k not in ("_observer", "_admit")}
 
     def transcript(self) -> dict[str, Any]:
         """Who did what this round, for the aggregator's run directory (JSON-serialisable)."""
@@ -282,6 +299,7 @@ class AggregatorSession:
             "shared_keys": sorted(self._shared),
             "masked_input": sorted(self._masked),
             "dropped_before_masking": self._dropped() if self._shared else [],
+            "excluded_at_masking": sorted(self._excluded),
             "unmask_responders": responders,
             # sent masked input, then went silent: its self mask came from the others' shares
             "recovered_after_masking": sorted(set(self._masked) - set(responders)) if done else [],

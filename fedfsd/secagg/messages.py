@@ -22,7 +22,7 @@ KINDS = (
     "keys",  # aggregator -> every region: all advertisements
     "shares",  # region -> aggregator: encrypted Shamir shares, one per peer
     "routed",  # aggregator -> one region: the ciphertexts addressed to it
-    "masked",  # region -> aggregator: the masked integer vector
+    "masked",  # region -> aggregator: the masked integer vector (+ its signed "manifest")
     "unmask-request",  # aggregator -> survivors: who survived, who dropped
     "unmask",  # survivor -> aggregator: the shares asked for, each signed by its dealer
 )

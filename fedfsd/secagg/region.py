@@ -216,10 +216,17 @@ class RegionSession:
         return messages.encode("shares", {"region": self.region, "ciphertexts": cts})
 
     # -- stage 2: routed shares (+ the region's integer vector) -> masked input
-    def on_routed(self, data: bytes, vector: np.ndarray) -> bytes:
+    def on_routed(
+        self,
+        data: bytes,
+        vector: np.ndarray,
+        attach: Callable[[bytes], bytes] | None = None,
+    ) -> bytes:
         """Decrypt and check the shares dealt to this region, then mask `vector` and reply.
 
         `vector`: the region's integers (quantised update plus its noise share), length d.
+        `attach(masked vector bytes)` returns opaque bytes sent with them under "manifest" (the
+        region's signed bound check, which names the digest of exactly those bytes).
         """
         params = self._expect("routed")
         assert self._keys is not None
@@ -257,7 +264,10 @@ class RegionSession:
         self._held, self.peers_masked_with = held, peers
         self.stage = "unmask"
         payload = y.astype(params.wire_dtype).tobytes()
-        return messages.encode("masked", {"region": self.region, "vector": payload})
+        out: dict[str, bytes | str] = {"region": self.region, "vector": payload}
+        if attach is not None:
+            out["manifest"] = attach(payload)
+        return messages.encode("masked", out)
 
     def _check_plain(
         self, params: RoundParams, sender: str, plain: bytes

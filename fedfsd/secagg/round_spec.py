@@ -9,6 +9,7 @@ and fedfsd.secagg), so the two cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -76,6 +77,11 @@ class SecureRoundSpec:
         signal = n_regions * self.linf_bound * self.scale
         return signal + n_regions * root + self.summed_noise_std(n_regions) * (root + 12.0)
 
+    def region_norm_bound(self, dim: int) -> float:
+        """The L2 bound on one region's integer vector, decoded (÷ s): what a region checks and
+        signs before masking, and R of them bound the sum (`sum_norm_bound(1, d) / s`)."""
+        return self.sum_norm_bound(1, dim) / self.scale
+
     def to_config(self) -> dict[str, Any]:
         """Config-record entries (prefixed keys)."""
         return {f"{SPEC_PREFIX}{k.replace('_', '-')}": v for k, v in asdict(self).items()}
@@ -115,6 +121,11 @@ class SecureRoundSpec:
         ):
             raise SecAggRefused("secure round: out-of-range quantiser or schedule values")
         return spec
+
+
+def masked_digest(vector: bytes) -> str:
+    """sha256 (hex) of a masked vector's wire bytes: what the region's signed manifest names."""
+    return hashlib.sha256(vector).hexdigest()
 
 
 def flatten(weights: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -5,7 +5,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UpdateManifest(_message.Message):
-    __slots__ = ("schema", "region", "run_id", "round", "update_norm", "update_norm_bound", "sha256", "epsilon", "epsilon_rdp", "epsilon_budget", "delta", "steps", "refused_reason", "code_version", "noise_multiplier", "sample_rate", "frames_per_vehicle", "clip_norm", "fleet_id", "ledger_id", "ledger_seq", "ledger_head", "public_key", "signature")
+    __slots__ = ("schema", "region", "run_id", "round", "update_norm", "update_norm_bound", "sha256", "epsilon", "epsilon_rdp", "epsilon_budget", "delta", "steps", "refused_reason", "code_version", "noise_multiplier", "sample_rate", "frames_per_vehicle", "clip_norm", "fleet_id", "ledger_id", "ledger_seq", "ledger_head", "public_key", "signature", "trust_model", "epsilon_distributed", "epsilon_own_noise", "masked_sha256")
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,10 @@ class UpdateManifest(_message.Message):
     LEDGER_HEAD_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    TRUST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_OWN_NOISE_FIELD_NUMBER: _ClassVar[int]
+    MASKED_SHA256_FIELD_NUMBER: _ClassVar[int]
     schema: int
     region: str
     run_id: str
@@ -54,4 +58,8 @@ class UpdateManifest(_message.Message):
     ledger_head: str
     public_key: str
     signature: str
-    def __init__(self, schema: _Optional[int] = ..., region: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., update_norm: _Optional[float] = ..., update_norm_bound: _Optional[float] = ..., sha256: _Optional[str] = ..., epsilon: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., steps: _Optional[int] = ..., refused_reason: _Optional[str] = ..., code_version: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., frames_per_vehicle: _Optional[int] = ..., clip_norm: _Optional[float] = ..., fleet_id: _Optional[str] = ..., ledger_id: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., ledger_head: _Optional[str] = ..., public_key: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
+    trust_model: str
+    epsilon_distributed: float
+    epsilon_own_noise: float
+    masked_sha256: str
+    def __init__(self, schema: _Optional[int] = ..., region: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., update_norm: _Optional[float] = ..., update_norm_bound: _Optional[float] = ..., sha256: _Optional[str] = ..., epsilon: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., steps: _Optional[int] = ..., refused_reason: _Optional[str] = ..., code_version: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., frames_per_vehicle: _Optional[int] = ..., clip_norm: _Optional[float] = ..., fleet_id: _Optional[str] = ..., ledger_id: _Optional[str] = ..., ledger_seq: _Optional[int] = ..., ledger_head: _Optional[str] = ..., public_key: _Optional[str] = ..., signature: _Optional[str] = ..., trust_model: _Optional[str] = ..., epsilon_distributed: _Optional[float] = ..., epsilon_own_noise: _Optional[float] = ..., masked_sha256: _Optional[str] = ...) -> None: ...
