@@ -337,3 +337,33 @@ def test_forged_mixed_report_fails_against_the_ledger(mixed, report):
     v = verify_with_ledger(forged, mixed["path"])
     assert not v.ok
     assert any("recomputes to" in p for p in v.problems), v.problems
+
+
+@pytest.mark.parametrize("key", ["epsilon_own_noise", "epsilon_distributed", "epsilon_prv"])
+def test_ledger_alone_recomputes_a_local_line_on_a_mixed_ledger(mixed, tmp_path, key):
+    """`fedfsd privacy verify --ledger` alone: the honest mixed ledger verifies; a validly
+    chained, signed copy whose plain round 4 states a lowered ε fails, naming the field."""
+    import json
+    import shutil
+
+    from fedfsd.privacy import signing
+    from fedfsd.privacy.verify_ledger import verify_ledger_alone
+
+    src = mixed["path"]
+    v = verify_ledger_alone(src)
+    assert v.ok, v.problems
+    lines = src.read_text().splitlines()
+    i = next(
+        n
+        for n, line in enumerate(lines)
+        if (r := json.loads(line)).get("kind") == "release" and r.get("round") == 4
+    )
+    forged = tmp_path / "forged.jsonl"
+    forged.write_text("\n".join(lines[:i]) + "\n")
+    shutil.copy(signing.ledger_key_path(src), signing.ledger_key_path(forged))
+    rec = json.loads(lines[i])
+    assert rec.get("enforce_on") == "own_noise" and rec.get("distributed_history")
+    Ledger(forged).append({**rec, key: rec[key] * 0.5})
+    v = verify_ledger_alone(forged)
+    assert not v.ok
+    assert any(key in p and "mixed ledger" in p for p in v.problems), v.problems

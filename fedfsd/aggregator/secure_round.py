@@ -273,7 +273,7 @@ def run_secure_round(
         **agg.transcript(),
         "reply_refusals": refusals,
         "signed_bound_checks": {
-            r: {"norm": m.update_norm, "bound": m.update_norm_bound, "ledger_seq": m.ledger_seq}
+            r: {"norm_at_most": m.update_norm_bound, "ledger_seq": m.ledger_seq}
             for r, m in sorted(result.manifests.items())
         },
         "region_norm_bound": bound,

@@ -56,7 +56,6 @@ MANIFEST_VS_LINE = (
 # And for a secure round's manifest (trust_model set): its bound check and both ε.
 SECURE_MANIFEST_VS_LINE = (
     ("trust_model", "trust_model"),
-    ("update_norm", "update_norm"),
     ("epsilon_distributed", "epsilon_distributed"),
     ("epsilon_own_noise", "epsilon_own_noise"),
 )
@@ -279,10 +278,12 @@ def _check_receipts(
             continue
         secure = SECURE_MANIFEST_VS_LINE if m.get("trust_model") else ()
         if secure:
+            # A secure manifest signs "norm ≤ bound" (its update_norm is the bound, not the
+            # region's own norm); the ledger line holds the norm the region checked.
             v.check(
-                float(m.get("update_norm", math.inf)) <= float(m.get("update_norm_bound", 0.0)),
-                f"{where}: signed norm {m.get('update_norm')!r} exceeds the signed bound "
-                f"{m.get('update_norm_bound')!r}",
+                float(rec.get("update_norm", math.inf)) <= float(m.get("update_norm_bound", 0.0)),
+                f"{where}: ledger line {seq} has norm {rec.get('update_norm')!r}, over the "
+                f"signed bound {m.get('update_norm_bound')!r}",
             )
         for mk, lk in (*MANIFEST_VS_LINE, *secure):
             v.check(
@@ -330,14 +331,22 @@ DIST_RTOL = 1e-6  # the same deterministic RDP code on the same numbers: agreeme
 
 def check_distributed_lines(v: Verification, records: list[dict[str, Any]]) -> None:
     """Each distributed release line: share size from (σ, s, C, t), σ and t within the rules,
-    and both ε recomputed from the ledger's recorded parameters (not the line's ε fields)."""
+    and both ε recomputed from the ledger's recorded parameters (not the line's ε fields).
+
+    A local release or metric line on a mixed ledger (it carries `enforce_on` and the
+    distributed history) gets the same ε recomputation: its ε composes both kinds of release.
+    """
     from fedfsd.privacy.distributed_accounting import STATEMENTS, epsilons
-    from fedfsd.privacy.ledger import is_distributed
+    from fedfsd.privacy.ledger import SPENDING, is_distributed
 
     header = records[0]
     delta = float(header.get("delta", 0.0))
     for i, rec in enumerate(records, start=1):
-        if rec.get("kind") != "release" or not is_distributed(rec):
+        if rec.get("kind") not in SPENDING:
+            continue
+        if not is_distributed(rec):
+            if rec.get("enforce_on") is not None or rec.get("distributed_history"):
+                _check_mixed_local_line(v, i, rec, delta)
             continue
         where = f"ledger line {i} (run {rec.get('run_id')!r} round {rec.get('round')}, distributed)"
         t = int(rec.get("min_honest_regions", 0))
@@ -405,3 +414,36 @@ def verify_ledger_alone(ledger_path: str | Path) -> Verification:
             _check_release_rules(v, i, rec, records[0])
     check_distributed_lines(v, records)
     return v
+
+
+def _check_mixed_local_line(v: Verification, i: int, rec: dict[str, Any], delta: float) -> None:
+    """A Gaussian line on a ledger that also holds distributed releases: both ε it records, and
+    its epsilon_prv/epsilon_rdp (the enforced one), recompute from the histories it carries."""
+    from fedfsd.privacy.distributed_accounting import epsilons
+
+    where = f"ledger line {i} (run {rec.get('run_id')!r} round {rec.get('round')}, {rec['kind']}"
+    where += " on a mixed ledger)"
+    enforce = rec.get("enforce_on")
+    if not v.check(
+        enforce in ("distributed", "own_noise"), f"{where}: enforce_on {enforce!r} unknown"
+    ):
+        return
+    got = epsilons(rec.get("distributed_history") or [], delta, rec.get("accountant_history", []))
+    v.recomputed.update({f"{where}:{k}": x for k, x in got.items()})
+    for key, assumption in (
+        ("epsilon_distributed", "distributed"),
+        ("epsilon_own_noise", "own_noise"),
+    ):
+        said = float(rec.get(key, math.nan))
+        v.check(
+            _close_rel(said, got[assumption]),
+            f"{where}: {key} is recorded as {said:.6g} but recomputes to {got[assumption]:.6g} "
+            "from the Gaussian and distributed histories the line carries",
+        )
+    enforced = got[str(enforce)]
+    for key in ("epsilon_prv", "epsilon_rdp"):
+        v.check(
+            _close_rel(float(rec.get(key) or math.nan), enforced),
+            f"{where}: {key} = {rec.get(key)!r} is not the enforced composed ε ({enforce}) "
+            f"{enforced:.6g}",
+        )

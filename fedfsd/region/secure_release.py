@@ -290,7 +290,10 @@ def secure_manifest(ctx: RegionContext, rel: SecureRelease, masked: bytes) -> by
         region=ctx.policy.region,
         run_id=ctx.run_id,
         round=int(ctx.round_idx),
-        update_norm=float(r["update_norm"]),
+        # The signed claim is "norm ≤ bound", not the norm: ‖z‖ is a statistic of this region's
+        # own noisy vector, which the distributed assumption promises the aggregator never sees
+        # (it learns the sum only). The exact norm stays on the region's ledger line.
+        update_norm=float(rel.norm_bound),
         update_norm_bound=float(rel.norm_bound),
         sha256=str(r["update_sha256"]),
         epsilon=float(r["epsilon_prv"]),
