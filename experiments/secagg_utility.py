@@ -137,8 +137,9 @@ def load_fleets(st: Study, cache: Path) -> dict[str, RegionData]:
 
 
 # -- schedule --------------------------------------------------------------------------------------
-def make_schedule(st: Study, regions: int, dim: int) -> dict[str, Any]:
-    """T, m from plan_schedule (one round of T steps); σ per mechanism from plan_distributed_sigma."""
+def make_schedules(st: Study, dim: int) -> dict[int, dict[str, Any]]:
+    """Per R: T and m from plan_schedule (one round of T steps: the same for every R), σ of each
+    mechanism from plan_distributed_sigma."""
     from fedfsd.aggregator.secure_round import default_threshold
     from fedfsd.privacy.planner import plan_distributed_sigma, plan_schedule
 
@@ -155,33 +156,36 @@ def make_schedule(st: Study, regions: int, dim: int) -> dict[str, Any]:
         max_steps_per_round=st.max_total_steps,
         **({} if st.noise_budget is None else {"noise_budget": st.noise_budget}),
     )
-    t = default_threshold(regions)
-    dist = plan_distributed_sigma(
-        st.vehicles,
-        st.epsilon,
-        delta,
-        plan.total_steps,
-        regions=regions,
-        min_honest_regions=t,
-        vehicles_per_step=plan.vehicles_per_step,
-        dimension=dim,
-        clip_norm=st.clip_norm,
-    )
-    return {
-        "regions": regions,
-        "threshold": t,
-        "delta": delta,
-        "rounds": plan.total_steps,
-        "vehicles_per_step": plan.vehicles_per_step,
-        "plan": plan.model_dump(),
-        "distributed_plan": dist.model_dump(),
-        "sigma": {"local": dist.sigma_local, "distributed": dist.sigma_distributed},
-        # noise std on the global average of the regions' mean gradients, units of C
-        "noise_on_average": {
-            "local": dist.noise_ratio_local,
-            "distributed": dist.noise_ratio_distributed,
-        },
-    }
+    out = {}
+    for regions in st.region_counts:
+        t = default_threshold(regions)
+        dist = plan_distributed_sigma(
+            st.vehicles,
+            st.epsilon,
+            delta,
+            plan.total_steps,
+            regions=regions,
+            min_honest_regions=t,
+            vehicles_per_step=plan.vehicles_per_step,
+            dimension=dim,
+            clip_norm=st.clip_norm,
+        )
+        out[regions] = {
+            "regions": regions,
+            "threshold": t,
+            "delta": delta,
+            "rounds": plan.total_steps,
+            "vehicles_per_step": plan.vehicles_per_step,
+            "plan": plan.model_dump(),
+            "distributed_plan": dist.model_dump(),
+            "sigma": {"local": dist.sigma_local, "distributed": dist.sigma_distributed},
+            # noise std on the global average of the regions' mean gradients, units of C
+            "noise_on_average": {
+                "local": dist.noise_ratio_local,
+                "distributed": dist.noise_ratio_distributed,
+            },
+        }
+    return out
 
 
 # -- the two mechanisms ----------------------------------------------------------------------------
@@ -431,35 +435,40 @@ def summarise(
 
 def print_tables(st: Study, doc: dict[str, Any]) -> None:
     regs = list(ALL_REGIONS[: max(st.region_counts)])
-    cols = ["R / mechanism", "t", "σ per region", "noise on avg (C)", "ε distributed",
-            "ε own noise", "lr", "FDE pooled", "FDE pooled cn+eu+us",
-            *[f"FDE {r}" for r in regs], "× prior"]  # fmt: skip
+    cols = ["R mechanism", "t", "σ/region", "noise on avg", "ε dist / own", "lr", "FDE pooled",
+            "pooled cn+eu+us", *[f"FDE {r}" for r in regs], "× prior"]  # fmt: skip
+
+    def ms(v: list[float]) -> str:
+        return f"{v[0]:.3f}±{v[1]:.3f}"
+
     rows = []
-    for key, row in doc["summary"]["rows"].items():
+    for row in doc["summary"]["rows"].values():
         prior = row["mechanism"] == "prior"
         eps = row.get("epsilon_max_over_regions", {})
-
-        def ms(v: list[float]) -> str:
-            return f"{v[0]:.3f} ± {v[1]:.3f}"
-
+        if prior:
+            e = "–"
+        elif "distributed" in eps:
+            e = f"{eps['distributed']:.2f} / {eps['own_noise']:.2f}"
+        else:
+            e = f"– / {eps['own_noise_prv']:.2f}"
         rows.append([
             f"{row['regions']} {row['mechanism']}",
             "–" if row.get("threshold") is None else str(row["threshold"]),
             "–" if prior else row["sigma_per_region"],
-            "–" if prior else row["noise_on_average"],
-            eps.get("distributed", "–"),
-            eps.get("own_noise", eps.get("own_noise_prv", "–")),
+            "–" if prior else f"{row['noise_on_average']:.5f}",
+            e,
             "–" if prior else ",".join(f"{v:g}" for v in row["lr_chosen"]),
             ms(row["pooled_fde"]),
             ms(row["pooled_fde_cn_eu_us"]),
             *[ms(row["per_region_fde"][r]) if r in row["per_region_fde"] else "–" for r in regs],
             "1" if prior else ms(row["ratio_to_prior"]),
         ])  # fmt: skip
-    n_seeds = len(doc["seeds"])
     console.print(
         rich_table(
-            f"ε = {st.epsilon:g}, {st.vehicles} vehicles per region, test FDE@3 s (m), "
-            f"mean ± std over {n_seeds} seed(s); ε is the largest any region's ledger states",
+            f"ε = {st.epsilon:g}, {st.vehicles} vehicles per region: test FDE@3 s (m), mean±std "
+            f"over {len(doc['seeds'])} seed(s); ε: the largest a region's ledger states "
+            "(distributed assumption / own noise; local: PRV); noise on avg: std on the averaged "
+            "gradient, units of C",
             cols,
             rows,
         )
@@ -467,11 +476,11 @@ def print_tables(st: Study, doc: dict[str, Any]) -> None:
     for n, v in doc["summary"]["sqrt_r"].items():
         console.print(
             f"R={n}, t={v['threshold']}: ideal noise gain on the average √t = "
-            f"{v['ideal_noise_gain_sqrt_t']:.2f} (√R = {v['ideal_noise_gain_sqrt_R']:.2f} if t = R);"
-            f" planned gain σ_local-noise / σ_distributed-noise = {v['planned_noise_gain']:.2f} "
-            f"(σ_distributed / σ_local = {v['sigma_distributed_over_sigma_local']:.2f}); "
-            f"pooled FDE local {v['pooled_fde_local']:.3f} vs distributed "
-            f"{v['pooled_fde_distributed']:.3f} m"
+            f"{v['ideal_noise_gain_sqrt_t']:.2f} (√R = {v['ideal_noise_gain_sqrt_R']:.2f} if "
+            f"t = R); planned gain (local / distributed noise on the average) = "
+            f"{v['planned_noise_gain']:.2f} (σ_distributed / σ_local = "
+            f"{v['sigma_distributed_over_sigma_local']:.2f}); pooled FDE local "
+            f"{v['pooled_fde_local']:.3f} vs distributed {v['pooled_fde_distributed']:.3f} m"
         )
 
 
@@ -547,20 +556,43 @@ def main(
     tr = next(iter(data_.values())).train
     dim = sum(v.size for v in get_weights(build_model(st.model, tr.features.shape[1],
                                                       tr.labels.shape[1])).values())  # fmt: skip
-    scheds = {n: make_schedule(st, n, int(dim)) for n in st.region_counts}
+    scheds = make_schedules(st, int(dim))
     for n, s in scheds.items():
         console.print(
             f"R={n}: T = {s['rounds']} rounds × 1 step, m = {s['vehicles_per_step']}, "
             f"σ local {s['sigma']['local']:.3f}, σ distributed {s['sigma']['distributed']:.3f} "
             f"(t = {s['threshold']})"
         )
-    per_seed = []
+    per_seed: list[dict] = []
+    frames = {r: d.test.n_frames for r, d in data_.items()}
     for seed in st.seeds:
         console.print(f"[bold]seed {seed}[/]")
         per_seed.append(run_seed(st, data_, scheds, seed, work))
-    frames = {r: d.test.n_frames for r, d in data_.items()}
-    doc = {
+        # Written after every seed: a run stopped early still leaves the seeds it finished.
+        doc = document(st, scheds, per_seed, data_, frames, load_s, t0, c0)
+        write_json(folder / "secagg_utility.json", doc)
+    plot(st, doc, folder / "secagg_utility.png")
+    print_tables(st, doc)
+    console.print(
+        f"wrote {folder / 'secagg_utility.json'} ({doc['seconds']['total_wall']:.0f} s wall, "
+        f"{doc['seconds']['total_cpu']:.0f} s CPU)"
+    )
+
+
+def document(
+    st: Study,
+    scheds: dict[int, dict],
+    per_seed: list[dict],
+    data: dict[str, RegionData],
+    frames: dict[str, int],
+    load_s: float,
+    t0: float,
+    c0: float,
+) -> dict[str, Any]:
+    """The JSON document for the seeds finished so far."""
+    return {
         "study": asdict(st),
+        "seeds_done": len(per_seed),
         "machine": machine(),
         "schedules": {str(n): s for n, s in scheds.items()},
         "summary": summarise(st, per_seed, scheds, frames),
@@ -572,16 +604,16 @@ def main(
                 "val_frames": d.val.n_frames,
                 "test_frames": d.test.n_frames,
             }
-            for r, d in data_.items()
-        },  # fmt: skip
+            for r, d in data.items()
+        },
         "seconds": {
             "load": load_s,
             "total_wall": time.monotonic() - t0,
             "total_cpu": time.process_time() - c0,
         },
         "notes": [
-            f"{len(st.seeds)} seed(s); lr chosen per (R, mechanism, seed) on validation episodes "
-            "from the grid; test episodes only scored",
+            f"{len(per_seed)} of {len(st.seeds)} seed(s) done; lr chosen per (R, mechanism, "
+            "seed) on validation episodes from the grid; test episodes only scored",
             "same schedule for both mechanisms: T rounds of one DP-FedSGD step, m expected "
             "vehicles per step per region (plan_schedule); σ from plan_distributed_sigma (RDP)",
             "distributed: the real secure round in process (quantisation, Skellam shares, "
@@ -591,13 +623,6 @@ def main(
         ]
         + (["SYNTHETIC fleets (smoke run): numbers are not meaningful"] if st.synthetic else []),
     }
-    write_json(folder / "secagg_utility.json", doc)
-    plot(st, doc, folder / "secagg_utility.png")
-    print_tables(st, doc)
-    console.print(
-        f"wrote {folder / 'secagg_utility.json'} ({doc['seconds']['total_wall']:.0f} s wall, "
-        f"{doc['seconds']['total_cpu']:.0f} s CPU)"
-    )
 
 
 if __name__ == "__main__":
