@@ -48,6 +48,7 @@ import numpy as np
 import typer
 from common import (
     DATA_CACHE,
+    bad_option,
     console,
     default_delta,
     ensure_dataset,
@@ -536,6 +537,7 @@ def main(
     data: str = typer.Option(str(DATA_CACHE), help="cache of generated fleet datasets"),
     vehicles: int = typer.Option(None, help="training vehicles per region (default 1,000)"),
     seeds: int = typer.Option(None, help="seeds (default 2)"),
+    lrs: str = typer.Option(None, help="comma-separated lr grid chosen from on validation"),
 ) -> None:
     """Run the comparison, print the table, write secagg_utility.json and secagg_utility.png."""
     from fedfsd.models import build_model, get_weights
@@ -543,6 +545,13 @@ def main(
     preset = sized_preset(SIZES, quick, tiny, vehicles=vehicles, seeds=seeds)
     if "seeds" in preset and isinstance(preset["seeds"], int | float):
         preset["seeds"] = list(range(int(preset["seeds"])))
+    if lrs:
+        try:
+            preset["lrs"] = sorted({float(v) for v in lrs.split(",")})
+        except ValueError:
+            bad_option(f"--lrs must be numbers separated by commas, got {lrs!r}")
+        if any(v <= 0 for v in preset["lrs"]):
+            bad_option("--lrs must be > 0")
     st = Study(**preset)
     folder = out_dir("secagg_utility", out)
     work = folder / "work"
