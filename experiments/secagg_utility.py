@@ -437,12 +437,12 @@ def summarise(
 def print_tables(st: Study, doc: dict[str, Any]) -> None:
     regs = list(ALL_REGIONS[: max(st.region_counts)])
     cols = ["R mechanism", "t", "σ/region", "noise on avg", "ε dist / own", "lr", "FDE pooled",
-            "pooled cn+eu+us", *[f"FDE {r}" for r in regs], "× prior"]  # fmt: skip
+            "pooled cn+eu+us", "× prior"]  # fmt: skip
 
     def ms(v: list[float]) -> str:
-        return f"{v[0]:.3f}±{v[1]:.3f}"
+        return f"{v[0]:.3f} ± {v[1]:.3f}"
 
-    rows = []
+    rows, per_region = [], []
     for row in doc["summary"]["rows"].values():
         prior = row["mechanism"] == "prior"
         eps = row.get("epsilon_max_over_regions", {})
@@ -452,8 +452,9 @@ def print_tables(st: Study, doc: dict[str, Any]) -> None:
             e = f"{eps['distributed']:.2f} / {eps['own_noise']:.2f}"
         else:
             e = f"– / {eps['own_noise_prv']:.2f}"
+        name = f"{row['regions']} {row['mechanism']}"
         rows.append([
-            f"{row['regions']} {row['mechanism']}",
+            name,
             "–" if row.get("threshold") is None else str(row["threshold"]),
             "–" if prior else row["sigma_per_region"],
             "–" if prior else f"{row['noise_on_average']:.5f}",
@@ -461,17 +462,28 @@ def print_tables(st: Study, doc: dict[str, Any]) -> None:
             "–" if prior else ",".join(f"{v:g}" for v in row["lr_chosen"]),
             ms(row["pooled_fde"]),
             ms(row["pooled_fde_cn_eu_us"]),
-            *[ms(row["per_region_fde"][r]) if r in row["per_region_fde"] else "–" for r in regs],
             "1" if prior else ms(row["ratio_to_prior"]),
         ])  # fmt: skip
+        per_region.append(
+            [name, *[ms(row["per_region_fde"][r]) if r in row["per_region_fde"] else "–"
+                     for r in regs]]
+        )  # fmt: skip
+    seeds = len(doc["seeds"])
     console.print(
         rich_table(
-            f"ε = {st.epsilon:g}, {st.vehicles} vehicles per region: test FDE@3 s (m), mean±std "
-            f"over {len(doc['seeds'])} seed(s); ε: the largest a region's ledger states "
-            "(distributed assumption / own noise; local: PRV); noise on avg: std on the averaged "
-            "gradient, units of C",
+            f"ε = {st.epsilon:g}, {st.vehicles} vehicles per region: test FDE@3 s (m), mean ± std "
+            f"over {seeds} seed(s); ε: the largest a region's ledger states (distributed "
+            "assumption / own noise; local: PRV); noise on avg: std on the averaged gradient, "
+            "units of C",
             cols,
             rows,
+        )
+    )
+    console.print(
+        rich_table(
+            f"per region: test FDE@3 s (m), mean ± std over {seeds} seed(s)",
+            ["R mechanism", *[f"FDE {r}" for r in regs]],
+            per_region,
         )
     )
     for n, v in doc["summary"]["sqrt_r"].items():
