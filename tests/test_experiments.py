@@ -247,3 +247,48 @@ def test_fleet_scale_tiny(tmp_path: Path) -> None:
         assert ch["federated DP ε=3 selected"] in ch["federated DP ε=3 val"]
     for tgt in doc["targets"].values():
         assert isinstance(tgt["met"], bool)
+
+
+def test_secagg_utility_tiny(tmp_path: Path) -> None:
+    # ~30 CPU-s: most of it the planner's accounting (plan_schedule, plan_distributed_sigma for
+    # R = 3 and 4) and imports; the 2 × 2 × 2 tiny runs themselves take a few seconds.
+    rc, out = run_script([str(EXP / "secagg_utility.py"), "--tiny", "--out", str(tmp_path)], 900)
+    assert rc == 0, out[-3000:]
+    doc = json.loads((tmp_path / "secagg_utility.json").read_text())
+    _png(tmp_path / "secagg_utility.png")
+    rows, scheds = doc["summary"]["rows"], doc["schedules"]
+    assert set(rows) == {f"{n}/{m}" for n in (3, 4) for m in ("prior", "local", "distributed")}
+    # Same schedule for both mechanisms and both region counts; t = the protocol's default.
+    assert scheds["3"]["rounds"] == scheds["4"]["rounds"] >= 2
+    assert scheds["3"]["vehicles_per_step"] == scheds["4"]["vehicles_per_step"]
+    assert (scheds["3"]["threshold"], scheds["4"]["threshold"]) == (2, 3)
+    for n in ("3", "4"):
+        s, t = scheds[n], scheds[n]["threshold"]
+        m, r = s["vehicles_per_step"], int(n)
+        # Noise on the average: every region adds variance (σ s C)²/t (distributed) or σ²C².
+        assert s["noise_on_average"]["distributed"] == pytest.approx(
+            s["sigma"]["distributed"] / (m * (r * t) ** 0.5)
+        )
+        assert s["noise_on_average"]["local"] == pytest.approx(s["sigma"]["local"] / (m * r**0.5))
+    (seed,) = doc["seeds"]
+    for key, run in seed["runs"].items():
+        n = int(key.split("/")[0])
+        assert len(run["epsilon"]) == n and run["lr"] in doc["study"]["lrs"]
+        assert set(run["val_fde"]) == {f"{lr:g}" for lr in doc["study"]["lrs"]}
+        for eps in run["epsilon"].values():
+            # one ledger release per round in every region, ε read back from the ledger
+            assert eps["releases"] == scheds[str(n)]["rounds"]
+            if run["mechanism"] == "distributed":
+                assert 0.8 * 3 <= eps["distributed"] <= 3.0 + 1e-9
+                assert eps["own_noise"] > eps["distributed"]  # one share is less noise
+            else:
+                assert 0 < eps["own_noise_prv"] <= 3.0 + 1e-9
+        # Trained models moved away from the prior they started from.
+        assert run["scores"]["pooled"]["fde"] != seed["prior"]["pooled"]["fde"]
+    # Pooled over cn+eu+us is the frame-weighted mean of those regions' scores.
+    frames = {r: d["test_frames"] for r, d in doc["data"].items()}
+    run = seed["runs"]["4/distributed"]
+    base = sum(run["scores"][r]["fde"] * frames[r] for r in ("cn", "eu", "us"))
+    want = base / sum(frames[r] for r in ("cn", "eu", "us"))
+    assert rows["4/distributed"]["pooled_fde_cn_eu_us"][0] == pytest.approx(want)
+    assert "SYNTHETIC" in " ".join(doc["notes"]) and "ε = 3" in out
