@@ -801,6 +801,8 @@ def _print_new_rounds(agg: Path, seen: int) -> int:
         eps = ", ".join(f"{r} ε {e:.2f}" for r, e in d.get("epsilon", {}).items())
         # A secure round accepts no individual update: say whose masked inputs were summed.
         summed = _summed(agg, d.get("round")) if not d.get("accepted") else None
+        if summed and not eps:  # no epsilon.csv row: the regions' ledgers (distributed/own)
+            eps = _ledger_round_epsilons(agg.parent / "regions", summed, d.get("round"))
         who = f"summed {summed}" if summed else f"accepted {d.get('accepted')}"
         console.print(
             f"round {d.get('round')}: {d.get('status')} in {d.get('seconds', 0):.0f}s; "
@@ -823,3 +825,15 @@ def _summed(agg: Path, rnd: Any) -> list[str] | None:
         if tr.get("round") == rnd:
             return list(tr.get("summed", []))
     return None
+
+
+def _ledger_round_epsilons(regions_dir: Path, regions: list[str], rnd: Any) -> str:
+    """ "r ε d/o" of one secure round from the regions' ledgers (both assumptions)."""
+    from fedfsd.demo_secure import ledger_epsilons
+
+    parts = []
+    for r in regions:
+        got = ledger_epsilons(regions_dir / r / "ledger.jsonl").get(int(rnd or 0))
+        if got:
+            parts.append(f"{r} ε {got[0]:.2f} distributed / {got[1]:.2f} own noise")
+    return ", ".join(parts) + (" (regions' ledgers)" if parts else "")

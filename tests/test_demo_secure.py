@@ -56,7 +56,8 @@ def secure_demo(
     return proc, (runs[-1] if runs else root / "runs" / "missing")
 
 
-# Slow (a few minutes on 2 cores): fleets generated, a TLS federation started, one secure round.
+# Slow (the module: 361 s on the shared 2-core machine at load 12-16): three fleets generated, a
+# TLS federation started, one secure round, baselines, scoring and reports.
 def test_secure_demo_records_both_epsilons_and_the_trust_model(secure_demo) -> None:
     from fedfsd.aggregator.secure_round import default_threshold
 
