@@ -11,6 +11,10 @@ constant-velocity prior alone on the test episodes of all regions and says which
 
 Only the comparison step reads every region's test data in one process: that is the demo's
 evaluation harness (simulated fleets), not something the aggregator can do in production.
+
+`--secure-aggregation` (fedfsd.demo_secure) runs the same demo with distributed trust: every
+region's policy says `trust_model = "distributed"`, each round is one secure DP-FedSGD step whose
+noisy sum only the aggregator unmasks, and the summary states both ε per region.
 """
 
 from __future__ import annotations
