@@ -76,6 +76,25 @@ def demo(
         help="Step budget of each region's non-private models (its own and the personalised "
         "one; default: the demo's own).",
     ),
+    secure_aggregation: bool = typer.Option(
+        False,
+        "--secure-aggregation",
+        help="Run every round as a secure-aggregation DP-FedSGD step with distributed noise: "
+        "each region's policy says trust_model = 'distributed', σ from the planner's "
+        "distributed mode (default 30 rounds), both ε per region reported.",
+    ),
+    min_honest: int = typer.Option(
+        None,
+        "--min-honest",
+        help="t: regions' min_honest_regions and the Shamir threshold (default: the smallest "
+        "the protocol allows, 2 of 3). Only with --secure-aggregation.",
+    ),
+    enforce_on: str = typer.Option(
+        None,
+        "--enforce-on",
+        help="The ε each region's budget is enforced on: distributed (default in the demo) or "
+        "own_noise. Only with --secure-aggregation.",
+    ),
 ) -> None:
     """Generate fleet data for cn, eu, us, run a TLS federation with vehicle-level DP, report."""
     from fedfsd.demo import run_demo
@@ -87,6 +106,9 @@ def demo(
             data_cache=data_cache,
             vehicles=vehicles,
             local_steps=local_steps,
+            secure_aggregation=secure_aggregation,
+            min_honest=min_honest,
+            enforce_on=enforce_on,
         )
     )
 

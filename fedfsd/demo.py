@@ -11,12 +11,17 @@ constant-velocity prior alone on the test episodes of all regions and says which
 
 Only the comparison step reads every region's test data in one process: that is the demo's
 evaluation harness (simulated fleets), not something the aggregator can do in production.
+
+`--secure-aggregation` (fedfsd.demo_secure) runs the same demo with distributed trust: every
+region's policy says `trust_model = "distributed"`, each round is one secure DP-FedSGD step whose
+noisy sum only the aggregator unmasks, and the summary states both ε per region.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +34,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fedfsd.demo_secure import has_rows
 from fedfsd.run_config import TrainSchedule, default
 
 console = Console()
@@ -73,6 +79,19 @@ class DemoConfig:
     local_vehicles_per_step: int = 64
     allowed_metrics: tuple[str, ...] = ()  # nothing but updates leave (DP metrics: opt in)
     extra: dict[str, Any] = field(default_factory=dict)
+    # `--secure-aggregation` (issue 15, fedfsd.demo_secure): every round is one secure
+    # DP-FedSGD step and σ comes from the planner's distributed mode. Rounds = steps, so the
+    # demo picks few, large steps (rounds when --rounds is not given; m per region, at most
+    # half the declared fleet) to stay affordable: each secure round is four message exchanges.
+    secure_aggregation: bool = False
+    secure_rounds: int = 30
+    secure_vehicles_per_step: int = 256
+    min_honest_regions: int | None = None  # t; None: secure_round.default_threshold(regions)
+    # The ε each region's budget is enforced on. "distributed" buys the √t noise saving the
+    # secure demo shows (own-noise ε is still ledgered and reported); "own_noise" is the policy
+    # default and plans the σ that holds even if every other region cheated.
+    enforce_on: str = "distributed"
+    secure_lr: float | None = None  # server-lr of the secure step; None: the planner's lr
 
     def plan(self, public_vehicles: int) -> Any:
         """The DP schedule for a fleet of (at least) `public_vehicles` vehicles per region."""
@@ -98,6 +117,32 @@ class DemoConfig:
             out["max_total_steps"] = self.max_total_steps
         return out
 
+    def threshold(self) -> int:
+        """t: the regions' min_honest_regions and the aggregator's Shamir threshold."""
+        from fedfsd.aggregator.secure_round import default_threshold
+
+        return self.min_honest_regions or default_threshold(len(self.regions))
+
+    def plan_secure(self, public_vehicles: int) -> Any:
+        """The secure schedule (fedfsd.demo_secure.SecurePlan) for the declared fleet."""
+        from fedfsd.demo_secure import plan_secure
+        from fedfsd.privacy.planner import DEFAULT_LR
+
+        return plan_secure(
+            public_vehicles=public_vehicles,
+            epsilon=self.plan_epsilon,
+            delta=self.delta,
+            rounds=self.rounds,
+            regions=len(self.regions),
+            min_honest_regions=self.threshold(),
+            wanted_vehicles_per_step=min(self.secure_vehicles_per_step, self.max_vehicles_per_step),
+            model=self.model,
+            clip_norm=self.clip_norm,
+            enforce_on=self.enforce_on,
+            min_noise_multiplier=self.min_noise_multiplier,
+            lr=self.secure_lr or DEFAULT_LR,
+        )
+
     def run_config(self, run_dir: Path, run_id: str, plan: Any) -> dict[str, Any]:
         """The aggregator's run config (what it *asks*; each region's policy may tighten it)."""
         schedule = TrainSchedule(
@@ -109,7 +154,13 @@ class DemoConfig:
             frames_per_vehicle=self.frames_per_vehicle,
             model=self.model,
         )
+        secure: dict[str, Any] = {}
+        if self.secure_aggregation:
+            from fedfsd.demo_secure import run_config_fields
+
+            secure = run_config_fields(plan)
         return {
+            **secure,
             "num-server-rounds": self.rounds,
             **schedule.train_request(),
             # The regions allow no metric by default (allowed_metrics is empty): ask for an
@@ -145,8 +196,14 @@ def policy_toml(cfg: DemoConfig, region: str, plan: Any, public_size: int) -> st
     """
     import tomli_w
 
+    trust: dict[str, Any] = {}
+    if cfg.secure_aggregation:
+        from fedfsd.demo_secure import policy_fields
+
+        trust = policy_fields(plan)
     return tomli_w.dumps(
         {
+            **trust,
             "region": region,
             "public_fleet_size": public_size,
             "epsilon_budget": cfg.epsilon_budget,
@@ -204,20 +261,30 @@ def progress_table(run_dir: Path, cfg: DemoConfig, started: float) -> Table:
     what the aggregator itself knows: which regions' updates it accepted and their ε.
     """
     eps = _read_csv(run_dir / "epsilon.csv")
-    rounds = sorted({int(r["round"]) for r in eps})
+    cells: dict[tuple[int, str], str] = {
+        (int(r["round"]), r["region"]): f"{float(r['epsilon']):.2f}" for r in eps
+    }
+    source = ""
+    if not eps and cfg.secure_aggregation:
+        # A secure run whose aggregator writes no epsilon.csv rows: the regions' ledgers
+        # (the demo plays every role), ε under the distributed assumption / own noise alone.
+        from fedfsd.demo_secure import ledger_epsilons
+
+        source = " (ε from the regions' ledgers: distributed / own noise)"
+        for region in cfg.regions:
+            led = ledger_epsilons(run_dir.parent / "regions" / region / "ledger.jsonl")
+            for rnd, (e_d, e_o) in led.items():
+                cells[(rnd, region)] = f"{e_d:.2f} / {e_o:.2f}"
+    rounds = sorted({rnd for rnd, _ in cells})
     t = Table(
         title=f"federation: round {max(rounds, default=0)}/{cfg.rounds} "
-        f"({time.monotonic() - started:.0f}s)"
+        f"({time.monotonic() - started:.0f}s){source}"
     )
     t.add_column("round", justify="right")
     for region in cfg.regions:
         t.add_column(f"{region} ε", justify="right")
     for rnd in rounds[-8:]:
-        row = [str(rnd)]
-        for region in cfg.regions:
-            e = [r for r in eps if int(r["round"]) == rnd and r["region"] == region]
-            row.append(f"{float(e[-1]['epsilon']):.2f}" if e else "–")
-        t.add_row(*row)
+        t.add_row(str(rnd), *[cells.get((rnd, region), "–") for region in cfg.regions])
     return t
 
 
@@ -230,6 +297,7 @@ def run_demo_federation(
     declared: dict[str, int],
 ) -> None:
     """Start the local TLS federation, run all rounds with live progress, stop everything."""
+    from fedfsd.demo_secure import node_config
     from fedfsd.deploy.federation import LocalFederation, RegionSpec, RunFailed
 
     regions: dict[str, RegionSpec] = {}
@@ -241,13 +309,18 @@ def run_demo_federation(
             data_dir=data[region],
             policy_path=rdir / "policy.toml",
             ledger_path=rdir / "ledger.jsonl",
+            node_config=node_config(run_dir / "deploy") if cfg.secure_aggregation else {},
         )
     agg_dir = run_dir / "aggregator"
     agg_dir.mkdir(parents=True, exist_ok=True)
     # Three regions and the aggregator share one small machine here: one BLAS/OpenMP thread
     # per process avoids oversubscribing the cores (a real region has its own machine).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    console.print("starting SuperLink (TLS, SuperNode auth) and one SuperNode per region …")
+    console.print(
+        "starting SuperLink (TLS, SuperNode auth) and one SuperNode per region"
+        + (" (secure aggregation, distributed noise)" if cfg.secure_aggregation else "")
+        + " …"
+    )
     with LocalFederation(run_dir / "deploy", regions, tls=True) as fed:
         fed.wait_connected()
         console.print(
@@ -418,6 +491,9 @@ def run_demo(
     cfg: DemoConfig | None = None,
     vehicles: int | None = None,
     local_steps: int | None = None,
+    secure_aggregation: bool = False,
+    min_honest: int | None = None,
+    enforce_on: str | None = None,
 ) -> int:
     """The whole demo; returns the process exit code (0 when every step ran)."""
     from fedfsd.aggregator.checkpoint import load_checkpoint
@@ -437,6 +513,12 @@ def run_demo(
         cfg = DemoConfig(
             **{**asdict(cfg), "local_max_steps": local_steps, "local_eval_every": eval_every}
         )
+    if secure_aggregation or min_honest is not None or enforce_on is not None:
+        secure_cfg = _secure_config(cfg, secure_aggregation, rounds, min_honest, enforce_on)
+        if isinstance(secure_cfg, str):
+            console.print(f"[red]error:[/] {secure_cfg}")
+            return 2
+        cfg = secure_cfg
     t0 = time.monotonic()
     run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out).resolve() / run_id
@@ -454,18 +536,23 @@ def run_demo(
     from fedfsd.privacy.planner import PlanError
 
     try:
-        plan = cfg.plan(min(declared.values()))
+        n_plan = min(declared.values())
+        plan = cfg.plan_secure(n_plan) if cfg.secure_aggregation else cfg.plan(n_plan)
     except PlanError as err:
         console.print(f"[red]error:[/] {err} (the demo needs a larger fleet: --vehicles)")
         return int(err.exit_code)
     t_plan = time.monotonic() - t_mark
-    console.print(
-        f"DP schedule from the planner for {min(declared.values())} declared vehicles per "
-        f"region (declared: {declared}), ε "
-        f"{cfg.plan_epsilon:g}, δ {cfg.delta:g}, {cfg.rounds} rounds: {plan.vehicles_per_step} "
-        f"expected vehicles per step, σ {plan.noise_multiplier:.2f}, {plan.steps_per_round} "
-        f"steps per round, lr {plan.lr:g} (predicted ε {plan.epsilon_prv:.2f})"
-    )
+    if cfg.secure_aggregation:
+        console.print(f"{plan.describe()} (declared: {declared})")
+    else:
+        console.print(
+            f"DP schedule from the planner for {n_plan} declared vehicles per "
+            f"region (declared: {declared}), ε "
+            f"{cfg.plan_epsilon:g}, δ {cfg.delta:g}, {cfg.rounds} rounds: "
+            f"{plan.vehicles_per_step} expected vehicles per step, σ "
+            f"{plan.noise_multiplier:.2f}, {plan.steps_per_round} steps per round, lr "
+            f"{plan.lr:g} (predicted ε {plan.epsilon_prv:.2f})"
+        )
     (run_dir / "plan.json").write_text(json.dumps(_jsonable_plan(plan), indent=2))
     run_demo_federation(cfg, run_dir, data, run_id, plan, declared)
     t_fed = time.monotonic() - t0 - t_data - t_plan
@@ -493,12 +580,27 @@ def run_demo(
     region_reports = [
         str(p) for p in reports if p.suffix == ".json" and p.name != "epsilon-global.json"
     ]
-    verified = run_verify(region_reports, [str(x) for x in ledgers], str(agg)) == 0
+    notes: list[str] = []
+    receipts: str | None = str(agg)
+    if cfg.secure_aggregation and not has_rows(agg / "receipts.jsonl"):
+        # Secure rounds may leave no receipts yet: hold the reports against the ledgers alone
+        # (chain, rules, both ε recomputed), and say so.
+        receipts = None
+        notes.append(
+            "the aggregator wrote no receipts.jsonl for the secure rounds: each region's report "
+            "was verified against its ledger only (not against receipts)"
+        )
+    verified = run_verify(region_reports, [str(x) for x in ledgers], receipts) == 0
+    if cfg.secure_aggregation:  # `fedfsd privacy verify --ledger L`: both ε of every release
+        verified = run_verify([], [str(x) for x in ledgers]) == 0 and verified
     t_reports = time.monotonic() - t_mark
     rejected = agg / "rejected.jsonl"
     rejected.touch()  # present (and empty) when the aggregator rejected nothing
     n_rejected = len(rejected.read_text().splitlines()) if rejected.exists() else 0
     eps = {r: _last_epsilon(agg, r) for r in cfg.regions}
+    trust: dict[str, Any] = {"trust_model": "local", "epsilon_source": "aggregator epsilon.csv"}
+    if cfg.secure_aggregation:
+        trust = _secure_summary(cfg, plan, agg, [Path(p) for p in region_reports], eps, notes)
     fed_fde, prior_fde = scores["federated"]["fde"], scores[PRIOR]["fde"]
     best = winners(scores, cfg.regions)
     targets: dict[str, Any] = {
@@ -520,6 +622,7 @@ def run_demo(
         "plan": _jsonable_plan(plan),
         "declared_vehicles_per_region": declared,
         "epsilon_per_region": eps,
+        **trust,
         "epsilon_budget": cfg.epsilon_budget,
         "delta": cfg.delta,
         "rejected_updates": n_rejected,
@@ -537,14 +640,20 @@ def run_demo(
         },
         "reports": [str(p) for p in reports],
         "reports_verified_with_ledgers_and_receipts": verified,
+        "notes": notes,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(summary_table(scores, cfg.regions))
-    console.print(
-        "ε spent per region (PRV, δ={:g}, budget {:g}): {}".format(
-            cfg.delta, cfg.epsilon_budget, ", ".join(f"{r} {e:.2f}" for r, e in eps.items())
+    if cfg.secure_aggregation:
+        console.print(trust_table(summary, cfg))
+    else:
+        console.print(
+            "ε spent per region (PRV, δ={:g}, budget {:g}): {}".format(
+                cfg.delta, cfg.epsilon_budget, ", ".join(f"{r} {e:.2f}" for r, e in eps.items())
+            )
         )
-    )
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
     console.print(
         f"federated model on all regions' test episodes: FDE@3s {fed_fde:.2f} m vs the "
         f"constant-velocity prior alone {prior_fde:.2f} m ({fed_fde / prior_fde:.2f}×); "
@@ -557,11 +666,102 @@ def run_demo(
             f"federated {own['federated']:.2f}, prior {own[PRIOR]:.2f}, own model without DP "
             f"{own[f'local-only (no DP) {r}']:.2f}, personalised {own[f'personalised {r}']:.2f} m"
         )
+    secure_files = "secagg_transcript.jsonl, " if cfg.secure_aggregation else ""
     console.print(
         f"run files: {run_dir} (global model, metrics.csv, epsilon.csv, rejected.jsonl, "
-        f"metrics.png, reports/); {summary['seconds']['total']:.0f}s in all"
+        f"{secure_files}metrics.png, reports/); {summary['seconds']['total']:.0f}s in all"
     )
     return 0
+
+
+def _secure_config(
+    cfg: DemoConfig,
+    secure: bool,
+    rounds: int | None,
+    min_honest: int | None,
+    enforce_on: str | None,
+) -> DemoConfig | str:
+    """The config of `--secure-aggregation` (its rounds unless --rounds), or why not."""
+    if not secure:
+        return "--min-honest and --enforce-on only apply with --secure-aggregation"
+    if enforce_on not in (None, "distributed", "own_noise"):
+        return f"--enforce-on {enforce_on!r}: one of distributed, own_noise"
+    n = len(cfg.regions)
+    if min_honest is not None and not 2 <= min_honest <= n:
+        return f"--min-honest {min_honest} must be in 2..{n} (the regions)"
+    changes: dict[str, Any] = {"secure_aggregation": True}
+    if rounds is None:
+        changes["rounds"] = cfg.secure_rounds
+    if min_honest is not None:
+        changes["min_honest_regions"] = min_honest
+    if enforce_on is not None:
+        changes["enforce_on"] = enforce_on
+    return DemoConfig(**{**asdict(cfg), **changes})
+
+
+def _secure_summary(
+    cfg: DemoConfig,
+    plan: Any,
+    agg: Path,
+    region_reports: list[Path],
+    eps: dict[str, float],
+    notes: list[str],
+) -> dict[str, Any]:
+    """summary.json's trust keys: t, both ε per region from the regions' reports, transcript.
+
+    `eps` (epsilon_per_region) is the aggregator's epsilon.csv when the secure rounds wrote
+    rows there; otherwise it is filled with the ε each region enforces, from its report.
+    """
+    from fedfsd.demo_secure import report_epsilons, transcript_summary
+
+    by_region = report_epsilons(region_reports)
+    source = "aggregator epsilon.csv"
+    if not all(math.isfinite(e) for e in eps.values()):
+        source = "regions' reports (from their ledgers)"
+        notes.append(
+            "the aggregator wrote no epsilon.csv rows for the secure rounds: ε per region is "
+            "read from the regions' reports (built from their ledgers)"
+        )
+        for r in cfg.regions:
+            rec = by_region.get(r, {})
+            eps[r] = float(rec.get(f"epsilon_{rec.get('enforce_on', plan.enforce_on)}", math.nan))
+    return {
+        "trust_model": "distributed",
+        "min_honest_regions": plan.min_honest_regions,
+        "secagg_threshold": plan.min_honest_regions,
+        "enforce_on": plan.enforce_on,
+        "epsilon_source": source,
+        "epsilon_distributed_per_region": {
+            r: by_region.get(r, {}).get("epsilon_distributed", math.nan) for r in cfg.regions
+        },
+        "epsilon_own_noise_per_region": {
+            r: by_region.get(r, {}).get("epsilon_own_noise", math.nan) for r in cfg.regions
+        },
+        "assumptions": {
+            "distributed": next((v["assumption_distributed"] for v in by_region.values()), ""),
+            "own_noise": next((v["assumption_own_noise"] for v in by_region.values()), ""),
+        },
+        "secagg_transcript": transcript_summary(agg),
+    }
+
+
+def trust_table(summary: dict[str, Any], cfg: DemoConfig) -> Table:
+    """Both ε per region (from the regions' reports), with the trust assumption named."""
+    t = Table(
+        title=f"ε per region, trust model {summary['trust_model']} (t = "
+        f"{summary['min_honest_regions']} of {len(cfg.regions)} regions honest; δ "
+        f"{cfg.delta:g}, budget {cfg.epsilon_budget:g} enforced on {summary['enforce_on']})"
+    )
+    t.add_column("region")
+    t.add_column("ε distributed (≥ t honest, protocol holds)", justify="right")
+    t.add_column("ε own noise alone (others cheated)", justify="right")
+    for r in cfg.regions:
+        t.add_row(
+            r,
+            f"{summary['epsilon_distributed_per_region'][r]:.2f}",
+            f"{summary['epsilon_own_noise_per_region'][r]:.2f}",
+        )
+    return t
 
 
 PRIOR = "constant-velocity prior"
@@ -603,9 +803,41 @@ def _print_new_rounds(agg: Path, seen: int) -> int:
             f"{k.split('/')[0]} FDE {v:.2f} m" for k, v in metrics.items() if "fde" in k
         )
         eps = ", ".join(f"{r} ε {e:.2f}" for r, e in d.get("epsilon", {}).items())
+        # A secure round accepts no individual update: say whose masked inputs were summed.
+        summed = _summed(agg, d.get("round")) if not d.get("accepted") else None
+        if summed and not eps:  # no epsilon.csv row: the regions' ledgers (distributed/own)
+            eps = _ledger_round_epsilons(agg.parent / "regions", summed, d.get("round"))
+        who = f"summed {summed}" if summed else f"accepted {d.get('accepted')}"
         console.print(
             f"round {d.get('round')}: {d.get('status')} in {d.get('seconds', 0):.0f}s; "
-            f"accepted {d.get('accepted')}; {eps}" + (f"; {fde}" if fde else "")
+            f"{who}; {eps}" + (f"; {fde}" if fde else "")
         )
         seen += 1
     return seen
+
+
+def _summed(agg: Path, rnd: Any) -> list[str] | None:
+    """The regions a secure round summed (its transcript line), None for a plain round."""
+    path = agg / "secagg_transcript.jsonl"
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            tr = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if tr.get("round") == rnd:
+            return list(tr.get("summed", []))
+    return None
+
+
+def _ledger_round_epsilons(regions_dir: Path, regions: list[str], rnd: Any) -> str:
+    """ "r ε d/o" of one secure round from the regions' ledgers (both assumptions)."""
+    from fedfsd.demo_secure import ledger_epsilons
+
+    parts = []
+    for r in regions:
+        got = ledger_epsilons(regions_dir / r / "ledger.jsonl").get(int(rnd or 0))
+        if got:
+            parts.append(f"{r} ε {got[0]:.2f} distributed / {got[1]:.2f} own noise")
+    return ", ".join(parts) + (" (regions' ledgers)" if parts else "")
