@@ -18,7 +18,8 @@ demo: $(STAMP)
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedfsd demo
 
 test: $(STAMP)
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
+	# Two worker processes, one test module at a time each (tests/conftest.py groups them).
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedfsd tests experiments

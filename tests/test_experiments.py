@@ -160,7 +160,7 @@ def test_cross_region_tiny(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_dp_step_quick(tmp_path: Path) -> None:
-    args = ["--quick", "--out", str(tmp_path / "out")]
+    args = ["--quick", "--batches", "16", "--out", str(tmp_path / "out")]  # a smoke run
     rc, out = run_script([str(EXP / "bench_dp_step.py"), *args], 900)
     assert rc == 0, out[-3000:]
     rows = json.loads((tmp_path / "out" / "dp_step.json").read_text())
