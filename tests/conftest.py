@@ -25,6 +25,8 @@ SERIAL_MODULES = {
 }
 
 
+# tryfirst: xdist's own hook (in each worker) turns the marks into node-id suffixes after this.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:
