@@ -24,6 +24,8 @@ from fedfsd.privacy.report import build_report, is_metric, skellam_history_of
 from fedfsd.privacy.report_checks import verify_report
 from fedfsd.privacy.verify_ledger import verify_with_ledger
 
+pytestmark = pytest.mark.secagg  # distributed noise on a region ledger (issue 15)
+
 DELTA = 1e-3
 LOCAL = """
 region = "synthetic"
