@@ -145,3 +145,28 @@ def test_a_malformed_object_is_refused_not_raised() -> None:
     oid = hashlib.sha256(junk).hexdigest()
     with pytest.raises(MessageRefused, match="malformed"):
         pull_message_bounded(ObjectTree(object_id=oid), {oid: junk}.__getitem__, print, 1 << 20)
+
+
+def test_an_object_that_vanished_with_its_superlink_fails_the_pull_soon() -> None:
+    """A message delivered before its SuperLink was killed: its objects never come back. The
+    pull gives up after `object_wait` seconds instead of Flower's 500 tries (≈ 4 minutes at our
+    backoff), so the executor is free when the resumed run asks (test_e2e_deploy's resume)."""
+    import time
+
+    from flwr.supercore.inflatable.inflatable_utils import (
+        ObjectPullError,
+        ObjectUnavailableError,
+    )
+
+    _, _, parts = _stored({"arrays": wire.pack_arrays({"w": np.ones(10, np.float32)})[0]})
+    tries: list[str] = []
+
+    def gone(oid: str) -> bytes:
+        tries.append(oid)
+        raise ObjectUnavailableError(oid)
+
+    t0 = time.monotonic()
+    with pytest.raises(ObjectPullError):
+        pull_message_bounded(parts["tree"], gone, print, 1 << 20, object_wait=1.0)
+    took = time.monotonic() - t0
+    assert 1.0 <= took < 5.0 and len(tries) >= 2  # retried for object_wait, then stopped

@@ -33,6 +33,15 @@ def _array_nbytes(body: bytes) -> int:
     return n * np.dtype(str(meta["dtype"])).itemsize
 
 
+# How long an object of a delivered message may stay unavailable before the pull gives up.
+# Flower's default (500 tries, ≈ 250 s at our 0.5 s backoff cap) kept an executor stuck on a
+# message whose objects died with a killed SuperLink for 4 minutes, so the resumed run's first
+# round found no region answering (tests/test_e2e_deploy.py's resume test, logs kept 2026-11-30).
+# The ServerApp pushes a message's objects right after the message, from the same host, so a
+# live object is available within seconds; a slow link slows transfers, not availability.
+OBJECT_WAIT_S = 30.0
+
+
 def pull_message_bounded(
     object_tree: Any,
     pull_object_fn: Any,
@@ -41,6 +50,7 @@ def pull_message_bounded(
     *,
     initial_backoff: float = 0.05,
     backoff_cap: float = 0.5,
+    object_wait: float = OBJECT_WAIT_S,
 ) -> tuple[Any, int]:
     """Pull and inflate a message's objects, refusing one larger than `max_bytes`.
 
@@ -57,7 +67,8 @@ def pull_message_bounded(
     Every object's sha256 must equal its id; a malformed object is refused too. Not bounded
     here: what the SuperNode itself pulled from the SuperLink (its unique objects) and a single
     object's size before it arrives. Returns (message, inflated bytes); raises MessageRefused
-    (a pull that times out raises Flower's ObjectPullError: a failure, not a refusal).
+    (a pull that times out, or an object still unavailable after `object_wait` seconds, raises
+    Flower's ObjectPullError: a failure, not a refusal).
     """
     from flwr.supercore.inflatable.inflatable_object import UnexpectedObjectContentError
 
@@ -69,6 +80,7 @@ def pull_message_bounded(
             max_bytes,
             initial_backoff=initial_backoff,
             backoff_cap=backoff_cap,
+            object_wait=object_wait,
         )
     except (
         ValueError,
@@ -89,6 +101,7 @@ def _pull_message_bounded(
     *,
     initial_backoff: float = 0.05,
     backoff_cap: float = 0.5,
+    object_wait: float = OBJECT_WAIT_S,
 ) -> tuple[Any, int]:
     """`pull_message_bounded` without the mapping of malformed objects to a refusal."""
     from flwr.app import Message
@@ -122,7 +135,13 @@ def _pull_message_bounded(
         return content
 
     def pull(ids: list[str]) -> dict[str, bytes]:
-        return pull_objects(ids, counted, initial_backoff=initial_backoff, backoff_cap=backoff_cap)
+        return pull_objects(
+            ids,
+            counted,
+            max_time=object_wait,
+            initial_backoff=initial_backoff,
+            backoff_cap=backoff_cap,
+        )
 
     contents: dict[str, bytes] = {}
     arrays: dict[str, list[int]] = {}  # Array id -> chunk index list
