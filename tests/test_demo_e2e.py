@@ -9,12 +9,11 @@ the files and names the README and the issue promise.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from demo_runs import run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -22,37 +21,11 @@ REGIONS = ("cn", "eu", "us")
 METRIC_KEYS = {"loss", "ade", "fde", "accel_mae", *(f"fde_{r}" for r in REGIONS)}
 
 
-def _fedfsd() -> list[str]:
-    return [sys.executable, "-P", "-m", "fedfsd.cli"]
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
-    root = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            *_fedfsd(),
-            "demo",
-            "--vehicles",
-            "300",
-            "--rounds",
-            "1",
-            "--local-steps",
-            "20",
-            "--out",
-            str(root / "runs"),
-            "--data-cache",
-            str(root / "data"),
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
+    return run_demo(
+        tmp_path_factory.mktemp("demo"), "--vehicles", "300", "--rounds", "1", "--local-steps", "20"
     )
-    runs = sorted((root / "runs").iterdir()) if (root / "runs").exists() else []
-    return proc, (runs[-1] if runs else root / "runs" / "missing")
 
 
 def test_demo_exits_zero_and_writes_summary(demo_run) -> None:

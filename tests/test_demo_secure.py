@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from demo_runs import run_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.secagg]
 
@@ -28,32 +27,16 @@ REGIONS = ("cn", "eu", "us")
 def secure_demo(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[subprocess.CompletedProcess, Path]:
-    root = tmp_path_factory.mktemp("demo-secure")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-P", "-m", "fedfsd.cli"),
-            "demo",
-            "--secure-aggregation",
-            "--vehicles",
-            "100",
-            "--rounds",
-            "1",
-            "--local-steps",
-            "20",
-            "--out",
-            str(root / "runs"),
-            "--data-cache",
-            str(root / "data"),
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
+    return run_demo(
+        tmp_path_factory.mktemp("demo-secure"),
+        "--secure-aggregation",
+        "--vehicles",
+        "100",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "20",
     )
-    runs = sorted((root / "runs").iterdir()) if (root / "runs").exists() else []
-    return proc, (runs[-1] if runs else root / "runs" / "missing")
 
 
 # Slow (the module: 361 s on the shared 2-core machine at load 12-16): three fleets generated, a
