@@ -153,10 +153,7 @@ def test_an_object_that_vanished_with_its_superlink_fails_the_pull_soon() -> Non
     backoff), so the executor is free when the resumed run asks (test_e2e_deploy's resume)."""
     import time
 
-    from flwr.supercore.inflatable.inflatable_utils import (
-        ObjectPullError,
-        ObjectUnavailableError,
-    )
+    from fedfsd.flower.message_objects import ObjectPullError, ObjectUnavailableError
 
     _, _, parts = _stored({"arrays": wire.pack_arrays({"w": np.ones(10, np.float32)})[0]})
     tries: list[str] = []

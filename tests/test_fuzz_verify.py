@@ -75,8 +75,10 @@ def honest_update(draw) -> dict[str, np.ndarray]:
     }
     n = wire.l2_norm(u)
     scale = draw(st.floats(0.0, 1.0))
-    if n > 0:
-        u = {k: (v * np.float32(scale * BOUND / n)).astype(np.float32) for k, v in u.items()}
+    if n > 0:  # in float64: with a tiny (subnormal) norm, BOUND / n overflows float32 to inf
+        u = {
+            k: (v.astype(np.float64) * (scale * BOUND / n)).astype(np.float32) for k, v in u.items()
+        }
     return u
 
 

@@ -13,12 +13,13 @@ from typing import Any
 
 from flwr.proto.message_pb2 import ObjectTree  # pylint: disable=E0611
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
-from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
 from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
 from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = [
     "InMemoryObjectStore",
+    "ObjectPullError",
     "ObjectTree",
     "ObjectUnavailableError",
     "TaskIdentity",
