@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,7 +60,7 @@ from common import (
     sized_preset,
     write_json,
 )
-from fleet_scale import federate, fleet_ids, subset_vehicles, val_fde
+from fleet_scale import RegionData, _seed, federate, fleet_ids, subset_vehicles, val_fde
 from privacy_utility import score  # test metrics per region + frame-weighted 'pooled'
 
 ALL_REGIONS = ("cn", "eu", "us", "jp")
@@ -92,17 +91,6 @@ class Study:
     update_norm_bound: float = 20.0
     fedadam_lr: float = 0.03  # unused (fleet_scale.federate reads it for FedAdam only)
     model: str = "mlp"
-
-
-def _seed(*parts: object) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
-@dataclass
-class RegionData:
-    train: Any
-    val: Any
-    test: Any
 
 
 # -- data ------------------------------------------------------------------------------------------
