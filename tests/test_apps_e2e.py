@@ -142,7 +142,10 @@ def _check(cfg: dict, run_dir: Path, ledgers: Path, snap: Path) -> None:
 
     # Every tampered update was rejected with the right reason and logged; never aggregated.
     rejected = [json.loads(x) for x in (run_dir / "rejected.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["region"]) for r in rejected] == [(i, "sim2") for i in (1, 2, 3, 4, 5)]
+    log = (run_dir / "rounds.jsonl").read_text()  # on failure, says what each round saw
+    assert [(r["round"], r["region"]) for r in rejected] == [
+        (i, "sim2") for i in (1, 2, 3, 4, 5)
+    ], log
     for r in rejected:
         assert EXPECTED_REASON[r["round"]] in r["reason"], r
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -54,11 +54,14 @@ def alive_nodes(
     node_regions: dict[int, str],
     stop: threading.Event | None = None,
     poll: float = 0.25,
+    not_counted: Collection[str] = (),
 ) -> tuple[list[int], list[int]]:
     """(answering nodes, listed nodes) as soon as `min_nodes` answer, or what answered by `timeout`.
 
     Pings the listed nodes (again, when new ones appear) and waits for their replies; names
-    learnt from replies go into `node_regions`.
+    learnt from replies go into `node_regions`. Regions in `not_counted` (those that refused the
+    whole run) are returned when they answer but do not count towards `min_nodes`: the round
+    cannot use them, so a quick answer from one must not end the wait before a region that can.
     """
     deadline = time.monotonic() + timeout
     answered: set[int] = set()
@@ -83,7 +86,7 @@ def alive_nodes(
                     node_regions[node] = name
         live = sorted(n for n in answered if n in listed)
         now = time.monotonic()
-        if len(live) >= min_nodes:
+        if sum(node_regions.get(n) not in not_counted for n in live) >= min_nodes:
             return live, listed
         if now >= deadline:
             return live, listed

@@ -433,7 +433,14 @@ def run_federation(
         if run_meta["initial_model_sha256"]:  # sent only when set: older regions ignore no key
             cfg["initial-model-sha256"] = run_meta["initial_model_sha256"]
         nodes, listed = alive_nodes(
-            grid, grid.get_node_ids, s.min_regions, s.node_wait_s, rnd, node_regions, stop
+            grid,
+            grid.get_node_ids,
+            s.min_regions,
+            s.node_wait_s,
+            rnd,
+            node_regions,
+            stop,
+            not_counted=run_refused,
         )
         secure_w: dict[str, np.ndarray] | None = None
         if s.secure_aggregation:  # one DP-FedSGD step from the regions' unmasked noisy sum
