@@ -369,3 +369,25 @@ def test_ledger_alone_recomputes_a_local_line_on_a_mixed_ledger(mixed, tmp_path,
     v = verify_ledger_alone(forged)
     assert not v.ok
     assert any(key in p and "mixed ledger" in p for p in v.problems), v.problems
+
+
+def test_ledger_show_names_the_mixed_composition(mixed):
+    """`privacy ledger show` must not call a mixed ledger's RDP composition a PRV ε."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedfsd.cli import app
+
+    led = Ledger(mixed["path"])
+    both = led.epsilons()
+    out = CliRunner().invoke(app, ["privacy", "ledger", "show", str(mixed["path"]), "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["accountant"] == "rdp-mixed" and doc["epsilon_prv"] is None
+    assert doc["enforce_on"] == led.enforce_on()  # the last spending line names it
+    assert doc["epsilon"] == led.epsilon() == both[led.enforce_on()]
+    assert doc["epsilon_own_noise"] == both["own_noise"] > doc["epsilon_distributed"]
+    table = CliRunner().invoke(app, ["privacy", "ledger", "show", str(mixed["path"])])
+    assert table.exit_code == 0, table.output
+    assert "RDP composition" in table.output and "(PRV;" not in table.output

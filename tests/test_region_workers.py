@@ -220,7 +220,7 @@ def test_region_start_flags_reach_the_client_app_through_the_node_config() -> No
 
 
 ORPHAN_SCRIPT = """
-import os, sys, time
+import os, sys, tempfile, time
 from fedfsd.config import DPParams
 from fedfsd.data.testing import make_synthetic_frames
 from fedfsd.models import build_model, get_weights
@@ -228,6 +228,7 @@ from fedfsd.privacy.distributed import train_distributed
 from fedfsd.privacy.ledger import set_fault_hook
 
 out = sys.argv[1]
+tempfile.tempdir = out  # the killed parent cannot remove its worker store: pytest's tmp_path does
 
 def hook(point, **ctx):
     if point == "worker-step":

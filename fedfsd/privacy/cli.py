@@ -242,12 +242,17 @@ def ledger_show(
     lg = Ledger(ledger)
     try:
         head, rel = lg.header, lg.releases()
+        private = lg.private
+        # A ledger with distributed (Skellam) releases has no PRV ε: its total is the RDP
+        # composition of every release, under the assumption its budget is enforced on.
+        mixed = private and lg.spend().mixed
         eps = lg.epsilon()
         eps_rdp = lg.epsilon(accountant="rdp")
+        both = lg.epsilons() if mixed else {}
+        enforce_on = lg.enforce_on() if mixed else None
     except (LedgerError, AccountantError, KeyError) as e:
         exit_for(e)
     budget = float(rel[-1]["epsilon_budget"]) if rel else float(head["epsilon_budget"])
-    private = lg.private
     if json_out:
         typer.echo(
             json.dumps(
@@ -257,8 +262,13 @@ def ledger_show(
                     "private": private,
                     "releases": len(rel),
                     "delta": head["delta"],
-                    "epsilon_prv": eps if private else None,
+                    "accountant": ("rdp-mixed" if mixed else "prv") if private else None,
+                    "epsilon": eps if private else None,
+                    "epsilon_prv": eps if private and not mixed else None,
                     "epsilon_rdp": eps_rdp if private else None,
+                    "enforce_on": enforce_on,
+                    "epsilon_distributed": both.get("distributed"),
+                    "epsilon_own_noise": both.get("own_noise"),
                     "epsilon_budget": budget,
                     "epsilon_left": max(0.0, budget - eps) if private else None,
                     "torn_tail": lg.torn_tail is not None,
@@ -304,7 +314,14 @@ def ledger_show(
     con.print(t)
     if lg.torn_tail is not None:
         con.print("[yellow]torn last line ignored (a write interrupted by a crash; not counted)[/]")
-    if private:
+    if mixed:
+        con.print(
+            f"total ε = {eps:.4f} (RDP composition of local and distributed releases, "
+            f"enforced on the {enforce_on} assumption; distributed {both['distributed']:.4f}, "
+            f"own noise {both['own_noise']:.4f}) at δ = {head['delta']:g}; "
+            f"budget {budget:g}; left {max(0.0, budget - eps):.4f}"
+        )
+    elif private:
         con.print(
             f"total ε = {eps:.4f} (PRV; RDP {eps_rdp:.4f}) at δ = {head['delta']:g}; "
             f"budget {budget:g}; left {max(0.0, budget - eps):.4f}"
