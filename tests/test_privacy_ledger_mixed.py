@@ -272,6 +272,16 @@ def test_mixed_report_states_both_composed_eps_and_verifies(mixed, report, tmp_p
     # 3 local updates and the metric release, 3 distributed rounds
     assert any(n.startswith("mixed ledger: 4 local") for n in report.notes), report.notes
     assert not any("the ledger recorded" in n for n in report.notes), report.notes
+    # round 5 was enforced on the distributed ε, the metric release after it on own noise
+    moved = [n for n in report.notes if n.startswith("the budget's assumption changed")]
+    assert moved == [
+        "the budget's assumption changed from own_noise to distributed at run secure round 5: "
+        "the headline ε is the one under the assumption enforced last (own_noise); the other "
+        "is stated beside it",
+        "the budget's assumption changed from distributed to own_noise at run plain round 4: "
+        "the headline ε is the one under the assumption enforced last (own_noise); the other "
+        "is stated beside it",
+    ], report.notes
     v = verify_report(report)
     assert v.ok, v.problems
     v = verify_with_ledger(report, mixed["path"])

@@ -544,6 +544,14 @@ def _fill_distributed(
             "RDP (the local releases count the same under either assumption). PRV, the headline "
             "of a local-only ledger, cannot account Skellam, so this ε is an RDP value"
         )
+    named = [r for r in chosen if r.get("enforce_on")]
+    for a, b in zip(named, named[1:], strict=False):
+        if a["enforce_on"] != b["enforce_on"]:  # a reviewer must see a headline that moved
+            notes.append(
+                f"the budget's assumption changed from {a['enforce_on']} to {b['enforce_on']} "
+                f"at run {b['run_id']} round {b['round']}: the headline ε is the one under the "
+                f"assumption enforced last ({d.enforce_on}); the other is stated beside it"
+            )
     for key in ("epsilon_distributed", "epsilon_own_noise"):
         theirs = float(last_e.get(key, math.nan))
         mine = eps[key.removeprefix("epsilon_")]
