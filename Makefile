@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	# Two worker processes, one test module at a time each (tests/conftest.py groups them).
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedfsd tests experiments
