@@ -83,6 +83,9 @@ class Study:
     # Episodes each training-region vehicle drives in (fleet-scale mode). 3 for ≤ 10,000
     # vehicles; the 100,000-vehicle point uses 1, a third of the simulation (README says so).
     appearances: float = 3.0
+    # Vehicles generated per training region; None: 1.06 × the largest fleet, enough at 3
+    # appearances (97% of vehicles drive in a train episode; at 1 appearance only about 70% do).
+    generate_vehicles: int | None = None
     synthetic: bool = False
     epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
     lever_epsilon: float = 3.0  # levers and personalisation are measured at this ε
@@ -147,7 +150,11 @@ def fleet_ids(train: Any, n: int, seed: int) -> set[str]:
     """The first n vehicles of a seeded permutation of the training vehicles (nested in n)."""
     order = np.random.default_rng([seed, 18]).permutation(train.n_vehicles)
     if n > train.n_vehicles:
-        raise SystemExit(f"{train.region}: asked for {n} vehicles, dataset has {train.n_vehicles}")
+        raise SystemExit(
+            f"{train.region}: asked for {n} vehicles, the dataset has {train.n_vehicles} with "
+            "train frames (each vehicle drives in about --appearances episodes, split into "
+            "train/val/test; generate more with --generate)"
+        )
     return {train.vehicle_ids[i] for i in order[:n]}
 
 
@@ -182,7 +189,7 @@ def load_all(st: Study, cache: Path) -> tuple[dict[str, RegionData], Any, Region
         )
         return regions, hold, pub
     # Enough generated vehicles that the largest fleet finds `biggest` of them in train episodes.
-    gen = int(math.ceil(biggest * 1.06))
+    gen = st.generate_vehicles or int(math.ceil(biggest * 1.06))
     for r in st.regions:
         path = ensure_dataset(
             cache, r, gen, None, st.data_seed, fleet_scale=True, appearances=st.appearances
@@ -733,6 +740,11 @@ def main(
         help="episodes each training-region vehicle drives in (default 3; fewer episodes make "
         "the largest fleets affordable, with fewer frames per vehicle)",
     ),
+    generate: int = typer.Option(
+        None,
+        help="vehicles generated per training region (default 1.06× the largest size; at "
+        "--appearances 1 about 70% of them have train frames, so use ≈ 1.5×)",
+    ),
     workers: int = typer.Option(None, help="parallel processes (one (size, seed) cell each)"),
     keep_cells: bool = typer.Option(
         False,
@@ -756,6 +768,10 @@ def main(
         if not 0 < appearances <= 100:
             bad_option("--appearances must be in (0, 100]")
         preset["appearances"] = appearances
+    if generate is not None:
+        if generate < max(preset["sizes"]):
+            bad_option("--generate must be at least the largest of --sizes")
+        preset["generate_vehicles"] = generate
     if seeds is not None:
         if seeds < 1:
             bad_option("--seeds must be ≥ 1")
