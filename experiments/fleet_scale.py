@@ -424,8 +424,10 @@ def run_cell(st: Study, n: int, seed: int, work: str, pretrained: dict[str, np.n
     for r, d in regions.items():
         ids = fleet_ids(d.train, n, st.data_seed)
         trains[r] = subset_vehicles(d.train, ids, n)
-        # Synthetic smoke fleets have separate validation vehicles: keep them all.
-        vals[r] = subset_vehicles(d.val, set(d.val.vehicle_ids) if st.synthetic else ids, n)
+        # Synthetic smoke fleets have separate validation vehicles, and so does a fleet whose
+        # vehicles drive in one episode each (train, val or test): keep them all.
+        whole = st.synthetic or st.appearances < 2
+        vals[r] = subset_vehicles(d.val, set(d.val.vehicle_ids) if whole else ids, n)
     tests = {**{r: d.test for r, d in regions.items()}, st.holdout: hold}
     any_train = next(iter(trains.values()))
     prior = prior_only_weights(
