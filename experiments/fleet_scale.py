@@ -81,7 +81,7 @@ class Study:
     public_vehicles: int = 3000
     data_seed: int = 11
     # Episodes each training-region vehicle drives in (fleet-scale mode). 3 for ≤ 10,000
-    # vehicles; the 100,000-vehicle point uses 1, a third of the simulation (README says so).
+    # vehicles; the largest-fleet study uses 1, a third of the simulation (README says so).
     appearances: float = 3.0
     # Vehicles generated per training region; None: 1.06 × the largest fleet, enough at 3
     # appearances (97% of vehicles drive in a train episode; at 1 appearance only about 70% do).

@@ -246,10 +246,11 @@ def ledger_show(
         # A ledger with distributed (Skellam) releases has no PRV ε: its total is the RDP
         # composition of every release, under the assumption its budget is enforced on.
         mixed = private and lg.spend().mixed
-        eps = lg.epsilon()
-        eps_rdp = lg.epsilon(accountant="rdp")
         both = lg.epsilons() if mixed else {}
         enforce_on = lg.enforce_on() if mixed else None
+        # one composition when mixed (accountant is ignored there): the enforced of both
+        eps = both[enforce_on] if mixed else lg.epsilon()
+        eps_rdp = eps if mixed else lg.epsilon(accountant="rdp")
     except (LedgerError, AccountantError, KeyError) as e:
         exit_for(e)
     budget = float(rel[-1]["epsilon_budget"]) if rel else float(head["epsilon_budget"])

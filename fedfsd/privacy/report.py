@@ -518,7 +518,8 @@ def _fill_distributed(
 
     last_d = [r for r in chosen if r.get("trust_model") == "distributed"][-1]
     # A local line after it (a mixed ledger) carries the same history and states both ε too.
-    last_e = [r for r in chosen if r.get("enforce_on")][-1]
+    named = [r for r in chosen if r.get("enforce_on")]
+    last_e = named[-1]
     hist = normalise_skellam_history(last_d["distributed_history"])
     gauss = history_of(rep.accounting.history)
     eps = epsilons(hist, delta, gauss)
@@ -544,7 +545,6 @@ def _fill_distributed(
             "RDP (the local releases count the same under either assumption). PRV, the headline "
             "of a local-only ledger, cannot account Skellam, so this ε is an RDP value"
         )
-    named = [r for r in chosen if r.get("enforce_on")]
     for a, b in zip(named, named[1:], strict=False):
         if a["enforce_on"] != b["enforce_on"]:  # a reviewer must see a headline that moved
             notes.append(
