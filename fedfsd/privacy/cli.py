@@ -248,9 +248,11 @@ def ledger_show(
         mixed = private and lg.spend().mixed
         both = lg.epsilons() if mixed else {}
         enforce_on = lg.enforce_on() if mixed else None
-        # one composition when mixed (accountant is ignored there): the enforced of both
-        eps = both[enforce_on] if mixed else lg.epsilon()
-        eps_rdp = eps if mixed else lg.epsilon(accountant="rdp")
+        if enforce_on is not None:
+            # one composition when mixed (accountant is ignored there): the enforced of both
+            eps = eps_rdp = both[enforce_on]
+        else:
+            eps, eps_rdp = lg.epsilon(), lg.epsilon(accountant="rdp")
     except (LedgerError, AccountantError, KeyError) as e:
         exit_for(e)
     budget = float(rel[-1]["epsilon_budget"]) if rel else float(head["epsilon_budget"])
