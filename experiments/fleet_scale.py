@@ -747,6 +747,14 @@ def main(
         help="vehicles generated per training region (default 1.06× the largest size; at "
         "--appearances 1 about 70% of them have train frames, so use ≈ 1.5×)",
     ),
+    max_total_steps: int = typer.Option(
+        None,
+        help="cap on the DP schedule's steps over all rounds (default 300); the planner takes "
+        "fewer when the noise allows no more",
+    ),
+    np_max_steps: int = typer.Option(
+        None, help="cap on non-private training steps (centralised, local, pretraining)"
+    ),
     workers: int = typer.Option(None, help="parallel processes (one (size, seed) cell each)"),
     keep_cells: bool = typer.Option(
         False,
@@ -774,6 +782,11 @@ def main(
         if generate < max(preset["sizes"]):
             bad_option("--generate must be at least the largest of --sizes")
         preset["generate_vehicles"] = generate
+    for opt, key in ((max_total_steps, "max_total_steps"), (np_max_steps, "np_max_steps")):
+        if opt is not None:
+            if opt < 1:
+                bad_option(f"--{key.replace('_', '-')} must be ≥ 1")
+            preset[key] = opt
     if seeds is not None:
         if seeds < 1:
             bad_option("--seeds must be ≥ 1")
