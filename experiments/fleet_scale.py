@@ -65,6 +65,8 @@ from common import (
 )
 from privacy_utility import score  # test metrics per region + frame-weighted 'pooled'
 
+from fedfsd.data.splits import train_share
+
 METRICS = ("ade", "fde", "accel_mae")
 PRIOR = "constant-velocity prior"
 CENTRAL = "centralised (pooled, no DP)"
@@ -83,8 +85,8 @@ class Study:
     # Episodes each training-region vehicle drives in (fleet-scale mode). 3 for ≤ 10,000
     # vehicles; the largest-fleet study uses 1, a third of the simulation (README says so).
     appearances: float = 3.0
-    # Vehicles generated per training region; None: 1.06 × the largest fleet, enough at 3
-    # appearances (97% of vehicles drive in a train episode; at 1 appearance only about 70% do).
+    # Vehicles generated per training region; None: enough that the largest fleet drives in
+    # train episodes (1.06 × it at 3 appearances, scaled by the train share at others).
     generate_vehicles: int | None = None
     synthetic: bool = False
     epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
@@ -188,8 +190,10 @@ def load_all(st: Study, cache: Path) -> tuple[dict[str, RegionData], Any, Region
             None,
         )
         return regions, hold, pub
-    # Enough generated vehicles that the largest fleet finds `biggest` of them in train episodes.
-    gen = st.generate_vehicles or int(math.ceil(biggest * 1.06))
+    # Enough generated vehicles that the largest fleet finds `biggest` of them in train episodes:
+    # 1.06× at three appearances (the first study's datasets), scaled by the train share.
+    scale = train_share(3.0) / train_share(st.appearances)
+    gen = st.generate_vehicles or int(math.ceil(biggest * 1.06 * scale))
     for r in st.regions:
         path = ensure_dataset(
             cache, r, gen, None, st.data_seed, fleet_scale=True, appearances=st.appearances
@@ -424,10 +428,11 @@ def run_cell(st: Study, n: int, seed: int, work: str, pretrained: dict[str, np.n
     for r, d in regions.items():
         ids = fleet_ids(d.train, n, st.data_seed)
         trains[r] = subset_vehicles(d.train, ids, n)
-        # Synthetic smoke fleets have separate validation vehicles, and so does a fleet whose
-        # vehicles drive in one episode each (train, val or test): keep them all.
-        whole = st.synthetic or st.appearances < 2
-        vals[r] = subset_vehicles(d.val, set(d.val.vehicle_ids) if whole else ids, n)
+        # Synthetic smoke fleets have separate validation vehicles (with reused names), and a
+        # fleet whose vehicles drive in one episode each has none in val: keep them all.
+        own = ids & set(d.val.vehicle_ids)
+        whole = st.synthetic or not own
+        vals[r] = subset_vehicles(d.val, set(d.val.vehicle_ids) if whole else own, n)
     tests = {**{r: d.test for r, d in regions.items()}, st.holdout: hold}
     any_train = next(iter(trains.values()))
     prior = prior_only_weights(
@@ -744,8 +749,8 @@ def main(
     ),
     generate: int = typer.Option(
         None,
-        help="vehicles generated per training region (default 1.06× the largest size; at "
-        "--appearances 1 about 70% of them have train frames, so use ≈ 1.5×)",
+        help="vehicles generated per training region (default: enough that the largest size "
+        "drives in train episodes, 1.06× it at 3 appearances, ≈ 1.47× at 1)",
     ),
     max_total_steps: int = typer.Option(
         None,

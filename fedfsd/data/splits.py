@@ -21,6 +21,13 @@ TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1
 
 
+def train_share(appearances: float) -> float:
+    """Expected share of fleet vehicles with train frames when each drives in `appearances`
+    episodes: episodes, not vehicles, are split, so a vehicle misses train only if every one of
+    its episodes is val or test. 97.3% at three appearances, 70% at one (measured: cn 69.5%)."""
+    return 1.0 - (VAL_FRACTION + TEST_FRACTION) ** appearances
+
+
 class NoValidationSplit(InputError, ValueError):
     """The dataset was generated before validation splits existed (its manifest has none)."""
 
