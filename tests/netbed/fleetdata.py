@@ -47,13 +47,15 @@ def plant_canary(root: Path) -> Canary:
     """Rename one fleet vehicle to a unique id and give a few of its rows unique x/y values.
 
     The values stay physically plausible (the original position plus a distinctive fraction), so
-    the dataset still validates and trains; they are exactly representable in float32.
+    the dataset still validates and trains. The recorded values are the float32 ones written.
+    The fractions use the whole mantissa: k/1024 fractions left two zero bytes in a coordinate
+    near 0 (0.1220703125 = 3D FA 00 00), a needle that once matched by chance in downlink weights.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     vid = f"CANARY-VEH-{secrets.token_hex(6)}"
-    fractions = [0.3173828125, 0.6708984375, 0.1220703125]  # k / 1024: float32-exact
+    fractions = [0.31740617, 0.67091393, 0.12208943]  # no run of zero bits in float32
     coords: list[float] = []
     victim: dict[str, str] = {}
 
