@@ -18,9 +18,9 @@ demo: $(STAMP)
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fedfsd demo
 
 test: $(STAMP)
-	# Two worker processes, one test module at a time each (tests/conftest.py groups them);
+	# Two worker processes; a module (or the netbed modules together) is one unit (tests/conftest.py);
 	# the slowest tests are listed, to keep the suite well under CI's 30-minute aim.
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedfsd tests experiments

@@ -1,36 +1,91 @@
 """Suite-wide pytest set-up: how `make test` splits the suite over processes (pytest-xdist).
 
-`make test` runs `pytest -n 2 --dist loadgroup`: most of the suite's wall time is federations
-waiting on polls and timeouts, not CPU, so two processes on two cores finish it much sooner.
-Every test joins the xdist group of its module, so a module's tests and its module-scoped
-federation stay in one process (plain `--dist load` would start the federation in both).
-Modules that build network-namespace beds or drive the container engine share one group, so at
-most one of them runs at a time. Without `-n` (a single file, an IDE) nothing changes.
+`make test` runs `pytest -n 2 --dist loadscope --no-loadscope-reorder`: most of the suite's wall
+time is federations waiting on polls and timeouts, not CPU, so two processes on two cores finish
+it much sooner. The unit of scheduling is a module, so a module's tests run in file order in one
+process and its module-scoped federation starts once (several modules rely on that order, e.g.
+`aggregator status` after the run before it). Modules that build network-namespace beds share one
+unit, so at most one bed federation runs at a time; the container tests are a unit of their own
+(the beds live in their own network namespaces, the containers in the engine's). The
+experiments' smoke tests share nothing, so each is its own unit. Units start longest first.
+
+The grouping is our own scheduler (`pytest_xdist_make_scheduler`), not `--dist loadgroup`:
+loadgroup marks a test's group by rewriting `item._nodeid`, which pytest 9.2 no longer reads
+(node ids live in `_id`), so under it every test became its own unit, module federations started
+in both processes and `test_ops_e2e`'s status test once ran in a process that never saw the run
+before it. `tests/test_suite_schedule.py` runs the scheduler on real modules to keep it honest.
+Without `-n` (a single file, an IDE) nothing changes but the order.
 """
 
 from __future__ import annotations
 
-import pytest
+from pathlib import PurePosixPath
 
-# Modules that build tests/netbed beds (namespaces, nftables, tc) or run containers.
-SERIAL_GROUP = "netbed-and-containers"
-SERIAL_MODULES = {
-    "test_docker_compose",
+import pytest
+from xdist.scheduler import LoadScopeScheduling
+
+# Modules that build tests/netbed beds (namespaces, nftables, tc): one unit, run one at a time.
+NETBED_UNIT = "netbed"
+NETBED_MODULES = {
     "test_faults_federation",
     "test_netbed_require",
-    "test_ops_e2e",
     "test_region_policy_reload",
     "test_residency_federation",
     "test_residency_netbed",
 }
+# Modules whose tests share no fixture and are each long: one unit per test.
+PER_TEST_MODULES = {"test_experiments"}
+# Longest units first (wall seconds in a two-process run, `make test` with --durations, 2026-11-30:
+# netbed ≈ 1,000, docker_compose ≈ 425, apps_e2e ≈ 390, secagg_federation ≈ 190, e2e_deploy ≈ 175,
+# ops_e2e ≈ 150, walkthrough ≈ 150, demo_e2e ≈ 130, demo_secure ≈ 100, each experiments smoke test
+# 20-95). Everything else follows in collection order.
+LONGEST_FIRST = (
+    NETBED_UNIT,
+    "test_docker_compose",
+    "test_apps_e2e",
+    "test_secagg_federation",
+    "test_e2e_deploy",
+    "test_experiments",
+    "test_ops_e2e",
+    "test_walkthrough",
+    "test_demo_e2e",
+    "test_demo_secure",
+)
 
 
-# tryfirst: xdist's own hook (in each worker) turns the marks into node-id suffixes after this.
+def unit_of(nodeid: str) -> str:
+    """The scheduling unit of a test id: its module's path, the netbed unit, or the test itself."""
+    path = nodeid.split("::", 1)[0]
+    module = PurePosixPath(path).stem
+    if module in NETBED_MODULES:
+        return NETBED_UNIT
+    if module in PER_TEST_MODULES:
+        return nodeid
+    return path
+
+
+def _rank(item: pytest.Item) -> int:
+    module = PurePosixPath(item.nodeid.split("::", 1)[0]).stem
+    key = NETBED_UNIT if module in NETBED_MODULES else module
+    return LONGEST_FIRST.index(key) if key in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
+class ModuleUnitScheduling(LoadScopeScheduling):
+    """xdist's loadscope, with `unit_of` as the scope: whole units go to one process each."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return unit_of(nodeid)
+
+
 @pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Our scheduler under `--dist loadscope`; any other `--dist` keeps xdist's own."""
+    if config.getvalue("dist") == "loadscope":
+        return ModuleUnitScheduling(config, log)
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-        group = SERIAL_GROUP if module in SERIAL_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))
+    # Stable sort: collection order within a rank. Every process sorts the same way, and with
+    # --no-loadscope-reorder the scheduler hands out units in this order.
+    items.sort(key=_rank)

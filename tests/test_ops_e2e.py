@@ -174,7 +174,9 @@ def test_status_names_regions_and_the_last_run(fed: LocalFederation, root: Path)
     names = {r["region"]: r for r in doc["regions"]}
     assert set(REGIONS) <= set(names) and all(names[r]["connected"] for r in REGIONS)
     run = doc["run"]
-    assert run["run_dir"] == str(root / "runs" / "ok") and run["round"] == 1
+    runs_log = (fed.run_dir / "runs.jsonl").read_text()
+    assert run["run_dir"] == str(root / "runs" / "ok"), runs_log
+    assert run["round"] == 1
     assert run["status"] == "finished:completed" and run["rounds_ok"] == 1
     assert set(run["regions"]) == set(REGIONS)
     assert all(run["regions"][r]["last_accepted_round"] == 1 for r in REGIONS)
