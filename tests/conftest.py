@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 import pytest
-from xdist.scheduler import LoadScopeScheduling
 
 # Modules that build tests/netbed beds (namespaces, nftables, tc): one unit, run one at a time.
 NETBED_UNIT = "netbed"
@@ -70,19 +69,20 @@ def _rank(item: pytest.Item) -> int:
     return LONGEST_FIRST.index(key) if key in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
-class ModuleUnitScheduling(LoadScopeScheduling):
-    """xdist's loadscope, with `unit_of` as the scope: whole units go to one process each."""
-
-    def _split_scope(self, nodeid: str) -> str:
-        return unit_of(nodeid)
-
-
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: `-p no:xdist` still works
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """Our scheduler under `--dist loadscope`; any other `--dist` keeps xdist's own."""
-    if config.getvalue("dist") == "loadscope":
-        return ModuleUnitScheduling(config, log)
-    return None
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnitScheduling(LoadScopeScheduling):
+        """xdist's loadscope, with `unit_of` as the scope: whole units go to one process each."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return ModuleUnitScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
