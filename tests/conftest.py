@@ -34,21 +34,22 @@ NETBED_MODULES = {
 }
 # Modules whose tests share no fixture and are each long: one unit per test.
 PER_TEST_MODULES = {"test_experiments"}
-# Longest units first (wall seconds in a two-process run, `make test` with --durations, 2026-11-30:
-# netbed ≈ 1,000, docker_compose ≈ 425, apps_e2e ≈ 390, secagg_federation ≈ 190, e2e_deploy ≈ 175,
-# ops_e2e ≈ 150, walkthrough ≈ 150, demo_e2e ≈ 130, demo_secure ≈ 100, each experiments smoke test
-# 20-95). Everything else follows in collection order.
+# Longest units first, by their seconds in one `make test` run (junit times, 2026-11-30, whole
+# modules per process): netbed 604, docker_compose 561, ops_e2e 240, walkthrough 200, e2e_deploy
+# 188, secagg_federation 184, demo_e2e 171, apps_e2e 152, demo_secure 127, then the experiments'
+# smoke tests (15-79 s each, 363 together). Everything else (under 40 s a module) follows in
+# collection order. The two processes then finished 1,628 s of wall time on 3,203 s of tests.
 LONGEST_FIRST = (
     NETBED_UNIT,
     "test_docker_compose",
-    "test_apps_e2e",
-    "test_secagg_federation",
-    "test_e2e_deploy",
-    "test_experiments",
     "test_ops_e2e",
     "test_walkthrough",
+    "test_e2e_deploy",
+    "test_secagg_federation",
     "test_demo_e2e",
+    "test_apps_e2e",
     "test_demo_secure",
+    "test_experiments",
 )
 
 
