@@ -760,6 +760,9 @@ def main(
     np_max_steps: int = typer.Option(
         None, help="cap on non-private training steps (centralised, local, pretraining)"
     ),
+    max_seeds_large: int = typer.Option(
+        None, help="seeds for sizes ≥ 3,000 (default 1: a cell there takes 20-30 min here)"
+    ),
     workers: int = typer.Option(None, help="parallel processes (one (size, seed) cell each)"),
     keep_cells: bool = typer.Option(
         False,
@@ -796,6 +799,10 @@ def main(
         if seeds < 1:
             bad_option("--seeds must be ≥ 1")
         preset["seeds"] = list(range(seeds))
+    if max_seeds_large is not None:
+        if max_seeds_large < 1:
+            bad_option("--max-seeds-large must be ≥ 1")
+        preset["max_seeds_large"] = max_seeds_large
     st = Study(**preset)
     if st.lever_epsilon not in st.epsilons:
         st = replace(st, lever_epsilon=st.epsilons[len(st.epsilons) // 2])

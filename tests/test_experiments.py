@@ -140,6 +140,7 @@ def test_bad_options_fail_with_one_red_line(tmp_path: Path) -> None:
         ("dp_schedule_sweep.py", ["--schedules", "10x3@0.2"]),
         ("federation_cost.py", ["--evaluate-every", "0"]),
         ("fleet_scale.py", ["--max-total-steps", "0"]),
+        ("fleet_scale.py", ["--max-seeds-large", "0"]),
     ):
         rc, out = run_script([str(EXP / script), *args, "--out", str(tmp_path)], 120)
         assert rc == 2, out
