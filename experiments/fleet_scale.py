@@ -760,6 +760,9 @@ def main(
     np_max_steps: int = typer.Option(
         None, help="cap on non-private training steps (centralised, local, pretraining)"
     ),
+    finetune_max_steps: int = typer.Option(
+        None, help="cap on each region's personalisation fine-tuning steps (default 1,200)"
+    ),
     max_seeds_large: int = typer.Option(
         None, help="seeds for sizes ≥ 3,000 (default 1: a cell there takes 20-30 min here)"
     ),
@@ -790,7 +793,11 @@ def main(
         if generate < max(preset["sizes"]):
             bad_option("--generate must be at least the largest of --sizes")
         preset["generate_vehicles"] = generate
-    for opt, key in ((max_total_steps, "max_total_steps"), (np_max_steps, "np_max_steps")):
+    for opt, key in (
+        (max_total_steps, "max_total_steps"),
+        (np_max_steps, "np_max_steps"),
+        (finetune_max_steps, "finetune_max_steps"),
+    ):
         if opt is not None:
             if opt < 1:
                 bad_option(f"--{key.replace('_', '-')} must be ≥ 1")

@@ -141,6 +141,7 @@ def test_bad_options_fail_with_one_red_line(tmp_path: Path) -> None:
         ("federation_cost.py", ["--evaluate-every", "0"]),
         ("fleet_scale.py", ["--max-total-steps", "0"]),
         ("fleet_scale.py", ["--max-seeds-large", "0"]),
+        ("fleet_scale.py", ["--finetune-max-steps", "0"]),
     ):
         rc, out = run_script([str(EXP / script), *args, "--out", str(tmp_path)], 120)
         assert rc == 2, out
