@@ -741,7 +741,7 @@ def main(
     data: str = typer.Option(str(DATA_CACHE), help="cache of generated fleet datasets"),
     sizes: str = typer.Option(None, help="comma-separated vehicles per region, e.g. 300,1000"),
     epsilons: str = typer.Option(None, help="comma-separated ε targets, e.g. 1,3,8"),
-    seeds: int = typer.Option(None, help="seeds per size (sizes ≥ --large get --max-seeds-large)"),
+    seeds: int = typer.Option(None, help="seeds per size (sizes ≥ 3,000 get --max-seeds-large)"),
     appearances: float = typer.Option(
         None,
         help="episodes each training-region vehicle drives in (default 3; fewer episodes make "
@@ -797,6 +797,7 @@ def main(
         (max_total_steps, "max_total_steps"),
         (np_max_steps, "np_max_steps"),
         (finetune_max_steps, "finetune_max_steps"),
+        (max_seeds_large, "max_seeds_large"),
     ):
         if opt is not None:
             if opt < 1:
@@ -806,10 +807,6 @@ def main(
         if seeds < 1:
             bad_option("--seeds must be ≥ 1")
         preset["seeds"] = list(range(seeds))
-    if max_seeds_large is not None:
-        if max_seeds_large < 1:
-            bad_option("--max-seeds-large must be ≥ 1")
-        preset["max_seeds_large"] = max_seeds_large
     st = Study(**preset)
     if st.lever_epsilon not in st.epsilons:
         st = replace(st, lever_epsilon=st.epsilons[len(st.epsilons) // 2])

@@ -53,20 +53,22 @@ LONGEST_FIRST = (
 )
 
 
+def _module_key(nodeid: str) -> str:
+    """The module's name, or the netbed unit for a bed module (the key of LONGEST_FIRST)."""
+    module = PurePosixPath(nodeid.split("::", 1)[0]).stem
+    return NETBED_UNIT if module in NETBED_MODULES else module
+
+
 def unit_of(nodeid: str) -> str:
     """The scheduling unit of a test id: its module's path, the netbed unit, or the test itself."""
-    path = nodeid.split("::", 1)[0]
-    module = PurePosixPath(path).stem
-    if module in NETBED_MODULES:
-        return NETBED_UNIT
-    if module in PER_TEST_MODULES:
-        return nodeid
-    return path
+    key = _module_key(nodeid)
+    if key == NETBED_UNIT:
+        return key
+    return nodeid if key in PER_TEST_MODULES else nodeid.split("::", 1)[0]
 
 
 def _rank(item: pytest.Item) -> int:
-    module = PurePosixPath(item.nodeid.split("::", 1)[0]).stem
-    key = NETBED_UNIT if module in NETBED_MODULES else module
+    key = _module_key(item.nodeid)
     return LONGEST_FIRST.index(key) if key in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
